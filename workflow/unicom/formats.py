@@ -1,0 +1,80 @@
+"""Shared on-disk formats: defined once here and imported by every stage.
+
+Layout under the output folder (``config['output_dir']``):
+
+- ``parts/{part}.parquet``     URL-list part: ``url``, ``caption`` + carried extra columns
+- ``shards/{part}.tar``        webdataset shard written by img2dataset (``{key}.jpg``, ``.txt``, ``.json``)
+- ``shards/{part}.parquet``    img2dataset's per-row status table for the part
+- ``shards/{part}.summary.json`` accounting: every input row counted once, by status
+- ``embed/{part}.parquet``     ``EMBED_COLUMNS``; encoder identity in the file metadata
+- ``fused/{part}.parquet``     ``key``, ``emb``
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from unicom.io import UnicomError
+
+URL_COLUMN = "url"
+CAPTION_COLUMN = "caption"
+
+# Metadata key under which embedding files record the encoder that produced them.
+ENCODER_METADATA_KEY = b"unicom.encoder"
+FUSION_METADATA_KEY = b"unicom.fusion"
+
+PART_WIDTH = 5
+
+
+def part_name(index: int) -> str:
+    """Name of the URL-list part / shard ``index`` (also its webdataset shard name)."""
+    return f"{index:0{PART_WIDTH}d}"
+
+
+def global_key(part: str, local_key: str) -> str:
+    """Sample key unique across all shards.
+
+    img2dataset numbers samples within one call, and each part is downloaded by its own
+    call, so its keys repeat across parts; the part name makes them unique.
+    """
+    return f"{part}_{local_key}"
+
+
+def embedding_array(vectors: np.ndarray) -> pa.FixedSizeListArray:
+    """(n, d) float array -> fixed-size-list<float16>[d] column."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float16)
+    if vectors.ndim != 2:
+        raise ValueError(f"expected a 2-D array of embeddings, got shape {vectors.shape}")
+    flat = pa.array(vectors.reshape(-1), type=pa.float16())
+    return pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
+
+
+def column_to_numpy(column: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np.ndarray:
+    """fixed-size-list column -> (n, d) numpy array."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if not pa.types.is_fixed_size_list(column.type):
+        raise UnicomError(f"expected a fixed-size-list embedding column, got {column.type}")
+    dim = column.type.list_size
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(-1, dim).astype(dtype, copy=False)
+
+
+def with_metadata(table: pa.Table, metadata: Mapping[bytes, Any]) -> pa.Table:
+    """Attach JSON-encoded values to the table's schema metadata."""
+    merged = dict(table.schema.metadata or {})
+    merged.update({k: json.dumps(v, sort_keys=True).encode() for k, v in metadata.items()})
+    return table.replace_schema_metadata(merged)
+
+
+def read_metadata(path: str, key: bytes) -> Any:
+    """Read one JSON value from a Parquet file's schema metadata (None if absent)."""
+    metadata = pq.read_schema(path).metadata or {}
+    raw = metadata.get(key)
+    return None if raw is None else json.loads(raw)

@@ -1,0 +1,37 @@
+# Set-up and entry points. `make demo` and `make test` each do all set-up on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+# The demo and the tests never reach a model hub.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup demo report test lint clean
+
+setup: $(VENV)/.installed
+
+# torch is pinned to the release the constraints were tested with; everything else is
+# pinned by requirements/constraints.txt so a fresh machine gets the tested versions.
+$(VENV)/.installed: pyproject.toml requirements/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[demo,test]'
+	touch $@
+
+# The offline demo, end to end through Snakemake.
+demo: setup
+	$(BIN)/snakemake --profile profiles/local
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check workflow bench tests
+	$(BIN)/snakefmt --check Snakefile rules
+	$(BIN)/snakemake --lint --cores 1
+
+clean:
+	rm -rf results .snakemake

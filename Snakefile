@@ -1,0 +1,48 @@
+"""Unicom pipeline: download -> embed -> fuse -> (k-means -> assign -> train -> evaluate -> report).
+
+Run the offline demo with `snakemake --profile profiles/local`; every key is described in
+config/schema.yaml.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+# The stage code lives in workflow/unicom; jobs run `python -m unicom.<stage>`, so they
+# need it on PYTHONPATH too (inherited by local jobs and by cluster jobs alike).
+PACKAGE_DIR = str(Path(workflow.basedir) / "workflow")
+sys.path.insert(0, PACKAGE_DIR)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (PACKAGE_DIR, os.environ.get("PYTHONPATH")) if p
+)
+
+from unicom.config import validate_config
+from unicom.io import UnicomError
+
+
+configfile: os.path.join(workflow.basedir, "config/config.yaml")
+
+
+try:
+    validate_config(config)
+except UnicomError as err:
+    sys.exit(f"unicom: error: {err}")
+
+
+include: "rules/common.smk"
+include: "rules/demo.smk"
+include: "rules/download.smk"
+include: "rules/embed.smk"
+include: "rules/fuse.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        demo_outputs(),
+        out("download/summary.json"),
+        lambda wildcards: expand(out("fused/{part}.parquet"), part=part_names()),

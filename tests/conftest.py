@@ -1,0 +1,47 @@
+"""Shared test fixtures: small real image folders built on the fly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Tests must never reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def make_image_folder(root: Path, categories: dict[str, int], size: int = 96, seed: int = 0) -> Path:
+    """Write PNGs into ``root/<category>/`` -- each category its own colour and shape."""
+    rng = np.random.default_rng(seed)
+    shapes = ["ellipse", "rectangle", "polygon", "line"]
+    for c, (category, count) in enumerate(sorted(categories.items())):
+        folder = root / category
+        folder.mkdir(parents=True, exist_ok=True)
+        base = np.array([(60 * c) % 256, (130 + 50 * c) % 256, (200 - 40 * c) % 256])
+        for i in range(count):
+            image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(200, 256, 3)))
+            draw = ImageDraw.Draw(image)
+            colour = tuple(int(v) for v in np.clip(base + rng.integers(-20, 20, 3), 0, 255))
+            x0, y0 = (int(v) for v in rng.integers(5, size // 3, 2))
+            x1, y1 = (int(v) for v in rng.integers(2 * size // 3, size - 5, 2))
+            shape = shapes[c % len(shapes)]
+            if shape == "polygon":
+                draw.polygon([(x0, y1), ((x0 + x1) // 2, y0), (x1, y1)], fill=colour)
+            elif shape == "line":
+                draw.line([(x0, y0), (x1, y1)], fill=colour, width=8)
+            else:
+                getattr(draw, shape)([x0, y0, x1, y1], fill=colour)
+            image.save(folder / f"{category}_{shape}_{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_image_folder(tmp_path_factory) -> Path:
+    """4 categories x 12 images."""
+    root = tmp_path_factory.mktemp("images")
+    return make_image_folder(root, {"apples": 12, "boats": 12, "cubes": 12, "doors": 12})

@@ -1,0 +1,76 @@
+"""Gather the per-part download summaries into one accounting of the whole URL list.
+
+Every row of the URL list must be counted exactly once: as a success or under the reason it
+was dropped. This stage refuses to write a summary whose counts do not add up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from unicom.io import UnicomError, run_cli, setup_logging, write_json, write_text
+
+log = logging.getLogger("unicom.download_summary")
+
+
+def combine_summaries(summaries: list[dict[str, Any]], expected_rows: int | None) -> dict[str, Any]:
+    """Sum per-part counts; check each part and the total add up."""
+    counts: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    input_rows = 0
+    for summary in summaries:
+        part_total = sum(summary["counts"].values())
+        if part_total != summary["input_rows"]:
+            raise UnicomError(
+                f"download part {summary['part']}: counts add up to {part_total}, "
+                f"not to its {summary['input_rows']} input rows"
+            )
+        counts.update(summary["counts"])
+        errors.update(summary.get("errors", {}))
+        input_rows += summary["input_rows"]
+    if expected_rows is not None and input_rows != expected_rows:
+        raise UnicomError(
+            f"download: the parts account for {input_rows} rows but the URL list has {expected_rows}"
+        )
+    return {
+        "parts": len(summaries),
+        "input_rows": input_rows,
+        "counts": dict(sorted(counts.items())),
+        "success_rate": counts["success"] / input_rows if input_rows else 0.0,
+        "errors": dict(errors.most_common()),
+    }
+
+
+def summary_table(summaries: list[dict[str, Any]]) -> str:
+    """One CSV line per part: its input rows and its count per status."""
+    statuses = sorted({status for s in summaries for status in s["counts"]})
+    lines = [",".join(["part", "input_rows", *statuses])]
+    for s in sorted(summaries, key=lambda s: s["part"]):
+        values = [str(s["counts"].get(status, 0)) for status in statuses]
+        lines.append(",".join([s["part"], str(s["input_rows"]), *values]))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m unicom.download_summary", description=__doc__)
+    parser.add_argument("summaries", nargs="+", help="per-part *.summary.json files")
+    parser.add_argument("--parts-dir", required=True, help="split_urls output (has manifest.json)")
+    parser.add_argument("--out", required=True, help="combined summary JSON")
+    parser.add_argument("--out-table", required=True, help="per-part CSV table")
+    args = parser.parse_args(argv)
+    setup_logging()
+    manifest = json.loads((Path(args.parts_dir) / "manifest.json").read_text())
+    summaries = [json.loads(Path(p).read_text()) for p in args.summaries]
+    combined = combine_summaries(summaries, manifest["total_rows"])
+    write_text(args.out_table, summary_table(summaries))
+    write_json(args.out, combined)
+    log.info("%d rows in %d parts: %s", combined["input_rows"], combined["parts"], combined["counts"])
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,219 @@
+"""Split LAION-style URL lists into parts of ``shard_size`` rows: one download job per part.
+
+Columns are renamed to the standard ``url``/``caption`` and the configured extra columns are
+carried along. The output folder (parts + ``manifest.json``) appears atomically, because
+Snakemake treats it as a checkpoint: a half-written folder must never look finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from unicom.formats import CAPTION_COLUMN, URL_COLUMN, part_name
+from unicom.io import UnicomError, atomic_dir, run_cli, setup_logging, write_json
+
+log = logging.getLogger("unicom.split_urls")
+
+# Columns img2dataset writes itself; an extra column with one of these names would clash.
+RESERVED_COLUMNS = frozenset(
+    {
+        URL_COLUMN,
+        CAPTION_COLUMN,
+        "key",
+        "status",
+        "error_message",
+        "width",
+        "height",
+        "original_width",
+        "original_height",
+        "exif",
+        "md5",
+        "sha256",
+        "sha512",
+    }
+)
+BATCH_ROWS = 65_536
+
+
+def check_extra_cols(extra_cols: Sequence[str]) -> None:
+    """Extra column names must be distinct and not clash with the columns img2dataset writes."""
+    seen: set[str] = set()
+    for name in extra_cols:
+        if name in RESERVED_COLUMNS:
+            raise UnicomError(
+                f"config key data.extra_cols: column '{name}' is reserved "
+                "(url/caption/img2dataset's own columns); leave it out"
+            )
+        if name in seen:
+            raise UnicomError(f"config key data.extra_cols: column '{name}' is listed twice")
+        seen.add(name)
+
+
+def _read_schema_and_rows(path: Path) -> tuple[pa.Schema, int]:
+    if not path.exists():
+        raise UnicomError(f"URL list {path}: file not found")
+    if not path.is_file():
+        raise UnicomError(f"URL list {path}: not a file")
+    try:
+        metadata = pq.read_metadata(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UnicomError(f"URL list {path}: not a Parquet file ({first_line})") from None
+    return metadata.schema.to_arrow_schema(), metadata.num_rows
+
+
+def check_url_list(
+    paths: Sequence[str | Path], url_col: str, caption_col: str, extra_cols: Sequence[str]
+) -> int:
+    """Pre-flight check of the URL list from Parquet metadata only; return the total row count.
+
+    Raises UnicomError (one line) for: no files, a missing file, a non-Parquet file, a missing
+    column (naming the config key that names it) and a file without rows.
+    """
+    if not paths:
+        raise UnicomError("config key data.url_list: no input files")
+    check_extra_cols(extra_cols)
+    if url_col == caption_col:
+        raise UnicomError(f"config keys data.url_col and data.caption_col are both '{url_col}'")
+    wanted = [("data.url_col", url_col), ("data.caption_col", caption_col)]
+    wanted += [("data.extra_cols", name) for name in extra_cols]
+    total = 0
+    for path in map(Path, paths):
+        schema, rows = _read_schema_and_rows(path)
+        for key, column in wanted:
+            if column not in schema.names:
+                raise UnicomError(
+                    f"URL list {path}: no column '{column}' (config key {key}); "
+                    f"it has {', '.join(schema.names)}"
+                )
+        if rows == 0:
+            raise UnicomError(f"URL list {path} has no rows")
+        total += rows
+    return total
+
+
+def target_schema(
+    first_file_schema: pa.Schema, url_col: str, caption_col: str, extra_cols: Sequence[str]
+) -> pa.Schema:
+    """Schema of every part: string url/caption, then the extra columns as in the first file."""
+    fields = [pa.field(URL_COLUMN, pa.string()), pa.field(CAPTION_COLUMN, pa.string())]
+    fields += [first_file_schema.field(name) for name in extra_cols]
+    return pa.schema(fields)
+
+
+def standardize_batch(
+    batch: pa.RecordBatch,
+    schema: pa.Schema,
+    url_col: str,
+    caption_col: str,
+    extra_cols: Sequence[str],
+) -> pa.Table:
+    """Select and rename the columns of one input batch and cast them to the parts' schema."""
+    table = pa.Table.from_batches([batch]).select([url_col, caption_col, *extra_cols])
+    table = table.rename_columns([URL_COLUMN, CAPTION_COLUMN, *extra_cols])
+    return table.cast(schema)
+
+
+def chunk_rows(tables: Iterator[pa.Table], shard_size: int) -> Iterator[list[pa.Table]]:
+    """Regroup a stream of tables into lists of slices holding exactly ``shard_size`` rows.
+
+    The last group may be shorter; empty input yields nothing. Only one part's rows are held.
+    """
+    pending: list[pa.Table] = []
+    pending_rows = 0
+    for table in tables:
+        offset = 0
+        while offset < table.num_rows:
+            take = min(shard_size - pending_rows, table.num_rows - offset)
+            pending.append(table.slice(offset, take))
+            pending_rows += take
+            offset += take
+            if pending_rows == shard_size:
+                yield pending
+                pending, pending_rows = [], 0
+    if pending_rows:
+        yield pending
+
+
+def split_url_lists(
+    paths: Sequence[str | Path],
+    out_dir: str | Path,
+    shard_size: int,
+    url_col: str = URL_COLUMN,
+    caption_col: str = CAPTION_COLUMN,
+    extra_cols: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Write the parts and manifest into ``out_dir`` (atomically); return the manifest."""
+    if shard_size < 1:
+        raise UnicomError(f"config key download.shard_size: must be >= 1, got {shard_size}")
+    total_rows = check_url_list(paths, url_col, caption_col, extra_cols)
+    schema = target_schema(pq.read_schema(paths[0]), url_col, caption_col, extra_cols)
+    inputs: list[dict[str, Any]] = []
+
+    def standardized_tables() -> Iterator[pa.Table]:
+        for path in paths:
+            parquet = pq.ParquetFile(path)
+            inputs.append({"path": str(path), "rows": parquet.metadata.num_rows})
+            columns = [url_col, caption_col, *extra_cols]
+            for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+                try:
+                    yield standardize_batch(batch, schema, url_col, caption_col, extra_cols)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+                    raise UnicomError(
+                        f"URL list {path}: columns do not match the first file's types "
+                        f"{schema} ({str(err).splitlines()[0]})"
+                    ) from None
+
+    parts: list[str] = []
+    with atomic_dir(out_dir) as tmp_dir:
+        progress = tqdm(total=total_rows, unit="row", desc="split", mininterval=5)
+        for index, slices in enumerate(chunk_rows(standardized_tables(), shard_size)):
+            name = part_name(index)
+            with pq.ParquetWriter(tmp_dir / f"{name}.parquet", schema) as writer:
+                for piece in slices:
+                    writer.write_table(piece)
+                    progress.update(piece.num_rows)
+            parts.append(name)
+        progress.close()
+        manifest = {
+            "inputs": inputs,
+            "total_rows": sum(item["rows"] for item in inputs),
+            "shard_size": shard_size,
+            "columns": schema.names,
+            "parts": parts,
+        }
+        if manifest["total_rows"] != total_rows:  # a file changed while we read it
+            raise UnicomError(
+                f"URL list changed during the split: {manifest['total_rows']} rows read, "
+                f"{total_rows} expected"
+            )
+        write_json(tmp_dir / "manifest.json", manifest)
+    log.info("%d rows from %d files -> %d parts in %s", total_rows, len(inputs), len(parts), out_dir)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m unicom.split_urls", description=__doc__)
+    parser.add_argument("inputs", nargs="+", help="URL-list Parquet files (globs already expanded)")
+    parser.add_argument("--out-dir", required=True, help="folder receiving the parts + manifest")
+    parser.add_argument("--shard-size", type=int, required=True, help="rows per part")
+    parser.add_argument("--url-col", default=URL_COLUMN, help="input column with the URL")
+    parser.add_argument("--caption-col", default=CAPTION_COLUMN, help="input column with the caption")
+    parser.add_argument("--extra-cols", nargs="*", default=[], help="input columns carried along")
+    args = parser.parse_args(argv)
+    setup_logging()
+    split_url_lists(
+        args.inputs, args.out_dir, args.shard_size, args.url_col, args.caption_col, args.extra_cols
+    )
+
+
+if __name__ == "__main__":
+    run_cli(main)

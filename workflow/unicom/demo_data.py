@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import time
 import urllib.parse
+import warnings
 import xml.etree.ElementTree as ET
 import zlib
 from collections import Counter
@@ -54,6 +55,8 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", 
 # openclipart's curation placeholder, not a description of the picture.
 PLACEHOLDER_TAGS = frozenset({"unsorted"})
 APT_TIMEOUT_S = 3600
+# A title on this many pictures or more names a collection (e.g. 'Lemon SVG theme').
+GENERIC_TITLE_MIN_SHARE = 5
 
 HOW_TO_GET_IMAGES = (
     "install them (apt-get install openclipart-png openclipart-svg), or set config key "
@@ -122,6 +125,7 @@ _TAG_RE = re.compile(r"<[^>]*>")
 
 _METADATA_START_RE = re.compile(r"<(?:\w+:)?metadata\b")
 _METADATA_END_RE = re.compile(r"</(?:\w+:)?metadata\s*>")
+_METADATA_END_BYTES_RE = re.compile(rb"</(?:\w+:)?metadata\s*>")
 
 
 def _metadata_by_regex(text: str) -> tuple[str, list[str]]:
@@ -159,7 +163,10 @@ def _metadata_from_chunks(chunks: Iterable[bytes | str]) -> tuple[str, list[str]
             _metadata_from_events(parser, state)
     except ET.ParseError:
         # Read on to the end of the metadata (or of the file), then scan the text.
-        while b"metadata>" not in seen[-1] and (chunk := next(chunks, None)) is not None:
+        while (
+            not _METADATA_END_BYTES_RE.search(b"".join(seen[-2:]))
+            and (chunk := next(chunks, None)) is not None
+        ):
             seen.append(chunk if isinstance(chunk, bytes) else chunk.encode())
         return _metadata_by_regex(b"".join(seen).decode("utf-8", errors="replace"))
     return state["title"] or "", state["tags"]
@@ -213,14 +220,26 @@ def normalize_tags(tags: Iterable[str], title: str = "") -> list[str]:
     return result
 
 
-def build_caption(title: str, tags: Iterable[str], stem: str) -> str:
+def build_caption(title: str, tags: Iterable[str], stem: str, generic_title: bool = False) -> str:
     """'scale' + ['', 'tool', 'mass', 'scale', 'work'] -> 'scale: tool, mass, work'.
 
-    Without a title, words from the file name stand in for it.
+    Without a title, words from the file name stand in for it. A ``generic_title`` (a
+    collection name shared by many pictures, e.g. 'Lemon SVG theme') says little about this
+    picture, so the file name's words lead and the title follows in brackets.
     """
-    head = _clean_text(title) or words_from_stem(stem)
-    kept = normalize_tags(tags, head)
+    title = _clean_text(title)
+    head = title or words_from_stem(stem)
+    if title and generic_title:
+        named = words_from_stem(stem)
+        head = title if named.casefold() == title.casefold() else f"{named} ({title})"
+    kept = normalize_tags(tags, title or head)
     return f"{head}: {', '.join(kept)}" if kept else head
+
+
+def generic_titles(titles: Iterable[str], min_share: int) -> set[str]:
+    """Titles carried by at least ``min_share`` pictures: collection names, not descriptions."""
+    counts = Counter(t for t in titles if t)
+    return {t for t, n in counts.items() if n >= min_share}
 
 
 # --------------------------------------------------------------------------- sampling
@@ -348,15 +367,26 @@ def duplicate_links(candidates: Sequence[Candidate]) -> dict[int, Path]:
     return duplicates
 
 
-def image_header_problem(path: Path) -> str | None:
-    """None if PIL can read the header (size only, no pixel decoding), else why not."""
+def image_header_problem(path: Path, max_pixels: int | None = None) -> tuple[str, str] | None:
+    """None if PIL can read the header (size only, no pixel decoding), else (reason, detail).
+
+    Pictures above PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS`` by default;
+    openclipart has a few 13000x13000 PNGs) are dropped too: decoding one takes ~0.7 GB.
+    """
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
-        with Image.open(path) as img:
-            width, height = img.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+    except Image.DecompressionBombError as err:
+        return "too_large", str(err)
     except Exception as err:  # PIL raises many types for bad files
-        return f"{type(err).__name__}: {err}"
+        return "unreadable_image", f"{type(err).__name__}: {err}"
     if width < 1 or height < 1:
-        return f"empty image {width}x{height}"
+        return "unreadable_image", f"empty image {width}x{height}"
+    if limit and width * height > limit:
+        return "too_large", f"{width}x{height} is more than {limit} pixels"
     return None
 
 
@@ -395,26 +425,25 @@ def build_pool(
         elif not cand.category:
             drop(cand, "no_category", "image directly in the root folder, not in a category")
         elif problem := image_header_problem(cand.path):
-            drop(cand, "unreadable_image", problem)
+            drop(cand, *problem)
         else:
             usable.append(cand)
     if not usable:
         raise UnicomError(f"no usable images under {image_root} ({HOW_TO_GET_IMAGES})")
 
-    keep = stratified_cap([c.category for c in usable], max_images, seed)
-    kept = [c for c, k in zip(usable, keep, strict=True) if k]
-    capped = [c for c, k in zip(usable, keep, strict=True) if not k]
-
-    rows = []
-    for cand in tqdm(kept, desc="captions", unit="img", mininterval=2):
-        title, raw_tags = "", []
-        if svg_root is not None:
-            title, raw_tags = read_svg_metadata(svg_root / cand.rel.with_suffix(".svg"))
+    # Captions are built before the cap, so a capped pool has the same captions as the full one.
+    metadata = [
+        read_svg_metadata(svg_root / c.rel.with_suffix(".svg")) if svg_root else ("", [])
+        for c in tqdm(usable, desc="svg metadata", unit="img", mininterval=2)
+    ]
+    generic = generic_titles((title for title, _ in metadata), GENERIC_TITLE_MIN_SHARE)
+    all_rows = []
+    for cand, (title, raw_tags) in zip(usable, metadata, strict=True):
         tags = normalize_tags(raw_tags, title)
-        rows.append(
+        all_rows.append(
             {
                 URL_COLUMN: cand.path.as_uri(),
-                CAPTION_COLUMN: build_caption(title, tags, cand.path.stem),
+                CAPTION_COLUMN: build_caption(title, tags, cand.path.stem, title in generic),
                 "category": cand.category,
                 "subcategory": cand.subcategory,
                 "title": title,
@@ -422,6 +451,10 @@ def build_pool(
                 "path": str(cand.path),
             }
         )
+
+    keep = stratified_cap([c.category for c in usable], max_images, seed)
+    rows = [r for r, k in zip(all_rows, keep, strict=True) if k]
+    capped = [c for c, k in zip(usable, keep, strict=True) if not k]
 
     heldout_mask = stratified_heldout_mask([r["category"] for r in rows], heldout_fraction, seed)
     train_rows = [r for r, h in zip(rows, heldout_mask, strict=True) if not h]
@@ -696,11 +729,18 @@ def fetch_sources(resources_dir: Path, system_root: Path, allow_download: bool) 
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m unicom.demo_data", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = argparse.ArgumentParser(
+        prog="python -m unicom.demo_data",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    fetch = sub.add_parser("fetch", help="make the openclipart packages available")
+    fetch = sub.add_parser(
+        "fetch", parents=[common], help="make the openclipart packages available"
+    )
     fetch.add_argument("--resources-dir", type=Path, required=True)
     fetch.add_argument("--out", type=Path, required=True, help="JSON marker to write")
     fetch.add_argument(
@@ -710,7 +750,7 @@ def _parser() -> argparse.ArgumentParser:
         "--no-download", action="store_true", help="never call apt-get; fail if not found"
     )
 
-    pool = sub.add_parser("pool", help="build the URL list and held-out split")
+    pool = sub.add_parser("pool", parents=[common], help="build the URL list and held-out split")
     source = pool.add_mutually_exclusive_group(required=True)
     source.add_argument("--source", type=Path, help="marker written by fetch")
     source.add_argument("--image-dir", type=Path, help="folder with one subfolder per category")

@@ -27,7 +27,7 @@ checkpoint split_urls:
     shell:
         "python -m unicom.split_urls --out-dir {output:q} --shard-size {params.shard_size:q}"
         " --url-col {params.url_col:q} --caption-col {params.caption_col:q}"
-        " {params.extra_cols:q} {input:q} 2> {log:q}"
+        " {input:q} {params.extra_cols:q} 2> {log:q}"
 
 
 rule download:

@@ -196,7 +196,9 @@ def split_url_lists(
                 f"{total_rows} expected"
             )
         write_json(tmp_dir / "manifest.json", manifest)
-    log.info("%d rows from %d files -> %d parts in %s", total_rows, len(inputs), len(parts), out_dir)
+    log.info(
+        "%d rows from %d files -> %d parts in %s", total_rows, len(inputs), len(parts), out_dir
+    )
     return manifest
 
 
@@ -206,8 +208,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", required=True, help="folder receiving the parts + manifest")
     parser.add_argument("--shard-size", type=int, required=True, help="rows per part")
     parser.add_argument("--url-col", default=URL_COLUMN, help="input column with the URL")
-    parser.add_argument("--caption-col", default=CAPTION_COLUMN, help="input column with the caption")
-    parser.add_argument("--extra-cols", nargs="*", default=[], help="input columns carried along")
+    parser.add_argument(
+        "--caption-col", default=CAPTION_COLUMN, help="input column with the caption"
+    )
+    parser.add_argument(
+        "--extra-cols",
+        nargs="*",
+        default=[],
+        help="input columns carried along (put INPUTS before this option, or end it with --)",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     split_url_lists(

@@ -1,0 +1,355 @@
+"""unicom.download against a loopback HTTP server, with the real img2dataset (no mocks)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from unicom.download import (
+    download_options,
+    download_part,
+    merge_rows,
+    output_schema,
+    partition_by_scheme,
+    prepare_work_dir,
+    rejection_reason,
+    rewrite_tar_keys,
+    summarize,
+)
+from unicom.formats import global_key
+from unicom.io import UnicomError, run_cli
+
+SLOW_SECONDS = 3.0
+TIMEOUT = 1
+
+
+def image_bytes(fmt: str, size: tuple[int, int], color: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+GOOD = {
+    f"/good{i}.{ext}": (
+        image_bytes(fmt, (40 + 7 * i, 30 + 5 * i), (40 * i, 90, 200 - 30 * i)),
+        mime,
+    )
+    for i, (ext, fmt, mime) in enumerate(
+        [("png", "PNG", "image/png"), ("jpg", "JPEG", "image/jpeg")] * 3
+    )
+}
+
+
+class Handler(BaseHTTPRequestHandler):
+    stop = threading.Event()
+
+    def log_message(self, *args) -> None:  # keep the test output quiet
+        pass
+
+    def send(self, code: int, body: bytes, mime: str, headers: dict | None = None) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", mime)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def do_GET(self) -> None:
+        if self.path in GOOD:
+            self.send(200, *GOOD[self.path])
+        elif self.path == "/corrupt.jpg":
+            self.send(200, b"\xff\xd8\xff\xe0 these are not the bytes of a JPEG", "image/jpeg")
+        elif self.path == "/page.html":
+            self.send(200, b"<html><body>not an image</body></html>", "text/html")
+        elif self.path == "/tiny.png":  # below min_image_size
+            self.send(200, image_bytes("PNG", (4, 4), (0, 0, 0)), "image/png")
+        elif self.path == "/noai.png":  # the site opts out of AI use
+            self.send(200, GOOD["/good0.png"][0], "image/png", {"X-Robots-Tag": "noai"})
+        elif self.path == "/slow.jpg":
+            deadline = time.monotonic() + SLOW_SECONDS
+            while time.monotonic() < deadline and not self.stop.is_set():
+                time.sleep(0.05)
+            self.send(200, *GOOD["/good1.jpg"])
+        else:
+            self.send(404, b"not found", "text/plain")
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    Handler.stop.set()
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+
+
+def write_part(path: Path, rows: list[tuple[str, str]]) -> None:
+    urls = [url for url, _ in rows]
+    table = pa.table(
+        {
+            "url": pa.array(urls, pa.string()),
+            "caption": pa.array([f"caption of row {i}" for i in range(len(rows))], pa.string()),
+            "similarity": pa.array([0.5 + i / 100 for i in range(len(rows))], pa.float64()),
+            "license": pa.array([f"lic-{i}" for i in range(len(rows))], pa.string()),
+        }
+    )
+    pq.write_table(table, path)
+
+
+OPTIONS = {
+    "image_size": 32,
+    "resize_mode": "border",
+    "min_image_size": 8,
+    "encode_format": "jpg",
+    "threads": 4,
+    "timeout": TIMEOUT,
+    "retries": 0,
+    "mem_mb": 1000,  # scheduler-only keys must be accepted and ignored
+    "runtime": 5,
+}
+
+# Expected status of each row, in order, per part: (url suffix or full URL, status).
+PART_A = [
+    ("/good0.png", "success"),
+    ("/good1.jpg", "success"),
+    ("/missing.jpg", "failed_to_download"),
+    ("/corrupt.jpg", "failed_to_resize"),
+    ("/page.html", "failed_to_resize"),
+    ("/slow.jpg", "failed_to_download"),
+    ("FILE_IMAGE", "rejected_scheme"),
+    ("ftp://127.0.0.1/good0.png", "rejected_scheme"),
+    ("/good2.png", "success"),
+]
+PART_B = [
+    ("/good3.jpg", "success"),
+    ("FIFO", "rejected_scheme"),
+    ("/tiny.png", "failed_to_resize"),
+    ("/noai.png", "failed_to_download"),
+    ("data:image/png;base64,iVBORw0KGgo=", "rejected_scheme"),
+    ("NO_SCHEME", "rejected_scheme"),
+    ("/good4.png", "success"),
+    ("/good5.jpg", "success"),
+]
+
+
+@pytest.fixture(scope="module")
+def downloaded(server, tmp_path_factory):
+    """Run the real CLI on two parts at once; return (out_dir, {part: expected statuses})."""
+    root = tmp_path_factory.mktemp("download")
+    readable_image = root / "local.png"
+    readable_image.write_bytes(GOOD["/good0.png"][0])
+    # Opening a FIFO for reading blocks until a writer appears (none will): had the downloader
+    # opened this file:// URL, the run would hang and hit the timeout below.
+    fifo = root / "never_read.fifo"
+    os.mkfifo(fifo)
+    host = server.removeprefix("http://")
+    special = {
+        "FILE_IMAGE": readable_image.as_uri(),
+        "FIFO": fifo.as_uri(),
+        "NO_SCHEME": f"{host}/good0.png",
+    }
+
+    def url(spec: str) -> str:
+        return special.get(spec, server + spec if spec.startswith("/") else spec)
+
+    out_dir = root / "shards"
+    expected = {}
+    procs = []
+    for part, spec in (("00000", PART_A), ("00001", PART_B)):
+        part_path = root / "parts" / f"{part}.parquet"
+        part_path.parent.mkdir(exist_ok=True)
+        write_part(part_path, [(url(s), "") for s, _ in spec])
+        expected[part] = [status for _, status in spec]
+        command = [sys.executable, "-m", "unicom.download", "--part", str(part_path)]
+        command += ["--out-dir", str(out_dir), "--options-json", json.dumps(OPTIONS)]
+        procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr.decode()[-3000:]
+    return out_dir, expected
+
+
+def read_tar(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def test_every_row_accounted_and_in_the_right_bucket(downloaded):
+    out_dir, expected = downloaded
+    for part, statuses in expected.items():
+        summary = json.loads((out_dir / f"{part}.summary.json").read_text())
+        assert summary["part"] == part
+        assert summary["input_rows"] == len(statuses)
+        assert sum(summary["counts"].values()) == len(statuses)
+        assert summary["counts"] == dict(Counter(statuses))
+        table = pq.read_table(out_dir / f"{part}.parquet")
+        assert table.column("status").to_pylist() == statuses  # input order, row by row
+        assert table.column("key").to_pylist() == [
+            global_key(part, f"{row:09d}") for row in range(len(statuses))
+        ]
+        stats = json.loads((out_dir / f"{part}_stats.json").read_text())
+        assert stats["successes"] == summary["counts"]["success"]
+        assert stats["count"] == len(statuses) - summary["counts"]["rejected_scheme"]
+
+
+def test_failure_reasons(downloaded):
+    out_dir, _ = downloaded
+    a = pq.read_table(out_dir / "00000.parquet").to_pylist()
+    assert "404" in a[2]["error_message"]
+    assert a[3]["error_message"] == a[4]["error_message"] == "Image decoding error"
+    assert "timed out" in a[5]["error_message"]
+    assert "'file'" in a[6]["error_message"] and "'ftp'" in a[7]["error_message"]
+    b = pq.read_table(out_dir / "00001.parquet").to_pylist()
+    assert b[2]["error_message"] == "image too small"
+    assert "X-Robots-Tag" in b[3]["error_message"]
+    assert "'data'" in b[4]["error_message"] and "missing" in b[5]["error_message"]
+    summary = json.loads((out_dir / "00000.summary.json").read_text())
+    assert summary["errors"]["Image decoding error"] == 2
+    assert "success" not in summary["errors"]
+
+
+def test_tar_holds_exactly_the_successes_with_unique_keys(downloaded):
+    out_dir, expected = downloaded
+    all_keys = []
+    for part in expected:
+        table = pq.read_table(out_dir / f"{part}.parquet").to_pylist()
+        successes = {row["key"]: row for row in table if row["status"] == "success"}
+        members = read_tar(out_dir / f"{part}.tar")
+        keys = {name.partition(".")[0] for name in members}
+        assert keys == set(successes)
+        assert set(members) == {f"{k}.{ext}" for k in keys for ext in ("jpg", "txt", "json")}
+        for key, row in successes.items():
+            meta = json.loads(members[f"{key}.json"])
+            assert meta["key"] == key and "unicom_row" not in meta
+            assert meta["similarity"] == row["similarity"] and meta["license"] == row["license"]
+            assert members[f"{key}.txt"].decode() == row["caption"]
+            image = Image.open(io.BytesIO(members[f"{key}.jpg"]))
+            assert image.format == "JPEG" and image.size == (32, 32)
+        all_keys += keys
+    assert len(all_keys) == len(set(all_keys)) == 3 + 3
+
+
+def test_extra_columns_carried_and_rejected_rows_kept(downloaded):
+    out_dir, _ = downloaded
+    table = pq.read_table(out_dir / "00000.parquet")
+    assert table.column_names[:7] == [
+        "key", "status", "error_message", "url", "caption", "similarity", "license",
+    ]  # fmt: skip
+    assert table.schema.field("similarity").type == pa.float64()
+    rows = table.to_pylist()
+    assert [r["license"] for r in rows] == [f"lic-{i}" for i in range(len(rows))]
+    assert rows[6]["url"].startswith("file://") and rows[6]["width"] is None
+    assert rows[0]["width"] == 32 and rows[0]["original_width"] == 40
+
+
+def test_no_leftovers(downloaded):
+    out_dir, expected = downloaded
+    wanted = {
+        f"{p}{s}" for p in expected for s in (".tar", ".parquet", "_stats.json", ".summary.json")
+    }
+    assert {p.name for p in out_dir.iterdir()} == wanted  # no .work, no temp files
+
+
+def test_no_allowed_row_gives_valid_empty_outputs(tmp_path):
+    part = tmp_path / "00007.parquet"
+    write_part(part, [("ftp://example.org/a.jpg", ""), ("file:///etc/passwd", "")])
+    summary = download_part(part, tmp_path / "out", {"allowed_schemes": ["https"]})
+    assert summary["counts"] == {"rejected_scheme": 2}
+    assert read_tar(tmp_path / "out" / "00007.tar") == {}
+    table = pq.read_table(tmp_path / "out" / "00007.parquet")
+    assert table.num_rows == 2 and table.schema == output_schema(pq.read_schema(part))
+    assert json.loads((tmp_path / "out" / "00007_stats.json").read_text())["count"] == 0
+
+
+def test_rejection_reason_and_partition():
+    allowed = ["http", "https"]
+    urls = [
+        "http://a/x.jpg",
+        "HTTPS://a/y",
+        "file:///x",
+        "ftp://a/b",
+        "data:,x",
+        "a/b.jpg",
+        None,
+        "",
+    ]
+    assert partition_by_scheme(urls, allowed) == [True, True] + [False] * 6
+    assert "'file'" in rejection_reason("file:///x", allowed)
+    assert rejection_reason("http://[::1", allowed) == "unparsable URL"
+    assert rejection_reason(None, allowed) == "empty URL"
+    assert partition_by_scheme(["file:///x"], ["file"]) == [True]
+
+
+def test_summarize_and_merge_refuse_to_lose_rows():
+    table = pa.table({"status": ["success", "failed_to_download"], "error_message": [None, "404"]})
+    assert summarize("p", table, 2, 1.0)["counts"] == {"failed_to_download": 1, "success": 1}
+    with pytest.raises(RuntimeError, match="add up to 2, not 3"):
+        summarize("p", table, 3, 1.0)
+    schema = output_schema(pa.schema([("url", pa.string()), ("caption", pa.string())]))
+    row = {name: [None] for name in schema.names} | {"unicom_row": [0]}
+    one_row = pa.table(row, schema=schema.append(pa.field("unicom_row", pa.int64())))
+    with pytest.raises(RuntimeError, match=r"missing \[1\]"):
+        merge_rows(schema, [one_row], 2)
+    with pytest.raises(RuntimeError, match=r"duplicated \[0\]"):
+        merge_rows(schema, [one_row, one_row], 1)
+
+
+def test_rewrite_tar_keys(tmp_path):
+    src = tmp_path / "src.tar"
+    with tarfile.open(src, "w") as tar:
+        for name, payload in [("000.jpg", b"img"), ("000.json", b'{"key": "000", "x": 1}')]:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    keys = rewrite_tar_keys(src, tmp_path / "dst.tar", {"000": "p_007"}, ["x"])
+    assert keys == {"p_007"}
+    members = read_tar(tmp_path / "dst.tar")
+    assert members["p_007.jpg"] == b"img" and json.loads(members["p_007.json"]) == {"key": "p_007"}
+    with pytest.raises(RuntimeError, match="has no row"):
+        rewrite_tar_keys(src, tmp_path / "bad.tar", {"999": "p_1"})
+
+
+def test_bad_options_are_one_line_errors(tmp_path, capsys):
+    with pytest.raises(UnicomError, match="download.thread_count: unknown option"):
+        download_options({"thread_count": 3})
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(__import__("unicom.download").download.main, ["--part", str(tmp_path / "x.parquet"),
+                "--out-dir", str(tmp_path), "--options-json", "{}"])  # fmt: skip
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "x.parquet: file not found" in err
+
+
+def test_work_dir_reused_only_for_the_same_input(tmp_path):
+    work = tmp_path / ".work" / "00000"
+    first = pa.table({"url": ["http://a/1.jpg"], "unicom_row": [0]})
+    prepare_work_dir(work, first)
+    (work / "img2dataset").mkdir()
+    prepare_work_dir(work, first)
+    assert (work / "img2dataset").is_dir()  # same input: img2dataset may resume its shard
+    prepare_work_dir(work, pa.table({"url": ["http://a/2.jpg"], "unicom_row": [0]}))
+    assert not (work / "img2dataset").exists()  # different input: the old attempt is discarded
+    assert pq.read_table(work / "input.parquet").column("url").to_pylist() == ["http://a/2.jpg"]

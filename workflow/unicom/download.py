@@ -1,0 +1,424 @@
+"""Download one URL-list part with img2dataset into one webdataset shard, accounting for every row.
+
+Outputs (``part`` = the part file's stem), each written atomically, the summary last:
+
+- ``{part}.tar``           webdataset shard; keys are ``formats.global_key(part, row)``
+- ``{part}.parquet``       one row per input row: key, status, error_message, url, caption, extras
+- ``{part}_stats.json``    img2dataset's statistics for the shard
+- ``{part}.summary.json``  counts per status (they add up to the input rows) and per error message
+
+Only URLs whose scheme is in ``allowed_schemes`` reach img2dataset; the others are recorded as
+``rejected_scheme`` and never opened. img2dataset runs in ``OUT_DIR/.work/{part}/``, removed on
+success, so an interrupted job never leaves a file that looks finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from unicom.config import load_schema
+from unicom.formats import CAPTION_COLUMN, URL_COLUMN, global_key
+from unicom.io import UnicomError, atomic_path, run_cli, setup_logging, write_json, write_parquet
+
+log = logging.getLogger("unicom.download")
+
+# Carried through img2dataset as an extra column so each of its rows maps back to its input row.
+ROW_COLUMN = "unicom_row"
+# Local keys are the row's index in the part, shaped like img2dataset's keys (9 digits).
+KEY_WIDTH = 9
+REJECTED_SCHEME = "rejected_scheme"
+# Options of the config's download section that only matter to the scheduler.
+SCHEDULER_OPTIONS = frozenset({"mem_mb", "runtime"})
+# Columns img2dataset adds after the input columns, with the types it writes.
+IMG2DATASET_COLUMNS = pa.schema(
+    [
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("original_width", pa.int32()),
+        ("original_height", pa.int32()),
+        ("exif", pa.string()),
+        ("sha256", pa.string()),
+    ]
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure core
+
+
+def download_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``download`` config section with the schema's defaults filled in; unknown keys fail."""
+    properties = load_schema()["properties"]["download"]["properties"]
+    unknown = sorted(set(options) - set(properties))
+    if unknown:
+        raise UnicomError(f"config key download.{unknown[0]}: unknown option")
+    merged = {name: spec.get("default") for name, spec in properties.items()}
+    merged.update(options)
+    return merged
+
+
+def rejection_reason(url: str | None, allowed_schemes: Iterable[str]) -> str | None:
+    """Why ``url`` must not be fetched (None when its scheme is allowed)."""
+    if url is None or not url.strip():
+        return "empty URL"
+    try:
+        scheme = urlsplit(url.strip()).scheme.lower()
+    except ValueError:
+        return "unparsable URL"
+    allowed = sorted({s.lower() for s in allowed_schemes})
+    if scheme in allowed:
+        return None
+    shown = f"'{scheme}'" if scheme else "missing"
+    return f"URL scheme {shown} not in download.allowed_schemes {allowed}"
+
+
+def partition_by_scheme(urls: Sequence[str | None], allowed_schemes: Iterable[str]) -> list[bool]:
+    """Mask of the URLs that may be fetched."""
+    allowed = list(allowed_schemes)
+    return [rejection_reason(url, allowed) is None for url in urls]
+
+
+def local_key(row: int) -> str:
+    return f"{row:0{KEY_WIDTH}d}"
+
+
+def img2dataset_arguments(
+    options: Mapping[str, Any],
+    url_list: str,
+    output_folder: str,
+    part_rows: int,
+    extra_cols: Sequence[str],
+) -> dict[str, Any]:
+    """Keyword arguments of ``img2dataset.download`` for one part (one part -> one shard)."""
+    return {
+        "url_list": url_list,
+        "output_folder": output_folder,
+        "input_format": "parquet",
+        "output_format": "webdataset",
+        "url_col": URL_COLUMN,
+        "caption_col": CAPTION_COLUMN,
+        "save_additional_columns": [*extra_cols, ROW_COLUMN],
+        "number_sample_per_shard": max(part_rows, 1),
+        # One shard can only ever keep one process busy; threads do the parallel fetching.
+        "processes_count": 1,
+        "thread_count": options["threads"],
+        "image_size": options["image_size"],
+        "resize_mode": options["resize_mode"],
+        "resize_only_if_bigger": options["resize_only_if_bigger"],
+        "min_image_size": options["min_image_size"],
+        "encode_format": options["encode_format"],
+        "encode_quality": options["encode_quality"],
+        "timeout": options["timeout"],
+        "retries": options["retries"],
+        "incremental_mode": options["incremental"],
+        "user_agent_token": options["user_agent_token"],
+        "disallowed_header_directives": list(options["disallowed_header_directives"]),
+        "compute_hash": "sha256",
+        "extract_exif": True,
+        "enable_wandb": False,
+        "distributor": "multiprocessing",
+    }
+
+
+def output_schema(part_schema: pa.Schema) -> pa.Schema:
+    """Columns of ``{part}.parquet``: key/status/error, the part's columns, img2dataset's."""
+    head = [("key", pa.string()), ("status", pa.string()), ("error_message", pa.string())]
+    return pa.schema([*head, *part_schema, *IMG2DATASET_COLUMNS])
+
+
+def rejected_rows(part: str, table: pa.Table, mask: Sequence[bool], reasons: list[str]) -> pa.Table:
+    """Rows of ``table`` (the part, with ROW_COLUMN) that were not fetched, as output rows."""
+    rejected = table.filter(pa.array([not keep for keep in mask], pa.bool_()))
+    rows = rejected.column(ROW_COLUMN).to_pylist()
+    columns = {
+        "key": pa.array([global_key(part, local_key(r)) for r in rows], pa.string()),
+        "status": pa.array([REJECTED_SCHEME] * len(rows), pa.string()),
+        "error_message": pa.array(reasons, pa.string()),
+    }
+    columns.update({name: rejected.column(name) for name in rejected.column_names})
+    columns.update({f.name: pa.nulls(len(rows), f.type) for f in IMG2DATASET_COLUMNS})
+    return pa.table(columns)
+
+
+def fetched_rows(part: str, img2dataset_table: pa.Table) -> tuple[pa.Table, dict[str, str]]:
+    """img2dataset's per-row table with global keys; also its local key -> global key map."""
+    rows = img2dataset_table.column(ROW_COLUMN).to_pylist()
+    new_keys = [global_key(part, local_key(r)) for r in rows]
+    key_map = dict(zip(img2dataset_table.column("key").to_pylist(), new_keys, strict=True))
+    table = img2dataset_table.set_column(
+        img2dataset_table.schema.get_field_index("key"), "key", pa.array(new_keys, pa.string())
+    )
+    return table, key_map
+
+
+def merge_rows(schema: pa.Schema, tables: Sequence[pa.Table], input_rows: int) -> pa.Table:
+    """Concatenate fetched and rejected rows in input order; each input row exactly once."""
+    columns = [*schema.names, ROW_COLUMN]
+    merged = pa.concat_tables([t.select(columns) for t in tables], promote_options="permissive")
+    merged = merged.sort_by(ROW_COLUMN)
+    rows = merged.column(ROW_COLUMN).to_pylist()
+    if rows != list(range(input_rows)):
+        missing = sorted(set(range(input_rows)) - set(rows))
+        duplicated = sorted(r for r, n in Counter(rows).items() if n > 1)
+        raise RuntimeError(
+            f"download accounting broken: rows missing {missing[:10]}, duplicated {duplicated[:10]}"
+        )
+    return merged.drop_columns([ROW_COLUMN]).cast(schema)
+
+
+def summarize(part: str, table: pa.Table, input_rows: int, seconds: float) -> dict[str, Any]:
+    """Counts per status and per error message; raises if they do not add up to the input."""
+    statuses = table.column("status").to_pylist()
+    counts = Counter(status if status is not None else "unknown" for status in statuses)
+    errors = Counter(
+        message
+        for status, message in zip(statuses, table.column("error_message").to_pylist(), strict=True)
+        if status != "success" and message is not None
+    )
+    if sum(counts.values()) != input_rows:
+        raise RuntimeError(
+            f"part {part}: statuses add up to {sum(counts.values())}, not {input_rows} input rows"
+        )
+    return {
+        "part": part,
+        "input_rows": input_rows,
+        "counts": dict(sorted(counts.items())),
+        "errors": dict(errors.most_common()),
+        "seconds": round(seconds, 3),
+    }
+
+
+def empty_stats(seconds: float) -> dict[str, Any]:
+    """img2dataset's stats shape for a shard it never saw (no URL was allowed)."""
+    now = time.time()
+    return {
+        "count": 0,
+        "successes": 0,
+        "failed_to_download": 0,
+        "failed_to_resize": 0,
+        "duration": seconds,
+        "start_time": now - seconds,
+        "end_time": now,
+        "status_dict": {},
+    }
+
+
+def member_key(name: str) -> tuple[str, str]:
+    """webdataset member name -> (key, extension): the key ends at the first dot."""
+    key, dot, extension = name.partition(".")
+    if not dot or "/" in name:
+        raise RuntimeError(f"unexpected member {name!r} in img2dataset's tar")
+    return key, extension
+
+
+def rewrite_tar_keys(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    new_keys: Mapping[str, str],
+    drop_json_fields: Sequence[str] = (),
+) -> set[str]:
+    """Stream ``src`` into ``dst`` renaming each member's key via ``new_keys``; return the keys.
+
+    The ``.json`` member's ``key`` field is rewritten too (and ``drop_json_fields`` removed), so
+    metadata and member names agree.
+    """
+    written: set[str] = set()
+    with tarfile.open(src, "r|") as source, tarfile.open(dst, "w") as target:
+        for member in tqdm(source, unit="file", desc="rewrite tar", mininterval=5):
+            if not member.isfile():
+                continue
+            key, extension = member_key(member.name)
+            if key not in new_keys:
+                raise RuntimeError(f"tar member {member.name!r} has no row in img2dataset's table")
+            new_key = new_keys[key]
+            info = tarfile.TarInfo(f"{new_key}.{extension}")
+            info.mtime, info.mode = member.mtime, member.mode
+            data = source.extractfile(member)
+            if extension == "json":
+                meta = json.loads(data.read())
+                meta["key"] = new_key
+                for field in drop_json_fields:
+                    meta.pop(field, None)
+                payload = json.dumps(meta, indent=4).encode()
+                info.size = len(payload)
+                target.addfile(info, _BytesReader(payload))
+            else:
+                info.size = member.size
+                target.addfile(info, data)
+            written.add(new_key)
+    return written
+
+
+class _BytesReader:
+    """Minimal file object over bytes for tarfile.addfile."""
+
+    def __init__(self, payload: bytes) -> None:
+        self._payload, self._offset = payload, 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._payload) if size < 0 else self._offset + size
+        chunk = self._payload[self._offset : end]
+        self._offset += len(chunk)
+        return chunk
+
+
+# ---------------------------------------------------------------------------------------------
+# I/O
+
+
+def read_part(path: Path) -> pa.Table:
+    if not path.is_file():
+        raise UnicomError(f"download part {path}: file not found")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise UnicomError(f"download part {path}: not a Parquet file ({err})") from None
+    for column in (URL_COLUMN, CAPTION_COLUMN):
+        if column not in table.column_names:
+            raise UnicomError(f"download part {path}: no column '{column}'")
+    if ROW_COLUMN in table.column_names:
+        raise UnicomError(f"download part {path}: column '{ROW_COLUMN}' is reserved")
+    return table
+
+
+def prepare_work_dir(work_dir: Path, allowed: pa.Table) -> Path:
+    """Write img2dataset's input; keep an earlier attempt's output only if it had the same input."""
+    url_list = work_dir / "input.parquet"
+    if url_list.exists():
+        try:
+            same = pq.read_table(url_list).equals(allowed)
+        except (pa.ArrowInvalid, OSError):
+            same = False
+        if not same:
+            log.info("discarding the earlier attempt in %s (its input differs)", work_dir)
+            shutil.rmtree(work_dir)
+    if not url_list.exists():
+        write_parquet(url_list, allowed)
+    return url_list
+
+
+def run_img2dataset(arguments: Mapping[str, Any]) -> None:
+    """Call img2dataset in this process (it spawns its own workers and logger process)."""
+    # albumentations (imported by img2dataset) otherwise checks PyPI for updates on import.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    import img2dataset  # slow import, only needed here
+
+    previous_sigint = signal.getsignal(signal.SIGINT)
+    try:
+        # img2dataset prints progress on stdout; keep our stdout for results.
+        with contextlib.redirect_stdout(sys.stderr):
+            img2dataset.download(**arguments)
+    finally:
+        signal.signal(signal.SIGINT, previous_sigint)
+
+
+def finished_shard(folder: Path) -> str:
+    """Name of the shard img2dataset completed in ``folder`` (it writes stats last)."""
+    stats = sorted(folder.glob("*_stats.json"))
+    if not stats:
+        raise RuntimeError(f"img2dataset produced no finished shard in {folder}; see the log above")
+    shard = stats[-1].name.removesuffix("_stats.json")
+    for suffix in (".tar", ".parquet"):
+        if not (folder / f"{shard}{suffix}").is_file():
+            raise RuntimeError(f"img2dataset shard {shard} in {folder} lacks its {suffix} file")
+    return shard
+
+
+def download_part(part_path: str | Path, out_dir: str | Path, options: Mapping[str, Any]) -> dict:
+    """Download one part; write the shard, its tables and summary; return the summary."""
+    started = time.monotonic()
+    options = download_options({k: v for k, v in options.items() if k not in SCHEDULER_OPTIONS})
+    part_path, out_dir = Path(part_path), Path(out_dir)
+    part = part_path.stem
+    table = read_part(part_path)
+    extra_cols = [c for c in table.column_names if c not in (URL_COLUMN, CAPTION_COLUMN)]
+    schema = output_schema(table.schema)
+    input_rows = table.num_rows
+    table = table.append_column(ROW_COLUMN, pa.array(range(input_rows), pa.int64()))
+
+    urls = table.column(URL_COLUMN).to_pylist()
+    allowed_schemes = sorted({s.lower() for s in options["allowed_schemes"]})
+    reasons = [rejection_reason(url, allowed_schemes) for url in urls]
+    mask = [reason is None for reason in reasons]
+    rejected = rejected_rows(part, table, mask, [r for r in reasons if r is not None])
+    allowed = table.filter(pa.array(mask, pa.bool_()))
+    log.info(
+        "part %s: %d rows, %d to fetch, %d rejected by scheme",
+        *(part, input_rows, allowed.num_rows, rejected.num_rows),
+    )
+
+    work_dir = out_dir / ".work" / part
+    tables = [rejected]
+    with atomic_path(out_dir / f"{part}.tar") as tmp_tar:
+        if allowed.num_rows:
+            url_list = prepare_work_dir(work_dir, allowed)
+            i2d_dir = work_dir / "img2dataset"
+            run_img2dataset(
+                img2dataset_arguments(options, str(url_list), str(i2d_dir), input_rows, extra_cols)
+            )
+            shard = finished_shard(i2d_dir)
+            fetched, key_map = fetched_rows(part, pq.read_table(i2d_dir / f"{shard}.parquet"))
+            tables.append(fetched)
+            tar_keys = rewrite_tar_keys(i2d_dir / f"{shard}.tar", tmp_tar, key_map, [ROW_COLUMN])
+            stats = json.loads((i2d_dir / f"{shard}_stats.json").read_text())
+        else:
+            tarfile.open(tmp_tar, "w").close()  # a valid, empty shard
+            tar_keys, stats = set(), empty_stats(time.monotonic() - started)
+
+        result = merge_rows(schema, tables, input_rows)
+        success_keys = set(
+            pc.filter(result["key"], pc.equal(result["status"], "success")).to_pylist()
+        )
+        if tar_keys != success_keys:
+            raise RuntimeError(
+                f"part {part}: {len(tar_keys)} samples in the tar but {len(success_keys)} successes"
+            )
+        summary = summarize(part, result, input_rows, time.monotonic() - started)
+    write_parquet(out_dir / f"{part}.parquet", result)
+    write_json(out_dir / f"{part}_stats.json", stats)
+    write_json(out_dir / f"{part}.summary.json", summary)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):  # other parts may still be working beside us
+        (out_dir / ".work").rmdir()
+    log.info("part %s: %s in %.1f s", part, summary["counts"], summary["seconds"])
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m unicom.download", description=__doc__)
+    parser.add_argument("--part", required=True, help="URL-list part (split_urls output)")
+    parser.add_argument("--out-dir", required=True, help="folder receiving the shard files")
+    parser.add_argument("--options-json", required=True, help="the config's download section")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        options = json.loads(args.options_json)
+    except json.JSONDecodeError as err:
+        raise UnicomError(f"--options-json: not valid JSON ({err})") from None
+    if not isinstance(options, dict):
+        raise UnicomError("--options-json: expected a JSON object (the download config section)")
+    download_part(args.part, args.out_dir, options)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,275 @@
+"""Partial FC: the ArcFace head over millions of classes, its prototypes split across ranks.
+
+Rank ``r`` of ``W`` holds the prototypes of one contiguous class range (``class_range``).
+Every step, on every rank:
+
+1. gather the global batch: embeddings ``(B, dim)`` (gradients flow back to their owner) and
+   labels ``(B,)``, ``B = sum_r B_r``;
+2. choose ``K`` prototypes of the range: every class that occurs in the batch (positives) plus
+   uniformly random others, ``K = max(round(sample_rate * num_local), #positives)``; only
+   these rows enter the step, so the others get exactly zero gradient;
+3. choose ``D' = round(feature_rate * dim)`` feature dimensions, the same on every rank (the
+   generator is seeded identically everywhere), and take cosines on those dimensions only;
+4. ArcFace logits: ``s * cos(theta_y + m)`` for the label, ``s * cos(theta_j)`` otherwise, and the
+   softmax cross-entropy over all ranks' columns, exact: the row max and the sum of exponentials
+   are all-reduced, the label's logit comes from the rank that owns it.
+
+With world size 1 (or no process group) nothing distributed is called.
+
+Backbone under DDP: the loss is the same global mean on every rank and each rank's embeddings
+get their exact gradient, so the backbone wants the SUM of the ranks' gradients; DDP averages,
+so scale the backbone's gradients by the world size (or register a summing comm hook).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from unicom.io import UnicomError
+
+# Prototypes are initialised in blocks of classes, each block from its own seed, so the full
+# matrix is the same whatever the world size.
+INIT_BLOCK = 8192
+INIT_STD = 0.01
+# acos' gradient is infinite at cos = +-1; clamp just inside.
+COS_LIMIT = 1.0 - 1e-7
+
+
+def class_range(num_classes: int, rank: int, world: int) -> tuple[int, int]:
+    """Classes ``[start, end)`` of ``rank``; the first ``num_classes % world`` get one more."""
+    if not 0 <= rank < world:
+        raise UnicomError(f"rank {rank} is not in [0, {world})")
+    if num_classes < world:
+        raise UnicomError(f"num_classes {num_classes} is smaller than the world size {world}")
+    base, extra = divmod(num_classes, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + int(rank < extra)
+
+
+def derived_seed(*keys: int) -> int:
+    """An independent 63-bit seed per key tuple (init block, class sampling, dim sampling)."""
+    return int(np.random.SeedSequence(keys).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def init_prototypes(dim: int, start: int, end: int, seed: int) -> torch.Tensor:
+    """Rows ``[start, end)`` of one N(0, INIT_STD^2) ``(num_classes, dim)`` matrix."""
+    weight = torch.empty(end - start, dim)
+    for block in range(start // INIT_BLOCK, (end - 1) // INIT_BLOCK + 1):
+        first = block * INIT_BLOCK
+        generator = torch.Generator().manual_seed(derived_seed(seed, 0, block))
+        rows = torch.empty(INIT_BLOCK, dim).normal_(0.0, INIT_STD, generator=generator)
+        lo, hi = max(first, start), min(first + INIT_BLOCK, end)
+        weight[lo - start : hi - start] = rows[lo - first : hi - first]
+    return weight
+
+
+def _all_gather(tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Concatenate every rank's ``(sizes[r], ...)`` tensor, in rank order."""
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))  # all_gather wants equal shapes
+    padded[: len(tensor)] = tensor
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """``(B_r, D)`` on each rank -> ``(B, D)`` on every rank.
+
+    Every rank's logits depend on every embedding, so the gradient of our rows is the sum of all
+    ranks' gradients for them: all_reduce, then keep our slice.
+    """
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
+        ctx.rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+        return _all_gather(local, sizes)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rows], None, None
+
+
+class _ShardedArcFaceLoss(torch.autograd.Function):
+    """ArcFace softmax cross-entropy, mean over the batch, of cosines spread over the ranks.
+
+    ``cos (B, K)``: cosines to this rank's prototypes. ``rows, cols (n,)``: the batch rows whose
+    label this rank owns, and the label's column. With ``c = cos``, ``theta_y = acos(c_iy)``:
+        z_ij = s * c_ij,   z_iy = s * cos(theta_y + m)                 (logits)
+        loss = mean_i [ log sum_j exp(z_ij) - z_iy ]                   (j over every rank)
+        d loss / d c_ij = s * (softmax_ij - [j == y]) / B * (j == y ? dcos(theta_y + m)/dc_iy : 1)
+        dcos(theta + m) / dc = cos m + sin m * cos(theta) / sin(theta)
+    The backward is local: the softmax already holds the all-reduced denominator.
+    """
+
+    @staticmethod
+    def forward(ctx, cos, rows, cols, margin: float, scale: float, distributed: bool):
+        label_cos = cos[rows, cols].clamp(-COS_LIMIT, COS_LIMIT)  # (n,)
+        theta = torch.acos(label_cos)
+        label_logit = scale * torch.cos(theta + margin)
+        logits = cos * scale  # (B, K), becomes the softmax in place
+        logits[rows, cols] = label_logit
+        row_max = logits.max(dim=1).values  # (B,) shift for a stable exp
+        if distributed:
+            dist.all_reduce(row_max, op=dist.ReduceOp.MAX)
+        probs = logits.sub_(row_max[:, None]).exp_()
+        stats = torch.stack([probs.sum(dim=1), torch.zeros_like(row_max)])  # (2, B)
+        stats[1, rows] = label_logit
+        if distributed:
+            dist.all_reduce(stats)  # sum of exps; label logit from its owner (zeros elsewhere)
+        sum_exp, label_logits = stats
+        probs /= sum_exp[:, None]
+        margin_slope = math.cos(margin) + math.sin(margin) * label_cos / torch.sin(theta)
+        ctx.save_for_backward(probs, rows, cols, margin_slope)
+        ctx.scale = scale
+        return (sum_exp.log() + row_max - label_logits).mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        probs, rows, cols, margin_slope = ctx.saved_tensors
+        per_logit = grad_loss * ctx.scale / len(probs)
+        grad = probs * per_logit  # (B, K)
+        grad[rows, cols] = (probs[rows, cols] - 1) * per_logit * margin_slope
+        return grad, None, None, None, None, None
+
+
+class PartialFC(nn.Module):
+    """ArcFace head, sampled prototypes and features; ``weight (num_local, dim)``: this rank's rows.
+
+    ``sample_rate=1`` is the full softmax, ``feature_rate=1`` uses every dimension.
+    ``sparse_grad=True`` (only matters when sample_rate < 1) makes ``weight.grad`` a sparse COO
+    tensor of the K selected rows, so unselected rows cost no memory; optimizers must then
+    support sparse gradients (torch SGD without weight decay does, SparseAdam does).
+    Sampling is driven by generators whose state is in ``state_dict()`` (``_extra_state``), so a
+    resumed run draws the same samples. Call it on every rank each step (it runs collectives).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        margin: float = 0.3,
+        scale: float = 64.0,
+        sample_rate: float = 0.1,
+        feature_rate: float = 0.5,
+        seed: int = 0,
+        sparse_grad: bool = False,
+    ) -> None:
+        super().__init__()
+        for name, rate in (("sample_rate", sample_rate), ("feature_rate", feature_rate)):
+            if not 0.0 < rate <= 1.0:
+                raise UnicomError(f"PartialFC {name} must be in (0, 1], got {rate}")
+        self.distributed = (
+            dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        )
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.num_classes, self.dim = num_classes, dim
+        self.margin, self.scale = margin, scale
+        self.sample_rate, self.feature_rate = sample_rate, feature_rate
+        self.sparse_grad = sparse_grad
+        self.start, self.end = class_range(num_classes, self.rank, self.world)
+        self.num_local = self.end - self.start
+        self.num_sampled = max(1, round(sample_rate * self.num_local))
+        self.num_dims = max(1, round(feature_rate * dim))
+        self.weight = nn.Parameter(init_prototypes(dim, self.start, self.end, seed))
+        self._class_rng = torch.Generator().manual_seed(derived_seed(seed, 1, self.rank))
+        self._dim_rng = torch.Generator().manual_seed(derived_seed(seed, 2))  # same on all ranks
+        self.last_selected_classes: torch.Tensor | None = None  # (K,) global class ids
+        self.last_selected_dims: torch.Tensor | None = None  # (D',)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``embeddings (B_r, dim)``, ``labels (B_r,)`` -> scalar loss, mean over the global B."""
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
+            raise UnicomError(
+                f"PartialFC expects embeddings (batch, {self.dim}), got {tuple(embeddings.shape)}"
+            )
+        if labels.shape != embeddings.shape[:1]:
+            raise UnicomError(
+                f"PartialFC labels shape {tuple(labels.shape)} does not match "
+                f"{len(embeddings)} embeddings"
+            )
+        embeddings = embeddings.to(self.weight.dtype)
+        labels = labels.to(embeddings.device, torch.long)
+        if self.distributed:
+            count = torch.tensor([len(labels)], device=labels.device)
+            sizes = _all_gather(count, [1] * self.world).tolist()
+            labels = _all_gather(labels, sizes)  # (B,)
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+            bad = labels[(labels < 0) | (labels >= self.num_classes)][0].item()
+            raise UnicomError(f"PartialFC label {bad} is outside [0, {self.num_classes})")
+        if self.distributed:
+            embeddings = _GatherWithGrad.apply(embeddings, sizes, self.rank)  # (B, dim)
+
+        classes, rows, cols = self._select_classes(labels)
+        dims = self._select_dims(embeddings.device)
+        if self.sample_rate < 1.0:
+            # Only the K selected rows enter the graph, hence the only rows with a gradient.
+            protos = F.embedding(classes, self.weight, sparse=self.sparse_grad)  # (K, dim)
+        else:
+            protos = self.weight
+        if self.feature_rate < 1.0:
+            embeddings, protos = embeddings[:, dims], protos[:, dims]  # (B, D'), (K, D')
+
+        # (B, K) cosines on the selected dims. Scaling the product's columns by the prototypes'
+        # inverse norms avoids a normalised copy of the prototypes, and a product's backward
+        # holds one (B, K) temporary fewer than a division's.
+        inv_norm = protos.norm(dim=1).clamp_min(1e-12).reciprocal()  # (K,)
+        cos = F.normalize(embeddings, dim=1) @ protos.T * inv_norm
+        if cos.dtype in (torch.float16, torch.bfloat16):  # (under autocast)
+            cos = cos.float()  # a sum of up to K exps overflows half precision
+        self.last_selected_classes, self.last_selected_dims = classes + self.start, dims
+        return _ShardedArcFaceLoss.apply(cos, rows, cols, self.margin, self.scale, self.distributed)
+
+    def _select_classes(self, labels: torch.Tensor):
+        """``labels (B,)`` -> ``classes (K,)``: sorted local rows used this step, and ``rows, cols
+        (n,)``: the batch rows whose label this rank owns, that label's position in ``classes``."""
+        local = labels - self.start
+        rows = ((local >= 0) & (local < self.num_local)).nonzero().squeeze(1)
+        if self.sample_rate >= 1.0:
+            return torch.arange(self.num_local, device=labels.device), rows, local[rows]
+        positives = local[rows].unique()
+        is_positive = torch.zeros(self.num_local, dtype=torch.bool, device=labels.device)
+        is_positive[positives] = True
+        # A random order restricted to the negatives is a uniformly random order of them.
+        order = torch.randperm(self.num_local, generator=self._class_rng).to(labels.device)
+        negatives = order[~is_positive[order]][: max(0, self.num_sampled - len(positives))]
+        classes = torch.cat([positives, negatives]).sort().values
+        return classes, rows, torch.searchsorted(classes, local[rows])
+
+    def _select_dims(self, device: torch.device) -> torch.Tensor:
+        """``(D',)`` sorted feature dims; the generator is in the same state on every rank."""
+        if self.feature_rate >= 1.0:
+            return torch.arange(self.dim, device=device)
+        order = torch.randperm(self.dim, generator=self._dim_rng)
+        return order[: self.num_dims].sort().values.to(device)
+
+    def get_extra_state(self) -> dict:
+        return {
+            "class_range": [self.start, self.end],
+            "class_rng": self._class_rng.get_state(),
+            "dim_rng": self._dim_rng.get_state(),
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        if list(state["class_range"]) != [self.start, self.end]:
+            raise UnicomError(
+                f"PartialFC checkpoint holds classes {state['class_range']}, "
+                f"but rank {self.rank} of {self.world} owns [{self.start}, {self.end})"
+            )
+        self._class_rng.set_state(state["class_rng"])
+        self._dim_rng.set_state(state["dim_rng"])
+
+    def extra_repr(self) -> str:
+        return (
+            f"classes [{self.start}, {self.end}) of {self.num_classes}, dim={self.dim}, "
+            f"margin={self.margin}, scale={self.scale}, sample_rate={self.sample_rate}, "
+            f"feature_rate={self.feature_rate}, rank {self.rank} of {self.world}"
+        )

@@ -1,4 +1,4 @@
-"""Unicom pipeline: download -> embed -> fuse -> (k-means -> assign -> train -> evaluate -> report).
+"""Unicom pipeline: download -> embed -> fuse -> k-means -> assign -> (train -> evaluate -> report).
 
 Run the offline demo with `snakemake --profile profiles/local`; every key is described in
 config/schema.yaml.
@@ -38,6 +38,7 @@ include: "rules/demo.smk"
 include: "rules/download.smk"
 include: "rules/embed.smk"
 include: "rules/fuse.smk"
+include: "rules/cluster.smk"
 
 
 rule all:
@@ -46,3 +47,6 @@ rule all:
         demo_outputs(),
         out("download/summary.json"),
         lambda wildcards: expand(out("fused/{part}.parquet"), part=part_names()),
+        lambda wildcards: expand(out("assign/{part}.parquet"), part=part_names()),
+        out("clusters/sizes.json"),
+        out("clusters/agreement.json"),

@@ -1,0 +1,122 @@
+# Pseudo-classes: k-means over all shards' fused embeddings, then one assign job per shard,
+# then cluster sizes and diagnostics. Params carry only the kmeans/assign options, so a change
+# of kmeans.k (or of fuse.*, through the fused files) reruns this stage and nothing upstream.
+
+KMEANS = config["kmeans"]
+ASSIGN = config["assign"]
+DIAGNOSTICS = ASSIGN["diagnostics"]
+# Scheduler-only keys (and the gather-only ones for assign) stay out of the params, so that
+# changing them does not rerun the computation.
+SCHEDULER_KEYS = ("threads", "gpus", "mem_mb", "runtime")
+
+
+def job_options(section, *also_drop):
+    return as_json(
+        {k: v for k, v in section.items() if k not in SCHEDULER_KEYS + also_drop}
+    )
+
+
+def all_parts(pattern):
+    return lambda wildcards: expand(out(pattern), part=part_names())
+
+
+rule kmeans:
+    input:
+        all_parts("fused/{part}.parquet"),
+    output:
+        centroids=out("kmeans/centroids.npy"),
+        stats=out("kmeans/kmeans.json"),
+    log:
+        out("logs/kmeans.log"),
+    benchmark:
+        out("benchmarks/kmeans.tsv")
+    conda:
+        "../envs/torch-gpu.yaml" if KMEANS["gpus"] else "../envs/torch-cpu.yaml"
+    threads: KMEANS["threads"]
+    resources:
+        mem_mb=KMEANS["mem_mb"],
+        runtime=KMEANS["runtime"],
+        gpu=KMEANS["gpus"],
+    params:
+        options=job_options(KMEANS),
+    shell:
+        "python -m unicom.kmeans --out-centroids {output.centroids:q} --out-stats {output.stats:q}"
+        " --threads {threads} --options-json {params.options:q} {input:q} 2> {log:q}"
+
+
+rule assign:
+    input:
+        fused=out("fused/{part}.parquet"),
+        centroids=rules.kmeans.output.centroids,
+    output:
+        out("assign/{part}.parquet"),
+    log:
+        out("logs/assign/{part}.log"),
+    benchmark:
+        out("benchmarks/assign/{part}.tsv")
+    conda:
+        "../envs/torch-gpu.yaml" if ASSIGN["gpus"] else "../envs/torch-cpu.yaml"
+    threads: ASSIGN["threads"]
+    resources:
+        mem_mb=ASSIGN["mem_mb"],
+        runtime=ASSIGN["runtime"],
+        gpu=ASSIGN["gpus"],
+    params:
+        options=job_options(ASSIGN, "min_cluster_size", "diagnostics"),
+    shell:
+        "python -m unicom.assign --fused {input.fused:q} --centroids {input.centroids:q}"
+        " --out {output:q} --threads {threads} --options-json {params.options:q} 2> {log:q}"
+
+
+rule cluster_sizes:
+    input:
+        all_parts("assign/{part}.parquet"),
+    output:
+        json=out("clusters/sizes.json"),
+        png=out("clusters/sizes.png"),
+    log:
+        out("logs/cluster_sizes.log"),
+    benchmark:
+        out("benchmarks/cluster_sizes.tsv")
+    conda:
+        "../envs/torch-cpu.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        min_cluster_size=ASSIGN["min_cluster_size"],
+    shell:
+        "python -m unicom.cluster_report --min-cluster-size {params.min_cluster_size}"
+        " --out-json {output.json:q} --out-png {output.png:q} {input:q} 2> {log:q}"
+
+
+rule cluster_diagnostics:
+    input:
+        assignments=all_parts("assign/{part}.parquet"),
+        shards=all_parts("shards/{part}.tar"),
+        tables=all_parts("shards/{part}.parquet"),
+        embeddings=all_parts("embed/{part}.parquet"),
+    output:
+        grid=out("clusters/grid.png"),
+        agreement=out("clusters/agreement.json"),
+        agreement_png=out("clusters/agreement.png"),
+    log:
+        out("logs/cluster_diagnostics.log"),
+    benchmark:
+        out("benchmarks/cluster_diagnostics.tsv")
+    conda:
+        "../envs/torch-cpu.yaml"
+    threads: KMEANS["threads"]
+    resources:
+        mem_mb=DIAGNOSTICS["mem_mb"],
+        runtime=DIAGNOSTICS["runtime"],
+    params:
+        kmeans=job_options(KMEANS),
+        options=job_options(DIAGNOSTICS),
+    shell:
+        "python -m unicom.cluster_diagnostics --assignments {input.assignments:q}"
+        " --shards {input.shards:q} --shard-tables {input.tables:q}"
+        " --embeddings {input.embeddings:q} --kmeans-options-json {params.kmeans:q}"
+        " --options-json {params.options:q} --out-grid {output.grid:q}"
+        " --out-agreement {output.agreement:q} --out-agreement-png {output.agreement_png:q}"
+        " --threads {threads} 2> {log:q}"

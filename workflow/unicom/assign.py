@@ -1,0 +1,124 @@
+"""Pseudo-label one shard: the nearest k-means centroid of each fused embedding.
+
+Writes ``assign/{part}.parquet`` with ``key``, ``label`` (int32), ``sim`` (cosine to that
+centroid) and ``sim2`` (cosine to the second nearest, so that training can drop ambiguous
+samples whose margin ``sim - sim2`` is small), in the fused file's key order. Exact search
+(faiss IndexFlatIP), on all visible GPUs when there are any.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from unicom import formats
+from unicom.io import UnicomError, run_cli, setup_logging, write_parquet
+from unicom.kmeans import (
+    EMBEDDING_COLUMN,
+    centroid_index,
+    centroids_digest,
+    check_finite,
+    inspect_files,
+    l2_normalize,
+    load_centroids,
+    resolve_gpu,
+    search_centroids,
+    section_options,
+    tune_faiss,
+)
+
+log = logging.getLogger("unicom.assign")
+
+# Metadata of each assignment file: which centroids produced it.
+ASSIGN_METADATA_KEY = b"unicom.assign"
+
+
+def assign_vectors(
+    vectors: np.ndarray, centroids: np.ndarray, gpu: bool = False, batch_size: int = 65536
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n, d) unit vectors -> (label int32, sim float32, second-best sim float32)."""
+    if len(centroids) < 2:
+        raise UnicomError(
+            f"need at least 2 centroids for a second-best similarity, got {len(centroids)}"
+        )
+    sims, labels = search_centroids(centroid_index(centroids, gpu), vectors, 2, batch_size)
+    return labels[:, 0].astype(np.int32), sims[:, 0].copy(), sims[:, 1].copy()
+
+
+def read_vectors(path: str, column: str = EMBEDDING_COLUMN) -> tuple[pa.ChunkedArray, np.ndarray]:
+    """Keys and finite unit vectors of one embedding file (errors name the file)."""
+    inspect_files([path], column)
+    table = pq.read_table(path, columns=["key", column])
+    vectors = formats.column_to_numpy(table[column])
+    check_finite(vectors, path, lambda i: f"key {table['key'][i]}")
+    return table["key"], l2_normalize(vectors)
+
+
+def assign_file(
+    fused_path: str,
+    centroids_path: str,
+    out_path: str,
+    options: Mapping[str, Any],
+    threads: int | None = None,
+) -> pa.Table:
+    """Label every row of one fused file; write and return the assignment table."""
+    options = section_options(["assign"], options)
+    tune_faiss(threads)
+    gpu = resolve_gpu(options["gpu"])
+    centroids = load_centroids(centroids_path)
+    keys, vectors = read_vectors(fused_path)
+    if vectors.shape[1] != centroids.shape[1]:
+        raise UnicomError(
+            f"{fused_path}: embeddings have dimension {vectors.shape[1]}, but the centroids in "
+            f"{centroids_path} have {centroids.shape[1]} (rerun kmeans)"
+        )
+    labels, sims, sims2 = assign_vectors(vectors, centroids, gpu, options["batch_size"])
+    table = pa.table(
+        {
+            "key": keys,
+            "label": pa.array(labels, pa.int32()),
+            "sim": pa.array(sims, pa.float32()),
+            "sim2": pa.array(sims2, pa.float32()),
+        }
+    )
+    identity = {
+        "k": len(centroids),
+        "d": centroids.shape[1],
+        "centroids_sha256": centroids_digest(centroids),
+        # How the clustered vectors were made, for reports downstream.
+        "fusion": formats.read_metadata(fused_path, formats.FUSION_METADATA_KEY),
+    }
+    write_parquet(out_path, formats.with_metadata(table, {ASSIGN_METADATA_KEY: identity}))
+    log.info(
+        "%s: %d rows -> %s (k=%d, %s, mean sim %.3f)",
+        fused_path,
+        table.num_rows,
+        out_path,
+        len(centroids),
+        "GPU" if gpu else "CPU",
+        float(sims.mean()),
+    )
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m unicom.assign", description=__doc__)
+    parser.add_argument("--fused", required=True, help="fused Parquet of one shard")
+    parser.add_argument("--centroids", required=True, help="centroids.npy from unicom.kmeans")
+    parser.add_argument("--out", required=True, help="assignment Parquet to write")
+    parser.add_argument("--options-json", default="{}", help="the config's assign options as JSON")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for faiss")
+    args = parser.parse_args(argv)
+    setup_logging()
+    assign_file(args.fused, args.centroids, args.out, json.loads(args.options_json), args.threads)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,520 @@
+"""Spherical k-means (faiss) over the fused embeddings of all shards: the pseudo-classes.
+
+Training reads a seeded sample of at most ``k * max_points_per_centroid`` vectors, streamed
+from the shard Parquet files row group by row group, so the full corpus is never in memory.
+The same code runs on faiss-cpu and faiss-gpu (all visible GPUs). ``two_level`` clusters
+into ``coarse_k`` groups first and then each group into its share of the ``k`` centroids,
+for k beyond what one flat k-means can train in reasonable time.
+
+Outputs: ``centroids.npy`` (k x d float32, L2-normalised) and ``kmeans.json`` (objective per
+iteration, timings, sample size, cluster sizes on the sample, faiss version, GPU use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from unicom import formats
+from unicom.config import load_schema
+from unicom.io import UnicomError, atomic_path, run_cli, setup_logging, write_json
+
+log = logging.getLogger("unicom.kmeans")
+
+EMBEDDING_COLUMN = "emb"
+# Clusters with fewer sample points than this fraction of the mean size count as tiny.
+TINY_FRACTION = 0.1
+# Keys of a config section that only matter to the scheduler; the stage ignores them.
+SCHEDULER_KEYS = frozenset({"threads", "gpus", "mem_mb", "runtime"})
+INIT_METHODS = {
+    "kmeans++": "ClusteringInitMethod_KMEANS_PLUS_PLUS",
+    "afkmc2": "ClusteringInitMethod_AFK_MC2",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: shape checks and the seeded sample
+
+
+@dataclass(frozen=True)
+class EmbeddingFile:
+    path: str
+    rows: int
+    dim: int
+
+
+def inspect_files(paths: Sequence[str], column: str = EMBEDDING_COLUMN) -> list[EmbeddingFile]:
+    """Row count and dimension of each file from its Parquet metadata (no data read).
+
+    Raises UnicomError naming the file for a missing or malformed column, an empty file, or a
+    dimension that differs from the first file's.
+    """
+    if not paths:
+        raise UnicomError("no embedding files given")
+    files = []
+    for path in paths:
+        try:
+            schema = pq.read_schema(path)
+            rows = pq.read_metadata(path).num_rows
+        except (OSError, pa.ArrowInvalid) as err:
+            raise UnicomError(f"{path}: not a readable Parquet file ({err})") from None
+        if column not in schema.names:
+            raise UnicomError(f"{path}: no column '{column}'")
+        field_type = schema.field(column).type
+        if not pa.types.is_fixed_size_list(field_type):
+            raise UnicomError(f"{path}: column '{column}' is {field_type}, not a fixed-size list")
+        if rows == 0:
+            raise UnicomError(f"{path}: empty shard file (0 rows)")
+        files.append(EmbeddingFile(str(path), rows, field_type.list_size))
+        if files[-1].dim != files[0].dim:
+            raise UnicomError(
+                f"{path}: column '{column}' has dimension {files[-1].dim}, but "
+                f"{files[0].path} has {files[0].dim}"
+            )
+    return files
+
+
+def check_enough_vectors(files: Sequence[EmbeddingFile], k: int) -> None:
+    total = sum(f.rows for f in files)
+    if k > total:
+        where = files[0].path if len(files) == 1 else f"{files[0].path} .. {files[-1].path}"
+        raise UnicomError(
+            f"kmeans.k = {k} exceeds the {total} vectors in {len(files)} file(s) ({where})"
+        )
+
+
+def sample_plan(rows: Sequence[int], max_points: int, seed: int) -> list[np.ndarray]:
+    """Sorted row indices to read from each file: a seeded uniform sample of ``max_points``.
+
+    Equivalent to drawing ``max_points`` distinct global indices, but in memory proportional
+    to the sample: a multivariate hypergeometric draw splits the sample among the files, then
+    each file draws its own rows. Every row is taken when the total fits.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.sum() <= max_points:
+        return [np.arange(n, dtype=np.int64) for n in rows]
+    rng = np.random.default_rng(seed)
+    per_file = rng.multivariate_hypergeometric(rows, max_points, method="marginals")
+    return [
+        np.sort(rng.choice(n, size=m, replace=False)).astype(np.int64)
+        for n, m in zip(rows, per_file, strict=True)
+    ]
+
+
+def check_finite(
+    vectors: np.ndarray, path: str, where: Callable[[int], str] = lambda i: f"row {i}"
+) -> None:
+    """NaN/inf anywhere is an error naming the file and the first bad row (``where(i)``)."""
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        first = where(int(np.flatnonzero(bad)[0]))
+        raise UnicomError(
+            f"{path}: {int(bad.sum())} vector(s) with NaN/inf values (first: {first})"
+        )
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    # float16 storage leaves norms at 1 +- 1e-3; spherical k-means wants exact unit vectors.
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+
+
+def read_rows(path: str, column: str, indices: np.ndarray) -> np.ndarray:
+    """Rows ``indices`` (sorted) of an embedding column, reading only the row groups needed."""
+    parquet = pq.ParquetFile(path)
+    chunks, start = [], 0
+    for group in range(parquet.num_row_groups):
+        size = parquet.metadata.row_group(group).num_rows
+        lo, hi = np.searchsorted(indices, [start, start + size])
+        if hi > lo:
+            values = parquet.read_row_group(group, columns=[column]).column(column)
+            chunks.append(formats.column_to_numpy(values.take(pa.array(indices[lo:hi] - start))))
+        start += size
+    dim = parquet.schema_arrow.field(column).type.list_size
+    return np.concatenate(chunks) if chunks else np.empty((0, dim), np.float32)
+
+
+def read_sample(
+    files: Sequence[EmbeddingFile], plan: Sequence[np.ndarray], column: str = EMBEDDING_COLUMN
+) -> np.ndarray:
+    """The planned rows of every file as one (n, d) float32 array of unit vectors."""
+    total = sum(len(p) for p in plan)
+    sample = np.empty((total, files[0].dim), dtype=np.float32)
+    offset = 0
+    for file, indices in tqdm(
+        list(zip(files, plan, strict=True)), desc="read sample", unit="file", mininterval=5
+    ):
+        if len(indices) == 0:
+            continue
+        vectors = read_rows(file.path, column, indices)
+        check_finite(vectors, file.path, lambda i, rows=indices: f"row {rows[i]}")
+        sample[offset : offset + len(vectors)] = l2_normalize(vectors)
+        offset += len(vectors)
+    return sample
+
+
+# ---------------------------------------------------------------------------------------------
+# faiss: device choice, search, training
+
+
+def resolve_gpu(setting: str | bool) -> bool:
+    """``auto`` -> GPU when faiss sees one; ``true`` without one is an error."""
+    setting = str(setting).lower()
+    available = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if setting == "auto":
+        return available
+    if setting == "true":
+        if not available:
+            raise UnicomError(
+                "config key gpu: true, but faiss sees no GPU (faiss-cpu installed, or no GPU "
+                "visible to this job); use auto or false"
+            )
+        return True
+    if setting == "false":
+        return False
+    raise UnicomError(f"config key gpu: {setting!r} is not one of auto, true, false")
+
+
+def tune_faiss(threads: int | None = None) -> None:
+    """Give faiss the job's threads (its OpenMP default is every core of the node).
+
+    faiss's own BLAS blocking is kept: larger blocks measured no faster (bench/kmeans.py).
+    """
+    if threads:
+        faiss.omp_set_num_threads(threads)
+
+
+def centroid_index(centroids: np.ndarray, gpu: bool) -> faiss.Index:
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    if gpu:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    return index
+
+
+def search_centroids(
+    index: faiss.Index, x: np.ndarray, topk: int = 1, batch_size: int = 65536
+) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, labels), each (n, topk), best first, by inner product, in batches."""
+    sims = np.empty((len(x), topk), dtype=np.float32)
+    labels = np.empty((len(x), topk), dtype=np.int64)
+    for start in range(0, len(x), batch_size):
+        batch = np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32)
+        sims[start : start + len(batch)], labels[start : start + len(batch)] = index.search(
+            batch, topk
+        )
+    return sims, labels
+
+
+def init_arguments(init: str) -> dict[str, Any]:
+    """faiss.Kmeans keyword for the centroid initialisation (none for faiss's random default)."""
+    if init == "random":
+        return {}
+    name = INIT_METHODS[init]
+    if not hasattr(faiss, name):
+        raise UnicomError(
+            f"config key kmeans.init: '{init}' needs a newer faiss than {faiss.__version__}; "
+            "use random"
+        )
+    return {"init_method": getattr(faiss, name)}
+
+
+@dataclass(frozen=True)
+class KmeansSettings:
+    """The faiss settings shared by every k-means run of one clustering."""
+
+    niter: int
+    seed: int
+    max_points_per_centroid: int
+    gpu: bool
+    init: str = "random"
+
+
+def flat_kmeans(
+    x: np.ndarray, k: int, settings: KmeansSettings, seed: int | None = None
+) -> tuple[np.ndarray, list[dict[str, float]]]:
+    """One faiss spherical k-means; returns (centroids, faiss's per-iteration stats)."""
+    kmeans = faiss.Kmeans(
+        x.shape[1],
+        k,
+        niter=settings.niter,
+        seed=settings.seed if seed is None else seed,
+        spherical=True,
+        max_points_per_centroid=settings.max_points_per_centroid,
+        verbose=True,
+        gpu=settings.gpu,
+        **init_arguments(settings.init),
+    )
+    kmeans.train(np.ascontiguousarray(x, dtype=np.float32))
+    return l2_normalize(kmeans.centroids), kmeans.iteration_stats
+
+
+def allocate_subclusters(sizes: np.ndarray, k: int) -> np.ndarray:
+    """Split ``k`` centroids among coarse clusters in proportion to their sizes.
+
+    Each non-empty cluster gets at least one and never more centroids than points; the
+    allocation sums to ``k`` (which must not exceed the number of points).
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if k > sizes.sum():
+        raise ValueError(f"cannot place {k} centroids on {sizes.sum()} points")
+    quota = sizes * (k / sizes.sum())
+    alloc = np.minimum(sizes, np.maximum(np.floor(quota), (sizes > 0).astype(float))).astype(
+        np.int64
+    )
+    while (missing := k - int(alloc.sum())) != 0:
+        if missing > 0:  # largest remainders first, among clusters with room
+            room = alloc < sizes
+            order = np.argsort(-np.where(room, quota - alloc, -np.inf), kind="stable")
+            take = order[: min(missing, int(room.sum()))]
+            alloc[take] += 1
+        else:  # over-allocated by the minimum of one: take back from the most over quota
+            spare = alloc > 1
+            order = np.argsort(-np.where(spare, alloc - quota, -np.inf), kind="stable")
+            take = order[: min(-missing, int(spare.sum()))]
+            alloc[take] -= 1
+    return alloc
+
+
+def two_level_kmeans(
+    x: np.ndarray, k: int, coarse_k: int, settings: KmeansSettings
+) -> tuple[np.ndarray, list[dict[str, float]], dict[str, Any]]:
+    """Coarse k-means into ``coarse_k`` groups, then each group into its share of ``k``."""
+    coarse_k = min(coarse_k, k)
+    log.info("two-level k-means: %d coarse clusters, then %d fine centroids", coarse_k, k)
+    coarse, coarse_stats = flat_kmeans(x, coarse_k, settings)
+    _, coarse_labels = search_centroids(centroid_index(coarse, settings.gpu), x)
+    coarse_labels = coarse_labels[:, 0]
+    sizes = np.bincount(coarse_labels, minlength=coarse_k)
+    alloc = allocate_subclusters(sizes, k)
+    order = np.argsort(coarse_labels, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    centroids = []
+    for group in tqdm(range(coarse_k), desc="fine clusters", unit="group", mininterval=10):
+        if alloc[group] == 0:
+            continue
+        members = x[order[bounds[group] : bounds[group + 1]]]
+        if alloc[group] == len(members):  # as many centroids as points: the points themselves
+            centroids.append(members)
+            continue
+        # Each group its own seed, so that groups do not share an initialisation pattern.
+        fine, _ = flat_kmeans(members, int(alloc[group]), settings, settings.seed + 1 + group)
+        centroids.append(fine)
+    summary = {
+        "coarse_k": coarse_k,
+        "coarse_sizes": {"min": int(sizes.min()), "max": int(sizes.max())},
+        "fine_per_coarse": {"min": int(alloc.min()), "max": int(alloc.max())},
+    }
+    return np.concatenate(centroids), coarse_stats, summary
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send fd 1 to fd 2 while faiss prints (its verbose output is C printf on stdout).
+
+    Rules redirect stderr to the job's log, so faiss's per-iteration lines land there too.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def cluster_size_summary(sizes: np.ndarray) -> dict[str, Any]:
+    tiny_below = max(1, math.ceil(TINY_FRACTION * sizes.mean()))
+    return {
+        "min": int(sizes.min()),
+        "median": float(np.median(sizes)),
+        "max": int(sizes.max()),
+        "empty": int((sizes == 0).sum()),
+        "tiny": int(((sizes > 0) & (sizes < tiny_below)).sum()),
+        "tiny_means_fewer_than": tiny_below,
+    }
+
+
+def train(x: np.ndarray, options: Mapping[str, Any], gpu: bool) -> tuple[np.ndarray, dict]:
+    """Cluster the sample ``x`` (unit rows); return (centroids, statistics)."""
+    k = options["k"]
+    settings = KmeansSettings(
+        options["niter"], options["seed"], options["max_points_per_centroid"], gpu, options["init"]
+    )
+    started = time.monotonic()
+    stats: dict[str, Any] = {}
+    with stdout_to_stderr():
+        if options["two_level"]:
+            coarse_k = options["coarse_k"] or max(1, round(math.sqrt(k)))
+            centroids, iterations, stats["two_level"] = two_level_kmeans(x, k, coarse_k, settings)
+            stats["objective_note"] = "per-iteration objective of the coarse level"
+        else:
+            centroids, iterations = flat_kmeans(x, k, settings)
+    stats["train_seconds"] = round(time.monotonic() - started, 3)
+    stats["objective_meaning"] = (
+        "sum over the sample of the cosine to the nearest centroid (higher is better)"
+    )
+    stats["iterations"] = [
+        {
+            "objective": float(it["obj"]),
+            "seconds": round(float(it["time"]), 3),
+            "search_seconds": round(float(it["time_search"]), 3),
+            "imbalance_factor": round(float(it["imbalance_factor"]), 4),
+            "split_clusters": int(it["nsplit"]),
+        }
+        for it in iterations
+    ]
+    sims, labels = search_centroids(centroid_index(centroids, gpu), x)
+    sizes = np.bincount(labels[:, 0], minlength=k)
+    stats["final_objective"] = float(sims.sum())
+    stats["mean_cosine_to_centroid"] = float(sims.mean())
+    stats["sample_cluster_sizes"] = cluster_size_summary(sizes)
+    return centroids.astype(np.float32), stats
+
+
+def centroids_digest(centroids: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(centroids, dtype=np.float32).tobytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def section_options(section: Sequence[str], options: Mapping[str, Any]) -> dict[str, Any]:
+    """A config section (path in the schema) with its defaults filled in, scheduler keys and
+    subsections dropped; an unknown key is an error."""
+    schema = load_schema()
+    for name in section:
+        schema = schema["properties"][name]
+    properties = schema["properties"]
+    dotted = ".".join(section)
+    unknown = sorted(set(options) - set(properties))
+    if unknown:
+        raise UnicomError(f"config key {dotted}.{unknown[0]}: unknown option")
+    merged = {
+        name: spec.get("default")
+        for name, spec in properties.items()
+        if name not in SCHEDULER_KEYS and spec.get("type") != "object"
+    }
+    merged.update({k: v for k, v in options.items() if k in merged})
+    return merged
+
+
+def kmeans_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    merged = section_options(["kmeans"], options)
+    if merged["k"] < 2:
+        raise UnicomError(f"config key kmeans.k: {merged['k']} is below 2")
+    return merged
+
+
+def cluster_files(
+    paths: Sequence[str],
+    options: Mapping[str, Any],
+    column: str = EMBEDDING_COLUMN,
+    threads: int | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Sample ``column`` from ``paths`` and cluster it; return (centroids, statistics)."""
+    options = kmeans_options(options)
+    tune_faiss(threads)
+    gpu = resolve_gpu(options["gpu"])
+    files = inspect_files(paths, column)
+    check_enough_vectors(files, options["k"])
+    total = sum(f.rows for f in files)
+    max_points = options["k"] * options["max_points_per_centroid"]
+    plan = sample_plan([f.rows for f in files], max_points, options["seed"])
+    started = time.monotonic()
+    sample = read_sample(files, plan, column)
+    read_seconds = time.monotonic() - started
+    log.info(
+        "clustering %d of %d vectors (d=%d) into k=%d on %s",
+        len(sample),
+        total,
+        files[0].dim,
+        options["k"],
+        "GPU" if gpu else "CPU",
+    )
+    centroids, stats = train(sample, options, gpu)
+    stats = {
+        "k": options["k"],
+        "d": files[0].dim,
+        "column": column,
+        "files": len(files),
+        "vectors": total,
+        "sample_size": len(sample),
+        "sample_cap": max_points,
+        "options": options,
+        "faiss_version": faiss.__version__,
+        "gpu": gpu,
+        "gpus": faiss.get_num_gpus() if gpu else 0,
+        "read_seconds": round(read_seconds, 3),
+        "centroids_sha256": centroids_digest(centroids),
+        **stats,
+    }
+    return centroids, stats
+
+
+def save_centroids(path: str | Path, centroids: np.ndarray) -> None:
+    # A file handle, because np.save appends '.npy' to a path that lacks it (the temp name).
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, np.ascontiguousarray(centroids, dtype=np.float32))
+
+
+def load_centroids(path: str | Path) -> np.ndarray:
+    try:
+        centroids = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise UnicomError(f"{path}: not a centroids .npy file ({err})") from None
+    if centroids.ndim != 2 or centroids.shape[0] < 1:
+        raise UnicomError(f"{path}: expected a (k, d) array of centroids, got {centroids.shape}")
+    check_finite(centroids, str(path))
+    return centroids.astype(np.float32, copy=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m unicom.kmeans",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("fused", nargs="+", help="fused Parquet files (column 'emb') of all shards")
+    parser.add_argument("--out-centroids", required=True, help="centroids .npy to write")
+    parser.add_argument("--out-stats", required=True, help="kmeans.json to write")
+    parser.add_argument("--options-json", required=True, help="the config's kmeans section as JSON")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for faiss")
+    args = parser.parse_args(argv)
+    setup_logging()
+    centroids, stats = cluster_files(
+        args.fused, json.loads(args.options_json), threads=args.threads
+    )
+    save_centroids(args.out_centroids, centroids)
+    write_json(args.out_stats, stats)
+    log.info(
+        "k=%d centroids -> %s (train %.1f s, mean cosine %.3f, %d empty on the sample)",
+        stats["k"],
+        args.out_centroids,
+        stats["train_seconds"],
+        stats["mean_cosine_to_centroid"],
+        stats["sample_cluster_sizes"]["empty"],
+    )
+
+
+if __name__ == "__main__":
+    run_cli(main)

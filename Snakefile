@@ -5,19 +5,23 @@ config/schema.yaml.
 """
 
 import os
+import shlex
 import sys
 from pathlib import Path
 
+from snakemake.shell import shell
 from snakemake.utils import min_version
 
 min_version("9.0")
 
-# The stage code lives in workflow/unicom; jobs run `python -m unicom.<stage>`, so they
-# need it on PYTHONPATH too (inherited by local jobs and by cluster jobs alike).
+# The stage code lives in workflow/unicom: importable here, and put on PYTHONPATH for the
+# `python -m unicom.<stage>` jobs (local and cluster jobs alike run through this prefix).
 PACKAGE_DIR = str(Path(workflow.basedir) / "workflow")
 sys.path.insert(0, PACKAGE_DIR)
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (PACKAGE_DIR, os.environ.get("PYTHONPATH")) if p
+# The prefix is formatted like a rule's command later, hence the doubled braces.
+_quoted_dir = shlex.quote(PACKAGE_DIR).replace("{", "{{").replace("}", "}}")
+shell.prefix(
+    "".join(["export PYTHONPATH=", _quoted_dir, "${{PYTHONPATH:+:$PYTHONPATH}}; "])
 )
 
 from unicom.config import validate_config

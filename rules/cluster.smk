@@ -5,19 +5,6 @@
 KMEANS = config["kmeans"]
 ASSIGN = config["assign"]
 DIAGNOSTICS = ASSIGN["diagnostics"]
-# Scheduler-only keys (and the gather-only ones for assign) stay out of the params, so that
-# changing them does not rerun the computation.
-SCHEDULER_KEYS = ("threads", "gpus", "mem_mb", "runtime")
-
-
-def job_options(section, *also_drop):
-    return as_json(
-        {k: v for k, v in section.items() if k not in SCHEDULER_KEYS + also_drop}
-    )
-
-
-def all_parts(pattern):
-    return lambda wildcards: expand(out(pattern), part=part_names())
 
 
 rule kmeans:
@@ -62,7 +49,9 @@ rule assign:
         runtime=ASSIGN["runtime"],
         gpu=ASSIGN["gpus"],
     params:
-        options=job_options(ASSIGN, "min_cluster_size", "diagnostics"),
+        options=job_options(
+            ASSIGN, SCHEDULER_KEYS + ("min_cluster_size", "diagnostics")
+        ),
     shell:
         "python -m unicom.assign --fused {input.fused:q} --centroids {input.centroids:q}"
         " --out {output:q} --threads {threads} --options-json {params.options:q} 2> {log:q}"

@@ -9,27 +9,15 @@ localrules:
     demo_pool,
 
 
-def demo_outputs():
-    if not (DEMO["enabled"] and not config["data"]["url_list"]):
-        return []
-    return [out("demo/urls.parquet"), out("demo/heldout.parquet")]
-
-
-def demo_source_args(wildcards, input):
-    if DEMO["image_dir"]:
-        return ["--image-dir", DEMO["image_dir"]]
-    return ["--source", input.source]
-
-
 rule demo_fetch:
     output:
         os.path.join(DEMO["resources_dir"], "demo_sources.json"),
-    params:
-        resources_dir=DEMO["resources_dir"],
-    conda:
-        "../envs/data.yaml"
     log:
         out("logs/demo_fetch.log"),
+    conda:
+        "../envs/data.yaml"
+    params:
+        resources_dir=lambda wildcards, output: os.path.dirname(output[0]),
     shell:
         "python -m unicom.demo_data fetch --resources-dir {params.resources_dir:q}"
         " --out {output:q} 2> {log:q}"
@@ -43,17 +31,17 @@ rule demo_pool:
         heldout=out("demo/heldout.parquet"),
         dropped=out("demo/dropped.csv"),
         summary=out("demo/pool.json"),
+    log:
+        out("logs/demo_pool.log"),
+    benchmark:
+        out("benchmarks/demo_pool.tsv")
+    conda:
+        "../envs/data.yaml"
     params:
         source=demo_source_args,
         max_images=["--max-images", DEMO["max_images"]] if DEMO["max_images"] else [],
         heldout_fraction=DEMO["heldout_fraction"],
         seed=DEMO["seed"],
-    conda:
-        "../envs/data.yaml"
-    log:
-        out("logs/demo_pool.log"),
-    benchmark:
-        out("benchmarks/demo_pool.tsv")
     shell:
         "python -m unicom.demo_data pool {params.source:q} {params.max_images:q}"
         " --heldout-fraction {params.heldout_fraction:q} --seed {params.seed:q}"

@@ -10,20 +10,20 @@ checkpoint split_urls:
         url_list_files(),
     output:
         directory(out("parts")),
+    log:
+        out("logs/split_urls.log"),
+    benchmark:
+        out("benchmarks/split_urls.tsv")
+    conda:
+        "../envs/data.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=60,
     params:
         shard_size=DOWNLOAD["shard_size"],
         url_col=DATA["url_col"],
         caption_col=DATA["caption_col"],
         extra_cols=["--extra-cols", *DATA["extra_cols"]] if DATA["extra_cols"] else [],
-    resources:
-        mem_mb=4000,
-        runtime=60,
-    conda:
-        "../envs/data.yaml"
-    log:
-        out("logs/split_urls.log"),
-    benchmark:
-        out("benchmarks/split_urls.tsv")
     shell:
         "python -m unicom.split_urls --out-dir {output:q} --shard-size {params.shard_size:q}"
         " --url-col {params.url_col:q} --caption-col {params.caption_col:q}"
@@ -38,19 +38,19 @@ rule download:
         table=out("shards/{part}.parquet"),
         stats=out("shards/{part}_stats.json"),
         summary=out("shards/{part}.summary.json"),
-    params:
-        out_dir=out("shards"),
-        options=as_json(DOWNLOAD),
-    threads: DOWNLOAD["processes"]
-    resources:
-        mem_mb=DOWNLOAD["mem_mb"],
-        runtime=DOWNLOAD["runtime"],
-    conda:
-        "../envs/data.yaml"
     log:
         out("logs/download/{part}.log"),
     benchmark:
         out("benchmarks/download/{part}.tsv")
+    conda:
+        "../envs/data.yaml"
+    threads: DOWNLOAD["processes"]
+    resources:
+        mem_mb=DOWNLOAD["mem_mb"],
+        runtime=DOWNLOAD["runtime"],
+    params:
+        out_dir=lambda wildcards, output: os.path.dirname(output.tar),
+        options=job_options(DOWNLOAD, ("mem_mb", "runtime")),
     shell:
         "python -m unicom.download --part {input:q} --out-dir {params.out_dir:q}"
         " --options-json {params.options:q} 2> {log:q}"
@@ -65,10 +65,10 @@ rule download_summary:
     output:
         summary=out("download/summary.json"),
         table=out("download/summary.csv"),
-    conda:
-        "../envs/data.yaml"
     log:
         out("logs/download_summary.log"),
+    conda:
+        "../envs/data.yaml"
     shell:
         "python -m unicom.download_summary --parts-dir {input.manifest:q}"
         " --out {output.summary:q} --out-table {output.table:q}"

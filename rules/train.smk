@@ -1,0 +1,59 @@
+# Training on the pseudo-labels: one job over all shards (torchrun when train.nproc_per_node > 1).
+# A failed or timed-out job resumes from out("train/checkpoints") when rerun; the checkpoints are
+# not declared outputs, so Snakemake leaves them in place.
+
+TRAIN = config["train"]
+# Scheduler-only keys stay out of the params, so that changing them does not rerun training.
+TRAIN_SCHEDULER_KEYS = ("threads", "gpus", "mem_mb", "runtime")
+
+
+def train_launcher():
+    """The command that starts the ranks, as an argument list."""
+    nproc = int(TRAIN["nproc_per_node"])
+    if nproc > 1:
+        return [
+            "torchrun",
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            "-m",
+            "unicom.train",
+        ]
+    return ["python", "-m", "unicom.train"]
+
+
+rule train:
+    input:
+        shards=lambda wildcards: expand(out("shards/{part}.tar"), part=part_names()),
+        assignments=lambda wildcards: expand(
+            out("assign/{part}.parquet"), part=part_names()
+        ),
+        centroids=out("kmeans/centroids.npy"),
+    output:
+        model=out("train/model.safetensors"),
+        info=out("train/model.json"),
+        metrics=out("train/metrics.jsonl"),
+        data=out("train/data.json"),
+    log:
+        out("logs/train.log"),
+    benchmark:
+        out("benchmarks/train.tsv")
+    conda:
+        "../envs/torch-gpu.yaml" if TRAIN["gpus"] else "../envs/torch-cpu.yaml"
+    threads: TRAIN["threads"]
+    resources:
+        mem_mb=TRAIN["mem_mb"],
+        runtime=TRAIN["runtime"],
+        gpu=TRAIN["gpus"],
+    params:
+        launcher=train_launcher(),
+        out_dir=out("train"),
+        k=config["kmeans"]["k"],
+        options=as_json(
+            {k: v for k, v in TRAIN.items() if k not in TRAIN_SCHEDULER_KEYS}
+        ),
+    shell:
+        "{params.launcher:q} --shards {input.shards:q} --assignments {input.assignments:q}"
+        " --centroids {input.centroids:q} --num-classes {params.k}"
+        " --out-dir {params.out_dir:q} --threads {threads}"
+        " --options-json {params.options:q} 2> {log:q}"

@@ -1,0 +1,73 @@
+"""Gather the per model x dataset metrics into one table (CSV + Markdown)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from unicom.io import run_cli, setup_logging, write_text
+
+COLUMNS = (
+    "model",
+    "dataset",
+    "dim",
+    "recall@1",
+    "recall@2",
+    "recall@4",
+    "recall@8",
+    "map@r",
+    "r_precision",
+    "queries",
+)
+
+
+def summary_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per model, dataset and embedding size ('full' first, then decreasing)."""
+    rows = []
+    for result in results:
+        for dim, scores in result["results"].items():
+            label = f"{result['embedding_dim']}" if dim == "full" else dim
+            rows.append(
+                {
+                    "model": result["model"],
+                    "dataset": result["dataset"]["name"],
+                    "dim": int(label),
+                    **{c: scores.get(c) for c in COLUMNS[3:]},
+                }
+            )
+    return sorted(rows, key=lambda r: (r["dataset"], r["model"], -r["dim"]))
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.4f}"
+    return "" if value is None else str(value)
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    lines = [",".join(COLUMNS)] + [",".join(_cell(r[c]) for c in COLUMNS) for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    header = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
+    return header + "".join("| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |\n" for r in rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m unicom.evaluate_summary", description=__doc__)
+    parser.add_argument("metrics", nargs="+", help="metrics JSON files of unicom.evaluate")
+    parser.add_argument("--out-csv", required=True)
+    parser.add_argument("--out-md", required=True)
+    args = parser.parse_args(argv)
+    setup_logging()
+    rows = summary_rows([json.loads(Path(p).read_text()) for p in args.metrics])
+    write_text(args.out_csv, to_csv(rows))
+    write_text(args.out_md, to_markdown(rows))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,109 @@
+"""Plots for the report: download accounting, k-means objective, training curves, retrieval bars."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from unicom.io import atomic_path, run_cli, setup_logging  # noqa: E402
+
+
+def _save(fig, path: str) -> None:
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def plot_download(summary: dict, path: str) -> None:
+    counts = summary["counts"]
+    fig, ax = plt.subplots(figsize=(6, 3))
+    bars = ax.barh(list(counts), list(counts.values()), color="tab:blue")
+    ax.bar_label(bars)
+    ax.set_xlabel("URL-list rows")
+    ax.set_title(
+        f"Download: {summary['input_rows']} rows in {summary['parts']} parts, "
+        f"{100 * summary['success_rate']:.1f}% success"
+    )
+    _save(fig, path)
+
+
+def plot_kmeans(stats: dict, path: str) -> None:
+    objective = [it["objective"] for it in stats["iterations"]]
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(range(1, len(objective) + 1), objective, marker=".")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("sum of cosine to centroid")
+    ax.set_title(f"k-means: k={stats['k']}, {stats['sample_size']} vectors, d={stats['d']}")
+    _save(fig, path)
+
+
+def plot_training(metrics_path: str, path: str) -> None:
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
+    steps = [r["step"] for r in records]
+    fig, (loss_ax, speed_ax) = plt.subplots(1, 2, figsize=(9, 3))
+    loss_ax.plot(steps, [r["loss"] for r in records], marker=".")
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("partial ArcFace loss")
+    speed_ax.plot(steps, [r["samples_per_s"] for r in records], marker=".", color="tab:green")
+    speed_ax.set_xlabel("step")
+    speed_ax.set_ylabel("samples / s")
+    fig.suptitle("Training")
+    _save(fig, path)
+
+
+def plot_retrieval(summary_csv: str, path: str) -> None:
+    """Bars of R@1 and MAP@R per model at each embedding size, one panel per dataset."""
+    rows = list(csv.DictReader(Path(summary_csv).read_text().splitlines()))
+    datasets = sorted({r["dataset"] for r in rows})
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(10, 2.8 * len(datasets)), squeeze=False)
+    for row_axes, dataset in zip(axes, datasets, strict=True):
+        subset = [r for r in rows if r["dataset"] == dataset]
+        models = sorted({r["model"] for r in subset})
+        dims = sorted({int(r["dim"]) for r in subset}, reverse=True)
+        for ax, metric in zip(row_axes, ("recall@1", "map@r"), strict=True):
+            width = 0.8 / len(models)
+            for m, model in enumerate(models):
+                by_dim = {
+                    int(r["dim"]): float(r[metric] or "nan") for r in subset if r["model"] == model
+                }
+                xs = [d + m * width for d in range(len(dims))]
+                ax.bar(xs, [by_dim.get(d, float("nan")) for d in dims], width, label=model)
+            ax.set_xticks([d + 0.4 - width / 2 for d in range(len(dims))], [str(d) for d in dims])
+            ax.set_xlabel("embedding dimensions")
+            ax.set_title(f"{dataset}: {metric}")
+            ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m unicom.report_plots", description=__doc__)
+    parser.add_argument("--download-summary")
+    parser.add_argument("--kmeans-stats")
+    parser.add_argument("--train-metrics")
+    parser.add_argument("--eval-summary")
+    parser.add_argument("--out-dir", required=True)
+    args = parser.parse_args(argv)
+    setup_logging()
+    out = Path(args.out_dir)
+    if args.download_summary:
+        plot_download(
+            json.loads(Path(args.download_summary).read_text()), str(out / "download.png")
+        )
+    if args.kmeans_stats:
+        plot_kmeans(json.loads(Path(args.kmeans_stats).read_text()), str(out / "kmeans.png"))
+    if args.train_metrics:
+        plot_training(args.train_metrics, str(out / "training.png"))
+    if args.eval_summary:
+        plot_retrieval(args.eval_summary, str(out / "retrieval.png"))
+
+
+if __name__ == "__main__":
+    run_cli(main)

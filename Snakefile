@@ -1,4 +1,4 @@
-"""Unicom pipeline: download -> embed -> fuse -> k-means -> assign -> (train -> evaluate -> report).
+"""Unicom pipeline: download -> embed -> fuse -> k-means -> assign -> train -> evaluate -> report.
 
 Run the offline demo with `snakemake --profile profiles/local`; every key is described in
 config/schema.yaml.
@@ -43,6 +43,12 @@ include: "rules/download.smk"
 include: "rules/embed.smk"
 include: "rules/fuse.smk"
 include: "rules/cluster.smk"
+include: "rules/train.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
+
+
+report: "report/workflow.rst"
 
 
 rule all:
@@ -54,3 +60,5 @@ rule all:
         lambda wildcards: expand(out("assign/{part}.parquet"), part=part_names()),
         out("clusters/sizes.json"),
         out("clusters/agreement.json"),
+        out("evaluate/summary.csv"),
+        rules.report_plots.output,

@@ -62,7 +62,11 @@ rule cluster_sizes:
         all_parts("assign/{part}.parquet"),
     output:
         json=out("clusters/sizes.json"),
-        png=out("clusters/sizes.png"),
+        png=report(
+            out("clusters/sizes.png"),
+            caption="../report/sizes.rst",
+            category="2. Clustering",
+        ),
     log:
         out("logs/cluster_sizes.log"),
     benchmark:
@@ -75,7 +79,7 @@ rule cluster_sizes:
     params:
         min_cluster_size=ASSIGN["min_cluster_size"],
     shell:
-        "python -m unicom.cluster_report --min-cluster-size {params.min_cluster_size}"
+        "python -m unicom.cluster_report --min-cluster-size {params.min_cluster_size:q}"
         " --out-json {output.json:q} --out-png {output.png:q} {input:q} 2> {log:q}"
 
 
@@ -86,9 +90,17 @@ rule cluster_diagnostics:
         tables=all_parts("shards/{part}.parquet"),
         embeddings=all_parts("embed/{part}.parquet"),
     output:
-        grid=out("clusters/grid.png"),
+        grid=report(
+            out("clusters/grid.png"),
+            caption="../report/grid.rst",
+            category="2. Clustering",
+        ),
         agreement=out("clusters/agreement.json"),
-        agreement_png=out("clusters/agreement.png"),
+        agreement_png=report(
+            out("clusters/agreement.png"),
+            caption="../report/agreement.rst",
+            category="2. Clustering",
+        ),
     log:
         out("logs/cluster_diagnostics.log"),
     benchmark:

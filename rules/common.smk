@@ -63,3 +63,65 @@ def demo_source_args(wildcards, input):
     if config["demo"]["image_dir"]:
         return ["--image-dir", config["demo"]["image_dir"]]
     return ["--source", input.source]
+
+
+def evaluation_models():
+    """Model name -> what `unicom.evaluate --model` takes."""
+    models = {"base": "base", "trained": out("train")}
+    for path in config["evaluate"]["extra_models"]:
+        models[os.path.basename(os.path.normpath(path))] = path
+    return models
+
+
+FASHION_MNIST_SYSTEM = "/usr/share/datasets/fashion-mnist"
+
+
+def evaluation_datasets():
+    """Dataset name -> path, for the benchmarks that are configured (auto = the demo's)."""
+    datasets = {}
+    for name, path in config["evaluate"]["datasets"].items():
+        if path == "auto" and name == "openclipart":
+            path = out("demo/heldout.parquet") if demo_outputs() else None
+        elif path == "auto" and name == "fashion-mnist":
+            fetched = os.path.join(
+                config["demo"]["resources_dir"], "usr/share/datasets/fashion-mnist"
+            )
+            path = (
+                FASHION_MNIST_SYSTEM if os.path.isdir(FASHION_MNIST_SYSTEM) else fetched
+            )
+            path = path if demo_outputs() or os.path.isdir(path) else None
+        if path is None:
+            print(
+                f"unicom: evaluate: {name}: skipped, no path configured",
+                file=sys.stderr,
+            )
+        elif path == "auto":
+            sys.exit(
+                f"unicom: error: config key evaluate.datasets.{name}: 'auto' only for the demo sets"
+            )
+        else:
+            datasets[name] = path
+    return datasets
+
+
+def evaluate_inputs(wildcards):
+    """The files an evaluate job reads: the model export and, for demo sets, their producer."""
+    inputs = {}
+    if wildcards.model == "trained":
+        inputs["model"] = out("train/model.safetensors")
+    path = EVALUATION_DATASETS[wildcards.dataset]
+    if path == out("demo/heldout.parquet"):
+        inputs["dataset"] = path
+    elif wildcards.dataset == "fashion-mnist" and not os.path.isdir(path):
+        inputs["fetched"] = os.path.join(
+            config["demo"]["resources_dir"], "demo_sources.json"
+        )
+    return inputs
+
+
+def evaluation_targets():
+    return expand(
+        out("evaluate/{model}/{dataset}.json"),
+        model=list(evaluation_models()),
+        dataset=list(EVALUATION_DATASETS),
+    )

@@ -54,6 +54,6 @@ rule train:
         ),
     shell:
         "{params.launcher:q} --shards {input.shards:q} --assignments {input.assignments:q}"
-        " --centroids {input.centroids:q} --num-classes {params.k}"
+        " --centroids {input.centroids:q} --num-classes {params.k:q}"
         " --out-dir {params.out_dir:q} --threads {threads}"
         " --options-json {params.options:q} 2> {log:q}"

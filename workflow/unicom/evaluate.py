@@ -47,15 +47,17 @@ def base_embedder(embed_options: dict[str, Any], device: torch.device) -> ImageE
 
 
 def trained_embedder(model_dir: str, device: torch.device) -> ImageEmbedder:
-    from unicom.train import load_trained_model  # torch-heavy; only when a trained model is asked
+    # torch-heavy training module: imported only when a trained model is evaluated
+    from unicom.train import load_trained_model, trained_transform
 
-    model, transform, description = load_trained_model(model_dir, device)
+    model = load_trained_model(model_dir, device)
 
-    @torch.inference_mode()
     def embed(images: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.normalize(model(images.to(device)).float(), dim=1)
+        return model.encode(images.to(device))
 
-    return ImageEmbedder("trained", transform, embed, {"kind": "trained", **description})
+    return ImageEmbedder(
+        "trained", trained_transform(model.info), embed, {"kind": "trained", **model.info}
+    )
 
 
 class _Images(Dataset):

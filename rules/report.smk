@@ -1,0 +1,38 @@
+# Plots for `snakemake --report`: the demo's story from download to retrieval.
+
+
+rule report_plots:
+    input:
+        download=out("download/summary.json"),
+        kmeans=out("kmeans/kmeans.json"),
+        train=out("train/metrics.jsonl"),
+        evaluate=out("evaluate/summary.csv"),
+    output:
+        download=report(
+            out("report/download.png"),
+            caption="../report/download.rst",
+            category="1. Data",
+        ),
+        kmeans=report(
+            out("report/kmeans.png"),
+            caption="../report/kmeans.rst",
+            category="2. Clustering",
+        ),
+        training=report(
+            out("report/training.png"),
+            caption="../report/training.rst",
+            category="3. Training",
+        ),
+        retrieval=report(
+            out("report/retrieval.png"),
+            caption="../report/retrieval.rst",
+            category="4. Retrieval",
+        ),
+    log:
+        out("logs/report_plots.log"),
+    params:
+        out_dir=lambda wildcards, output: os.path.dirname(output.download),
+    shell:
+        "python -m unicom.report_plots --download-summary {input.download:q}"
+        " --kmeans-stats {input.kmeans:q} --train-metrics {input.train:q}"
+        " --eval-summary {input.evaluate:q} --out-dir {params.out_dir:q} 2> {log:q}"

@@ -55,5 +55,5 @@ rule train:
     shell:
         "{params.launcher:q} --shards {input.shards:q} --assignments {input.assignments:q}"
         " --centroids {input.centroids:q} --num-classes {params.k:q}"
-        " --out-dir {params.out_dir:q} --threads {threads}"
+        " --out-dir {params.out_dir:q} --threads {threads} --restart-on-mismatch"
         " --options-json {params.options:q} 2> {log:q}"

@@ -15,7 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def make_image_folder(root: Path, categories: dict[str, int], size: int = 96, seed: int = 0) -> Path:
+def make_image_folder(
+    root: Path, categories: dict[str, int], size: int = 96, seed: int = 0
+) -> Path:
     """Write PNGs into ``root/<category>/`` -- each category its own colour and shape."""
     rng = np.random.default_rng(seed)
     shapes = ["ellipse", "rectangle", "polygon", "line"]

@@ -3,9 +3,10 @@ import copy
 import pytest
 import yaml
 
-from conftest import REPO
 from unicom.config import validate_config
 from unicom.io import UnicomError
+
+from conftest import REPO
 
 
 def demo_config() -> dict:

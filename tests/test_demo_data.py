@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+
 from unicom import demo_data
 from unicom.demo_data import (
     build_caption,

@@ -4,10 +4,18 @@ from unicom.download_summary import combine_summaries, summary_table
 from unicom.io import UnicomError
 
 PARTS = [
-    {"part": "00000", "input_rows": 5, "counts": {"success": 3, "failed_to_download": 2},
-     "errors": {"HTTP Error 404: Not Found": 2}},
-    {"part": "00001", "input_rows": 4, "counts": {"success": 3, "rejected_scheme": 1},
-     "errors": {"scheme 'ftp' not allowed": 1}},
+    {
+        "part": "00000",
+        "input_rows": 5,
+        "counts": {"success": 3, "failed_to_download": 2},
+        "errors": {"HTTP Error 404: Not Found": 2},
+    },
+    {
+        "part": "00001",
+        "input_rows": 4,
+        "counts": {"success": 3, "rejected_scheme": 1},
+        "errors": {"scheme 'ftp' not allowed": 1},
+    },
 ]
 
 
@@ -20,7 +28,9 @@ def test_counts_are_summed_and_checked_against_the_url_list():
 
 def test_a_part_that_does_not_add_up_is_refused():
     broken = [dict(PARTS[0], counts={"success": 3})]
-    with pytest.raises(UnicomError, match="part 00000: counts add up to 3, not to its 5 input rows"):
+    with pytest.raises(
+        UnicomError, match="part 00000: counts add up to 3, not to its 5 input rows"
+    ):
         combine_summaries(broken, expected_rows=5)
 
 

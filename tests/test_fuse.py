@@ -73,8 +73,17 @@ def test_mean_refused_for_separate_encoders_in_one_line(tmp_path, capsys):
     from unicom.io import run_cli
 
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, ["--embeddings", str(src), "--out", str(tmp_path / "f.parquet"),
-                       "--options-json", '{"mode": "mean"}'])
+        run_cli(
+            main,
+            [
+                "--embeddings",
+                str(src),
+                "--out",
+                str(tmp_path / "f.parquet"),
+                "--options-json",
+                '{"mode": "mean"}',
+            ],
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "e.parquet: fuse.mode 'mean' needs image and text" in err[0]

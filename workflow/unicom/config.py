@@ -70,7 +70,9 @@ def check_consistency(config: Mapping[str, Any]) -> None:
     """Checks that involve more than one key."""
     demo, data = config["demo"], config["data"]
     if not demo["enabled"] and not data["url_list"]:
-        raise UnicomError("config key data.url_list: empty, and demo.enabled is false: nothing to do")
+        raise UnicomError(
+            "config key data.url_list: empty, and demo.enabled is false: nothing to do"
+        )
     if config["fuse"]["mode"] == "mean" and config["embed"]["encoder"] != "open_clip":
         raise UnicomError(
             "config key fuse.mode: 'mean' needs image and text in one shared space (a single CLIP "

@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     combined = combine_summaries(summaries, manifest["total_rows"])
     write_text(args.out_table, summary_table(summaries))
     write_json(args.out, combined)
-    log.info("%d rows in %d parts: %s", combined["input_rows"], combined["parts"], combined["counts"])
+    log.info(
+        "%d rows in %d parts: %s", combined["input_rows"], combined["parts"], combined["counts"]
+    )
 
 
 if __name__ == "__main__":

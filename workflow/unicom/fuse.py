@@ -61,7 +61,9 @@ def fuse_file(src: str, dst: str, options: dict[str, Any]) -> int:
     mode = options["mode"]
     identity = formats.read_metadata(src, formats.ENCODER_METADATA_KEY)
     if identity is None:
-        raise UnicomError(f"{src}: no encoder identity in the Parquet metadata (not an embed output)")
+        raise UnicomError(
+            f"{src}: no encoder identity in the Parquet metadata (not an embed output)"
+        )
     if mode == "mean" and not identity.get("shared_space", False):
         raise UnicomError(
             f"{src}: fuse.mode 'mean' needs image and text from one CLIP model, but this file was "
@@ -92,7 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     options = json.loads(args.options_json)
     rows = fuse_file(args.embeddings, args.out, options)
-    log.info("fused %d rows of %s with mode %s -> %s", rows, args.embeddings, options["mode"], args.out)
+    log.info(
+        "fused %d rows of %s with mode %s -> %s", rows, args.embeddings, options["mode"], args.out
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,215 @@
+"""Embed stage: tar grouping, decoding failures, shard order, and the CLI end to end."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from unicom import formats
+from unicom.embed import (
+    EmbedResult,
+    TarSample,
+    collate_samples,
+    decode_sample,
+    embed_shard,
+    group_tar_members,
+    main,
+    result_table,
+    shard_batches,
+    split_member_name,
+)
+from unicom.encoders import build_encoder
+from unicom.io import UnicomError, run_cli
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+
+CORRUPT_KEY = "00000_000000003"
+DEMO_OPTIONS = {
+    "encoder": "demo",
+    "demo": {"image_size": 64},
+    "batch_size": 2,
+    "num_workers": 1,
+    "device": "cpu",
+    "threads": 1,
+}
+
+
+def image_bytes(colour: tuple[int, int, int], fmt: str = "JPEG", mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    fill = colour + (128,) if mode == "RGBA" else colour
+    Image.new(mode, (48, 40), fill).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+def write_shard(path: Path, count: int = 6, corrupt: str | None = CORRUPT_KEY) -> list[dict]:
+    """img2dataset-like shard; sample ``corrupt`` has bytes that are not an image."""
+    samples = []
+    with tarfile.open(path, "w") as archive:
+        for i in range(count):
+            key = f"00000_{i:09d}"
+            caption = f"sample number {i} in colour {i * 40}"
+            url = f"https://example.org/{i}.jpg"
+            if key == corrupt:
+                data, ext = b"\xff\xd8 this is not really a jpeg", "jpg"
+            elif i == 1:
+                data, ext = image_bytes((i * 40, 90, 200), "PNG", "RGBA"), "png"
+            else:
+                data, ext = image_bytes((i * 40, 90, 200)), "jpg"
+            add_member(archive, f"{key}.{ext}", data)
+            add_member(archive, f"{key}.txt", caption.encode())
+            meta = {"url": url, "caption": caption, "key": key, "status": "success"}
+            add_member(archive, f"{key}.json", json.dumps(meta).encode())
+            samples.append({"key": key, "caption": caption, "url": url})
+    return samples
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory) -> tuple[Path, list[dict]]:
+    path = tmp_path_factory.mktemp("shards") / "00000.tar"
+    return path, write_shard(path)
+
+
+@pytest.fixture(scope="module")
+def demo_encoder():
+    torch.set_num_threads(1)
+    return build_encoder(DEMO_OPTIONS, torch.device("cpu"))
+
+
+def test_split_and_group_members():
+    assert split_member_name("00000_000000001.jpg") == ("00000_000000001", "jpg")
+    assert split_member_name("a/b/key.seg.PNG") == ("a/b/key", "seg.png")
+    members = [("k1.jpg", b"1"), ("k1.txt", b"t"), ("k2.jpg", b"2")]
+    samples = list(group_tar_members(members))
+    assert samples == [TarSample("k1", {"jpg": b"1", "txt": b"t"}), TarSample("k2", {"jpg": b"2"})]
+    with pytest.raises(UnicomError, match="'k1' appears twice"):
+        list(group_tar_members(members + [("k1.json", b"{}")], "x.tar"))
+    with pytest.raises(UnicomError, match="two '.jpg' members"):
+        list(group_tar_members([("k.jpg", b""), ("k.jpg", b"")]))
+
+
+def test_decode_and_collate_record_failures():
+    transform = lambda image: torch.zeros(3, 2, 2)  # noqa: E731
+    good = decode_sample(TarSample("a", {"jpg": image_bytes((1, 2, 3)), "txt": b"cap"}), transform)
+    bad = decode_sample(TarSample("b", {"jpg": b"garbage", "json": b'{"url": "u"}'}), transform)
+    missing = decode_sample(TarSample("c", {"txt": b"only text"}), transform)
+    assert good.error is None and good.caption == "cap" and good.url is None
+    assert bad.image is None and bad.error.startswith("undecodable jpg") and bad.url == "u"
+    assert missing.error == "no image member"
+    batch = collate_samples([good, bad, missing])
+    assert batch.keys == ["a"] and batch.images.shape == (1, 3, 2, 2)
+    assert [key for key, _ in batch.skipped] == ["b", "c"]
+    assert collate_samples([bad]).images is None
+
+
+class FirstPixelRed:
+    """Cheap picklable transform: enough to check ordering across workers."""
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return torch.tensor([float(image.convert("RGB").getpixel((0, 0))[0])])
+
+
+def test_batches_keep_shard_order_with_several_workers(tmp_path):
+    path = tmp_path / "00001.tar"
+    samples = write_shard(path, count=9, corrupt=None)
+    batches = list(shard_batches(path, FirstPixelRed(), batch_size=2, num_workers=2))
+    assert [len(b.keys) for b in batches] == [2, 2, 2, 2, 1]
+    assert [k for b in batches for k in b.keys] == [s["key"] for s in samples]
+
+
+def test_embed_shard_is_deterministic_and_worker_independent(shard, demo_encoder):
+    path, samples = shard
+    in_process = embed_shard(path, demo_encoder, batch_size=2, num_workers=0, show_progress=False)
+    with_worker = embed_shard(path, demo_encoder, batch_size=2, num_workers=1, show_progress=False)
+    good = [s for s in samples if s["key"] != CORRUPT_KEY]
+    assert in_process.keys == [s["key"] for s in good]
+    assert in_process.skipped[0][0] == CORRUPT_KEY and len(in_process.skipped) == 1
+    assert np.array_equal(in_process.image_emb, with_worker.image_emb)
+    assert np.array_equal(in_process.text_emb, with_worker.text_emb)
+    # Different samples (colours) give different image embeddings.
+    assert not np.array_equal(in_process.image_emb[0], in_process.image_emb[1])
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_broken_tar_is_one_line_error(tmp_path, demo_encoder, compressed):
+    path = tmp_path / "broken.tar"
+    write_shard(path, count=3, corrupt=None)
+    data = gzip.compress(path.read_bytes()) if compressed else path.read_bytes()
+    # Cut inside the archive: plain tars fail the header scan in the main process,
+    # compressed ones inside the decoding worker.
+    path.write_bytes(data[: len(data) // 2] if compressed else data[:700])
+    with pytest.raises(UnicomError, match="not a readable tar shard") as err:
+        embed_shard(path, demo_encoder, batch_size=2, num_workers=1, show_progress=False)
+    assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+
+
+def test_empty_result_still_has_the_schema():
+    empty = EmbedResult([], [], [], np.zeros((0, 8), np.float16), np.zeros((0, 4), np.float16), [])
+    table = result_table(empty, {"shared_space": False})
+    assert table.num_rows == 0
+    assert table.schema.field("image_emb").type == pa.list_(pa.float16(), 8)
+
+
+def test_cli_bad_options_are_one_line(shard, tmp_path, capsys):
+    path, _ = shard
+    args = ["--shard", str(path), "--out", str(tmp_path / "o.parquet")]
+    args += ["--skipped", str(tmp_path / "s.csv"), "--options-json", '{"encoder": "clip"}']
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown encoder 'clip'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_cli_end_to_end(shard, tmp_path):
+    path, samples = shard
+    out, skipped = tmp_path / "embed" / "00000.parquet", tmp_path / "embed" / "00000.skipped.csv"
+    command = [sys.executable, "-m", "unicom.embed", "--shard", str(path), "--out", str(out)]
+    command += ["--skipped", str(skipped), "--options-json", json.dumps(DEMO_OPTIONS)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "img/s" in done.stderr
+
+    table = pq.read_table(out)
+    good = [s for s in samples if s["key"] != CORRUPT_KEY]
+    assert table.column_names == ["key", "caption", "url", "image_emb", "text_emb"]
+    assert table["key"].to_pylist() == [s["key"] for s in good]
+    assert table["caption"].to_pylist() == [s["caption"] for s in good]
+    assert table["url"].to_pylist() == [s["url"] for s in good]
+    assert table.schema.field("image_emb").type == pa.list_(pa.float16(), 1280)
+    assert table.schema.field("text_emb").type == pa.list_(pa.float16(), 384)
+    for column in ("image_emb", "text_emb"):
+        norms = np.linalg.norm(formats.column_to_numpy(table[column]), axis=1)
+        np.testing.assert_allclose(norms, 1.0, atol=2e-3)
+
+    identity = formats.read_metadata(str(out), formats.ENCODER_METADATA_KEY)
+    assert identity["encoder"] == "demo" and identity["shared_space"] is False
+
+    with open(skipped, newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["key", "reason"]
+    assert [row[0] for row in rows[1:]] == [CORRUPT_KEY]
+    assert "undecodable jpg" in rows[1][1]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp files left

@@ -1,0 +1,442 @@
+"""Embed one webdataset shard: image and caption embeddings per sample -> Parquet.
+
+The shard (a tar written by img2dataset) is streamed; DataLoader workers decode and
+transform images while the main process runs the encoders. Samples whose image cannot be
+decoded are skipped and listed, with the reason, in a CSV beside the output.
+
+Output columns: ``key``, ``caption``, ``url``, ``image_emb``, ``text_emb`` (fixed-size lists
+of float16, L2-normalised), rows in shard order, encoder identity in the file metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import os
+import tarfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from unicom import formats
+from unicom.encoders import Encoder, build_encoder, parse_options_json, resolve_device
+from unicom.io import UnicomError, atomic_path, run_cli, setup_logging, write_parquet
+
+log = logging.getLogger("unicom.embed")
+
+# Preference order when a sample holds several images.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+SKIPPED_COLUMNS = ("key", "reason")
+WORKER_NICENESS = 10
+# Defaults mirror config/schema.yaml.
+RUN_DEFAULTS: dict[str, Any] = {"batch_size": 256, "num_workers": 4, "device": "auto", "threads": 4}
+
+
+# ----------------------------------------------------------------------------- tar reading
+
+
+@dataclass(frozen=True)
+class TarSample:
+    """The members of one webdataset sample: extension (lower case) -> bytes."""
+
+    key: str
+    files: dict[str, bytes]
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """webdataset naming: ``dir/key.ext.more`` -> (``dir/key``, ``ext.more``)."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, extension = base.partition(".")
+    key = f"{folder}/{stem}" if folder else stem
+    return key, extension.lower() if dot else ""
+
+
+def group_tar_members(
+    members: Iterable[tuple[str, bytes]], source: str = "tar"
+) -> Iterator[TarSample]:
+    """Group consecutive ``(member name, bytes)`` pairs sharing a key into samples.
+
+    webdataset stores a sample's files next to each other; a key that comes back later
+    would be a second sample with the same key, which downstream joins cannot tell apart.
+    """
+    seen: set[str] = set()
+    current_key: str | None = None
+    current: dict[str, bytes] = {}
+    for name, data in members:
+        key, extension = split_member_name(name)
+        if key != current_key:
+            if current_key is not None:
+                yield TarSample(current_key, current)
+            if key in seen:
+                raise UnicomError(f"{source}: key {key!r} appears twice (members not contiguous)")
+            seen.add(key)
+            current_key, current = key, {}
+        if extension in current:
+            raise UnicomError(f"{source}: sample {key!r} has two '.{extension}' members")
+        current[extension] = data
+    if current_key is not None:
+        yield TarSample(current_key, current)
+
+
+def iter_tar_members(path: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
+    """Stream ``(name, bytes)`` of the regular files of a tar, in archive order."""
+    try:
+        with tarfile.open(path, mode="r|*") as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                handle = archive.extractfile(member)
+                yield member.name, handle.read() if handle is not None else b""
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise UnicomError(f"{path}: not a readable tar shard ({err})") from None
+
+
+def scan_tar_samples(path: str | os.PathLike) -> int | None:
+    """Count the samples of an uncompressed tar from its headers alone (seeks, no data read).
+
+    Run before the workers start: a truncated or corrupt shard fails here, with one clear
+    error, instead of inside a worker. Returns None for a compressed tar (not scanned).
+    """
+    try:
+        archive = tarfile.open(path, mode="r:")
+    except (tarfile.TarError, EOFError):
+        return None  # compressed, or not a tar at all: iter_tar_members reports the latter
+    except OSError as err:
+        raise UnicomError(f"{path}: cannot read the shard ({err})") from None
+    try:
+        with archive:
+            names = [member.name for member in archive if member.isfile()]
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise UnicomError(f"{path}: not a readable tar shard ({err})") from None
+    return sum(1 for _ in group_tar_members(((name, b"") for name in names), str(path)))
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+@dataclass
+class DecodedSample:
+    """A sample after decoding: ``image`` is None exactly when ``error`` says why."""
+
+    key: str
+    caption: str
+    url: str | None
+    image: torch.Tensor | None
+    error: str | None = None
+
+
+def _text(data: bytes | None) -> str | None:
+    return None if data is None else data.decode("utf-8", errors="replace")
+
+
+def decode_sample(
+    sample: TarSample, transform: Callable[[Image.Image], torch.Tensor]
+) -> DecodedSample:
+    """Decode caption, URL and image of one sample; a failure is recorded, never raised."""
+    meta: dict[str, Any] = {}
+    if "json" in sample.files:
+        try:
+            meta = json.loads(sample.files["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = {}
+        meta = meta if isinstance(meta, dict) else {}
+    caption = _text(sample.files.get("txt"))
+    if caption is None:
+        caption = str(meta.get(formats.CAPTION_COLUMN) or "")
+    url = meta.get(formats.URL_COLUMN)
+    url = None if url is None else str(url)
+
+    extension = next((ext for ext in IMAGE_EXTENSIONS if ext in sample.files), None)
+    if extension is None:
+        return DecodedSample(sample.key, caption, url, None, "no image member")
+    try:
+        with Image.open(io.BytesIO(sample.files[extension])) as image:
+            image.load()
+            tensor = transform(image)
+    except Exception as err:  # PIL raises many types for corrupt data; all mean "skip it"
+        reason = str(err).splitlines()[0] if str(err) else ""
+        return DecodedSample(
+            sample.key,
+            caption,
+            url,
+            None,
+            f"undecodable {extension}: {type(err).__name__}: {reason}",
+        )
+    return DecodedSample(sample.key, caption, url, tensor)
+
+
+@dataclass
+class Batch:
+    """Decoded samples ready for the encoders, plus those that were dropped."""
+
+    keys: list[str] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    urls: list[str | None] = field(default_factory=list)
+    images: torch.Tensor | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def pin_memory(self) -> Batch:
+        # Called by the DataLoader (pin_memory=True) so host->GPU copies can be asynchronous.
+        if self.images is not None:
+            self.images = self.images.pin_memory()
+        return self
+
+
+def collate_samples(samples: list[DecodedSample]) -> Batch:
+    """Stack the decodable samples; list the others as (key, reason)."""
+    batch = Batch()
+    images = []
+    for sample in samples:
+        if sample.image is None:
+            batch.skipped.append((sample.key, sample.error or "unknown"))
+            continue
+        batch.keys.append(sample.key)
+        batch.captions.append(sample.caption)
+        batch.urls.append(sample.url)
+        images.append(sample.image)
+    if images:
+        batch.images = torch.stack(images)
+    return batch
+
+
+class ShardDataset(IterableDataset):
+    """Yields lists of ``batch_size`` decoded samples, in shard order.
+
+    With several workers, worker w takes batches w, w + n, w + 2n...; the DataLoader
+    collects from workers in turn, so batches arrive in shard order.
+    """
+
+    def __init__(
+        self,
+        shard: str | os.PathLike,
+        transform: Callable[[Image.Image], torch.Tensor],
+        batch_size: int,
+    ):
+        super().__init__()
+        self.shard = str(shard)
+        self.transform = transform
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[list[DecodedSample]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        chunk: list[TarSample] = []
+        index = 0
+        for sample in group_tar_members(iter_tar_members(self.shard), self.shard):
+            chunk.append(sample)
+            if len(chunk) == self.batch_size:
+                if index % workers == worker:
+                    yield [decode_sample(s, self.transform) for s in chunk]
+                chunk, index = [], index + 1
+        if chunk and index % workers == worker:
+            yield [decode_sample(s, self.transform) for s in chunk]
+
+
+def _single_thread_worker(_: int) -> None:
+    # Decoding workers share the cores with the encoder's threads: one thread each, and a
+    # lower priority so they fill the gaps the encoder leaves (tokenising, Python glue)
+    # rather than stall its threads; when the encoder waits for data they run at full speed.
+    torch.set_num_threads(1)
+    os.nice(WORKER_NICENESS)
+
+
+def shard_batches(
+    shard: str | os.PathLike,
+    transform: Callable[[Image.Image], torch.Tensor],
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool = False,
+) -> Iterator[Batch]:
+    """Batches of one shard, decoded by ``num_workers`` background processes."""
+    loader = DataLoader(
+        ShardDataset(shard, transform, batch_size),
+        batch_size=None,  # the dataset yields whole batches already
+        collate_fn=collate_samples,
+        num_workers=num_workers,
+        worker_init_fn=_single_thread_worker if num_workers else None,
+        pin_memory=pin_memory,
+    )
+    iterator = iter(loader)
+    try:
+        yield from iterator
+    finally:
+        # Stop the workers now: left to garbage collection after an error, the DataLoader
+        # waits 5 s for them. (No public API; the method is a no-op without workers.)
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+# ----------------------------------------------------------------------------- embedding
+
+
+@dataclass
+class EmbedResult:
+    keys: list[str]
+    captions: list[str]
+    urls: list[str | None]
+    image_emb: np.ndarray
+    text_emb: np.ndarray
+    skipped: list[tuple[str, str]]
+
+    @property
+    def rows(self) -> int:
+        return len(self.keys)
+
+
+def embed_batches(
+    batches: Iterable[Batch], encoder: Encoder, progress: tqdm | None = None
+) -> EmbedResult:
+    """Run the encoders over ``batches``; rows keep the order of the batches."""
+    keys: list[str] = []
+    captions: list[str] = []
+    urls: list[str | None] = []
+    image_parts: list[np.ndarray] = []
+    text_parts: list[np.ndarray] = []
+    skipped: list[tuple[str, str]] = []
+    for batch in batches:
+        skipped.extend(batch.skipped)
+        if batch.keys:
+            image_parts.append(encoder.encode_images(batch.images).numpy().astype(np.float16))
+            text_parts.append(encoder.encode_texts(batch.captions).numpy().astype(np.float16))
+            keys.extend(batch.keys)
+            captions.extend(batch.captions)
+            urls.extend(batch.urls)
+        if progress is not None:
+            progress.update(len(batch.keys) + len(batch.skipped))
+    return EmbedResult(
+        keys=keys,
+        captions=captions,
+        urls=urls,
+        image_emb=_stack(image_parts, encoder.image_dim),
+        text_emb=_stack(text_parts, encoder.text_dim),
+        skipped=skipped,
+    )
+
+
+def _stack(parts: list[np.ndarray], dim: int) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros((0, dim), dtype=np.float16)
+
+
+def result_table(result: EmbedResult, identity: Mapping[str, Any]) -> pa.Table:
+    """The Parquet table of one shard, with the encoder identity in its metadata."""
+    table = pa.table(
+        {
+            "key": pa.array(result.keys, type=pa.string()),
+            formats.CAPTION_COLUMN: pa.array(result.captions, type=pa.string()),
+            formats.URL_COLUMN: pa.array(result.urls, type=pa.string()),
+            "image_emb": formats.embedding_array(result.image_emb),
+            "text_emb": formats.embedding_array(result.text_emb),
+        }
+    )
+    return formats.with_metadata(table, {formats.ENCODER_METADATA_KEY: dict(identity)})
+
+
+def write_skipped_csv(path: str | os.PathLike, skipped: list[tuple[str, str]]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(SKIPPED_COLUMNS)
+        writer.writerows(skipped)
+
+
+def embed_shard(
+    shard: str | os.PathLike,
+    encoder: Encoder,
+    batch_size: int,
+    num_workers: int,
+    show_progress: bool = True,
+) -> EmbedResult:
+    """Embed every decodable sample of ``shard`` with an already built ``encoder``."""
+    if not Path(shard).is_file():
+        raise UnicomError(f"shard {shard} does not exist")
+    total = scan_tar_samples(shard)
+    batches = shard_batches(
+        shard,
+        encoder.image_transform,
+        batch_size,
+        num_workers,
+        pin_memory=encoder.device.type == "cuda",
+    )
+    with tqdm(
+        total=total, unit="img", desc=f"embed {Path(shard).name}", disable=not show_progress
+    ) as progress:
+        try:
+            return embed_batches(batches, encoder, progress)
+        except UnicomError as err:
+            raise UnicomError(_worker_error_line(err)) from None
+
+
+def _worker_error_line(err: UnicomError) -> str:
+    """A worker's UnicomError comes back wrapped in a traceback; keep its own one line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    prefix = f"{UnicomError.__module__}.{UnicomError.__name__}: "
+    return last.removeprefix(prefix)
+
+
+def run_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """batch_size / num_workers / device / threads with the schema defaults, checked."""
+    run = {key: options.get(key, default) for key, default in RUN_DEFAULTS.items()}
+    for key in ("batch_size", "threads"):
+        if not isinstance(run[key], int) or run[key] < 1:
+            raise UnicomError(f"embed.{key} must be an integer >= 1, got {run[key]!r}")
+    if not isinstance(run["num_workers"], int) or run["num_workers"] < 0:
+        raise UnicomError(f"embed.num_workers must be an integer >= 0, got {run['num_workers']!r}")
+    return run
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m unicom.embed", description=__doc__)
+    parser.add_argument("--shard", required=True, help="webdataset tar written by img2dataset")
+    parser.add_argument("--out", required=True, help="output Parquet")
+    parser.add_argument("--skipped", required=True, help="CSV of skipped samples (key, reason)")
+    parser.add_argument("--options-json", required=True, help="the embed config section as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    setup_logging()
+    # The Rust tokenizer's own thread pool would compete with torch for the same cores.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    options = parse_options_json(args.options_json)
+    run = run_options(options)
+    if not Path(args.shard).is_file():  # before spending seconds on loading models
+        raise UnicomError(f"shard {args.shard} does not exist")
+    torch.set_num_threads(run["threads"])
+    device = resolve_device(str(run["device"]))
+    encoder = build_encoder(options, device)
+    log.info(
+        "encoder %s on %s, %d threads", options.get("encoder", "open_clip"), device, run["threads"]
+    )
+
+    start = time.perf_counter()
+    result = embed_shard(
+        args.shard, encoder, run["batch_size"], run["num_workers"], not args.no_progress
+    )
+    seconds = time.perf_counter() - start
+    write_skipped_csv(args.skipped, result.skipped)
+    write_parquet(args.out, result_table(result, encoder.identity))
+    log.info(
+        "%s: embedded %d images, skipped %d, in %.1f s (%.1f img/s) -> %s",
+        args.shard,
+        result.rows,
+        len(result.skipped),
+        seconds,
+        result.rows / seconds if seconds > 0 else float("nan"),
+        args.out,
+    )
+
+
+if __name__ == "__main__":
+    run_cli(main)

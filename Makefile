@@ -3,6 +3,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
+# Jobs run `python -m unicom.<stage>`: the venv's python must come first on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
 # The demo and the tests never reach a model hub.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -20,9 +22,10 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[demo,test]'
 	touch $@
 
-# The offline demo, end to end through Snakemake.
+# The offline demo, end to end through Snakemake, then its HTML report.
 demo: setup
 	$(BIN)/snakemake --profile profiles/local
+	$(BIN)/snakemake --profile profiles/local --report results/report.html
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -1,6 +1,8 @@
 import glob
 import json
 
+from unicom.benchmarks import FASHION_MNIST_DIR
+
 OUT = config["output_dir"]
 
 
@@ -73,7 +75,7 @@ def evaluation_models():
     return models
 
 
-FASHION_MNIST_SYSTEM = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_SYSTEM = str(FASHION_MNIST_DIR)  # where Debian's package installs it
 
 
 def evaluation_datasets():
@@ -83,13 +85,18 @@ def evaluation_datasets():
         if path == "auto" and name == "openclipart":
             path = out("demo/heldout.parquet") if demo_outputs() else None
         elif path == "auto" and name == "fashion-mnist":
+            # The system package, else the copy demo_fetch unpacks (openclipart demo only).
             fetched = os.path.join(
                 config["demo"]["resources_dir"], "usr/share/datasets/fashion-mnist"
             )
-            path = (
-                FASHION_MNIST_SYSTEM if os.path.isdir(FASHION_MNIST_SYSTEM) else fetched
-            )
-            path = path if demo_outputs() or os.path.isdir(path) else None
+            if os.path.isdir(FASHION_MNIST_SYSTEM):
+                path = FASHION_MNIST_SYSTEM
+            elif os.path.isdir(fetched) or (
+                demo_outputs() and not config["demo"]["image_dir"]
+            ):
+                path = fetched
+            else:
+                path = None
         if path is None:
             print(
                 f"unicom: evaluate: {name}: skipped, no path configured",
@@ -125,3 +132,29 @@ def evaluation_targets():
         model=list(evaluation_models()),
         dataset=list(EVALUATION_DATASETS),
     )
+
+
+def train_launcher(wildcards, resources):
+    """The command that starts the ranks, as an argument list."""
+    if resources.get("mpi"):
+        # SLURM profiles set `mpi: srun` and `tasks`: srun starts one rank per task, and
+        # SLURM's pre-timeout signal reaches every rank (torchrun would not forward SIGUSR1).
+        return [
+            resources.mpi,
+            "-n",
+            str(resources.tasks),
+            "python",
+            "-m",
+            "unicom.train",
+        ]
+    nproc = int(config["train"]["nproc_per_node"])
+    if nproc > 1:
+        return [
+            "torchrun",
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            "-m",
+            "unicom.train",
+        ]
+    return ["python", "-m", "unicom.train"]

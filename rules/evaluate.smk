@@ -43,6 +43,8 @@ rule evaluate_summary:
         markdown=out("evaluate/summary.md"),
     log:
         out("logs/evaluate_summary.log"),
+    conda:
+        "../envs/data.yaml"
     shell:
         "python -m unicom.evaluate_summary {input:q} --out-csv {output.csv:q}"
         " --out-md {output.markdown:q} 2> {log:q}"

@@ -30,6 +30,8 @@ rule report_plots:
         ),
     log:
         out("logs/report_plots.log"),
+    conda:
+        "../envs/data.yaml"
     params:
         out_dir=lambda wildcards, output: os.path.dirname(output.download),
     shell:

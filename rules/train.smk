@@ -7,21 +7,6 @@ TRAIN = config["train"]
 TRAIN_SCHEDULER_KEYS = ("threads", "gpus", "mem_mb", "runtime")
 
 
-def train_launcher():
-    """The command that starts the ranks, as an argument list."""
-    nproc = int(TRAIN["nproc_per_node"])
-    if nproc > 1:
-        return [
-            "torchrun",
-            "--standalone",
-            "--nproc-per-node",
-            str(nproc),
-            "-m",
-            "unicom.train",
-        ]
-    return ["python", "-m", "unicom.train"]
-
-
 rule train:
     input:
         shards=lambda wildcards: expand(out("shards/{part}.tar"), part=part_names()),
@@ -45,9 +30,10 @@ rule train:
         mem_mb=TRAIN["mem_mb"],
         runtime=TRAIN["runtime"],
         gpu=TRAIN["gpus"],
+        tasks=TRAIN["nproc_per_node"],
     params:
-        launcher=train_launcher(),
-        out_dir=out("train"),
+        launcher=train_launcher,
+        out_dir=lambda wildcards, output: os.path.dirname(output.model),
         k=config["kmeans"]["k"],
         options=as_json(
             {k: v for k, v in TRAIN.items() if k not in TRAIN_SCHEDULER_KEYS}

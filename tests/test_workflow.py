@@ -23,9 +23,28 @@ TEST_CONFIG = {
     "fuse": {"mode": "concat"},
     "kmeans": {"k": 4, "niter": 10, "threads": 1},
     "assign": {"min_cluster_size": 2, "diagnostics": {"grid_clusters": 2, "grid_images": 3}},
+    "train": {
+        "steps": 4,
+        "batch_size": 8,
+        "image_size": 64,
+        "checkpoint_every": 2,
+        "log_every": 1,
+        "shuffle_shards": 3,
+        "sample_rate": 1.0,
+        "dim": 32,
+    },
+    "evaluate": {
+        "datasets": {"fashion-mnist": None},
+        "dims": ["full", 16],
+        "batch_size": 16,
+        "num_workers": 0,
+        "threads": 1,
+    },
 }
 # Jobs of the clustering stage, planned whenever the fused files or kmeans.* change.
 CLUSTER_JOBS = {"kmeans": 1, "assign": 3, "cluster_sizes": 1, "cluster_diagnostics": 1}
+# ... and what follows them: training, the trained model's evaluation, the table and plots.
+DOWNSTREAM_JOBS = {"train": 1, "evaluate": 1, "evaluate_summary": 1, "report_plots": 1}
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -98,6 +117,25 @@ def test_dag_builds_every_stage_and_accounts_for_every_row(demo_run):
     assert len(keys) == len(set(keys)) == urls.num_rows
 
 
+def test_training_evaluation_and_report_outputs(demo_run):
+    results = demo_run / "results"
+    info = json.loads((results / "train/model.json").read_text())
+    assert info["dim"] == 32 and info["model"] == "tf_efficientnet_lite0"
+    steps = [json.loads(line)["step"] for line in (results / "train/metrics.jsonl").open()]
+    assert steps == [1, 2, 3, 4]
+    rows = (results / "evaluate/summary.csv").read_text().splitlines()
+    assert rows[0].startswith("model,dataset,dim,recall@1")
+    # base (1280 and 16 dims) and trained (32 and 16 dims) on the held-out openclipart split
+    assert sorted(r.split(",")[0] + "@" + r.split(",")[2] for r in rows[1:]) == [
+        "base@1280",
+        "base@16",
+        "trained@16",
+        "trained@32",
+    ]
+    for png in ("download", "kmeans", "training", "retrieval"):
+        assert (results / f"report/{png}.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_rerun_is_a_no_op(demo_run):
     assert planned_jobs(demo_run) == {}
 
@@ -107,14 +145,20 @@ def test_deleting_one_embedding_reruns_only_that_shard(demo_run):
     # Snakemake leaves a missing intermediate file alone while everything downstream is up to
     # date, so the embedding is asked for by name.
     targets = ("all", "results/embed/00001.parquet")
-    assert planned_jobs(demo_run, *targets) == {"embed": 1, "fuse": 1, **CLUSTER_JOBS, "all": 1}
+    assert planned_jobs(demo_run, *targets) == {
+        "embed": 1,
+        "fuse": 1,
+        **CLUSTER_JOBS,
+        **DOWNSTREAM_JOBS,
+        "all": 1,
+    }
     snakemake(demo_run, *targets)
     assert planned_jobs(demo_run) == {}
 
 
 def test_changing_fusion_mode_reruns_only_fuse(demo_run, small_image_folder):
     write_config(demo_run, small_image_folder, fuse={"mode": "image"})
-    assert planned_jobs(demo_run) == {"fuse": 3, **CLUSTER_JOBS, "all": 1}
+    assert planned_jobs(demo_run) == {"fuse": 3, **CLUSTER_JOBS, **DOWNSTREAM_JOBS, "all": 1}
     write_config(demo_run, small_image_folder)
 
 
@@ -146,7 +190,7 @@ def test_cluster_stage_labels_every_fused_row(demo_run):
 
 def test_changing_k_reruns_only_the_cluster_stage(demo_run, small_image_folder):
     write_config(demo_run, small_image_folder, kmeans={"k": 3})
-    assert planned_jobs(demo_run) == {**CLUSTER_JOBS, "all": 1}
+    assert planned_jobs(demo_run) == {**CLUSTER_JOBS, **DOWNSTREAM_JOBS, "all": 1}
     # Only the report depends on min_cluster_size; scheduler-only keys rerun nothing.
     write_config(demo_run, small_image_folder, assign={"min_cluster_size": 5})
     assert planned_jobs(demo_run) == {"cluster_sizes": 1, "all": 1}
@@ -161,7 +205,7 @@ def test_forcerun_assign_regenerates_just_the_assignment(demo_run):
     before = pq.read_table(demo_run / target)
     (demo_run / target).unlink()
     gathers = {"cluster_sizes": 1, "cluster_diagnostics": 1}
-    assert planned_jobs(demo_run) == {"assign": 1, **gathers, "all": 1}
+    assert planned_jobs(demo_run) == {"assign": 1, **gathers, **DOWNSTREAM_JOBS, "all": 1}
     snakemake(demo_run)
     assert pq.read_table(demo_run / target).equals(before)  # deterministic
     assert planned_jobs(demo_run) == {}

@@ -72,6 +72,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from unicom.images import to_rgb
 from unicom.io import UnicomError, run_cli, setup_logging, write_json
 
 log = logging.getLogger("unicom.benchmarks")
@@ -194,9 +195,11 @@ def query_gallery_set(
 def load_image(item: Item) -> Image.Image:
     """An item as an RGB image (grayscale Fashion-MNIST is replicated to three channels)."""
     if isinstance(item, Image.Image):
-        return item.convert("RGB")
+        return to_rgb(item)
     with Image.open(item) as image:
-        return image.convert("RGB")
+        image.load()  # the file closes on leaving the block; an RGB image is returned as is
+        rgb = to_rgb(image)
+        return rgb.copy() if rgb is image else rgb
 
 
 # --------------------------------------------------------------------------- file helpers

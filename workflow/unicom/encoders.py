@@ -34,6 +34,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from unicom.images import to_rgb  # noqa: F401  (re-exported for train)
 from unicom.io import UnicomError, run_cli, setup_logging, write_json
 
 log = logging.getLogger("unicom.encoders")
@@ -43,7 +44,6 @@ LOCAL_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 # Random initialisation is seeded so that a "pretrained: null" run is reproducible.
 RANDOM_INIT_SEED = 0
 # Transparent pixels (PNG/WebP shards) are composited onto white, as clip art is drawn on paper.
-ALPHA_BACKGROUND = (255, 255, 255)
 
 # Defaults mirror config/schema.yaml so that a partial options dict behaves like the config.
 OPEN_CLIP_DEFAULTS: dict[str, Any] = {
@@ -62,19 +62,6 @@ DEMO_STD = (0.5, 0.5, 0.5)
 
 
 # ----------------------------------------------------------------------------- pure helpers
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB, compositing transparency onto a white background."""
-    if image.mode == "RGB":
-        return image
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 class RGBThen:

@@ -39,9 +39,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from unicom import formats
-from unicom.encoders import Encoder, build_encoder, parse_options_json, resolve_device
+from unicom.encoders import Encoder, build_encoder, resolve_device
 from unicom.faults import fail_once_if_marked
-from unicom.io import UnicomError, atomic_path, run_cli, setup_logging, write_parquet
+from unicom.io import (
+    UnicomError,
+    atomic_path,
+    parse_options_json,
+    run_cli,
+    setup_logging,
+    write_parquet,
+)
 
 log = logging.getLogger("unicom.embed")
 

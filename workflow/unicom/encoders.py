@@ -35,7 +35,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from unicom.images import to_rgb  # noqa: F401  (re-exported for train)
-from unicom.io import UnicomError, run_cli, setup_logging, write_json
+from unicom.io import UnicomError, parse_options_json, run_cli, setup_logging, write_json
 
 log = logging.getLogger("unicom.encoders")
 
@@ -516,16 +516,6 @@ def prefetch(options: Mapping[str, Any]) -> dict[str, Any]:
     encoder = build_encoder(options, torch.device("cpu"))
     log.info("encoder ready: %s", json.dumps(encoder.identity, sort_keys=True))
     return encoder.identity
-
-
-def parse_options_json(text: str) -> dict[str, Any]:
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UnicomError(f"--options-json is not valid JSON: {err}") from None
-    if not isinstance(options, dict):
-        raise UnicomError("--options-json must be a JSON object (the embed config section)")
-    return options
 
 
 def main(argv: list[str] | None = None) -> None:

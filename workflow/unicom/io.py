@@ -78,6 +78,17 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def parse_options_json(text: str) -> dict[str, Any]:
+    """A stage's ``--options-json`` (its config section), checked to be a JSON object."""
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UnicomError(f"--options-json is not valid JSON: {err}") from None
+    if not isinstance(options, dict):
+        raise UnicomError("--options-json must be a JSON object (a config section)")
+    return options
+
+
 def setup_logging(verbose: bool = False) -> logging.Logger:
     """One log format for every stage (stderr, which the rule redirects to its log file)."""
     logging.basicConfig(

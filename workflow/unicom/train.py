@@ -59,7 +59,15 @@ from tqdm import tqdm
 from unicom import distributed
 from unicom.distributed import WorldInfo
 from unicom.encoders import load_lite0_state_dict, match_state_dict_in_order, to_rgb
-from unicom.io import UnicomError, atomic_path, run_cli, setup_logging, write_json, write_text
+from unicom.io import (
+    UnicomError,
+    atomic_path,
+    parse_options_json,
+    run_cli,
+    setup_logging,
+    write_json,
+    write_text,
+)
 from unicom.partial_fc import PartialFC, derived_seed
 from unicom.train_data import (
     RankData,
@@ -146,16 +154,6 @@ LIVE_METRICS = "metrics.partial.jsonl"
 
 
 # ----------------------------------------------------------------------------- options
-
-
-def parse_options_json(text: str) -> dict[str, Any]:
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UnicomError(f"--options-json is not valid JSON: {err}") from None
-    if not isinstance(options, dict):
-        raise UnicomError("--options-json must be a JSON object (the train config section)")
-    return options
 
 
 def train_options(options: Mapping[str, Any]) -> dict[str, Any]:

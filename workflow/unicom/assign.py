@@ -9,7 +9,6 @@ samples whose margin ``sim - sim2`` is small), in the fused file's key order. Ex
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -19,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from unicom import formats
-from unicom.io import UnicomError, run_cli, setup_logging, write_parquet
+from unicom.io import UnicomError, parse_options_json, run_cli, setup_logging, write_parquet
 from unicom.kmeans import (
     EMBEDDING_COLUMN,
     centroid_index,
@@ -117,7 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for faiss")
     args = parser.parse_args(argv)
     setup_logging()
-    assign_file(args.fused, args.centroids, args.out, json.loads(args.options_json), args.threads)
+    assign_file(
+        args.fused, args.centroids, args.out, parse_options_json(args.options_json), args.threads
+    )
 
 
 if __name__ == "__main__":

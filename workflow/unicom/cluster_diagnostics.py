@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import tarfile
 import textwrap
@@ -29,7 +28,14 @@ from tqdm import tqdm
 
 from unicom import formats
 from unicom.cluster_report import check_same_centroids
-from unicom.io import UnicomError, atomic_path, run_cli, setup_logging, write_json
+from unicom.io import (
+    UnicomError,
+    atomic_path,
+    parse_options_json,
+    run_cli,
+    setup_logging,
+    write_json,
+)
 from unicom.kmeans import (
     centroid_index,
     check_finite,
@@ -426,8 +432,8 @@ def main(argv: list[str] | None = None) -> None:
         args.shards,
         args.shard_tables,
         args.embeddings,
-        json.loads(args.kmeans_options_json),
-        json.loads(args.options_json),
+        parse_options_json(args.kmeans_options_json),
+        parse_options_json(args.options_json),
         args.out_grid,
         args.out_agreement,
         args.out_agreement_png,

@@ -37,7 +37,15 @@ from tqdm import tqdm
 
 from unicom.config import load_schema
 from unicom.formats import CAPTION_COLUMN, URL_COLUMN, global_key
-from unicom.io import UnicomError, atomic_path, run_cli, setup_logging, write_json, write_parquet
+from unicom.io import (
+    UnicomError,
+    atomic_path,
+    parse_options_json,
+    run_cli,
+    setup_logging,
+    write_json,
+    write_parquet,
+)
 
 log = logging.getLogger("unicom.download")
 
@@ -411,13 +419,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--options-json", required=True, help="the config's download section")
     args = parser.parse_args(argv)
     setup_logging()
-    try:
-        options = json.loads(args.options_json)
-    except json.JSONDecodeError as err:
-        raise UnicomError(f"--options-json: not valid JSON ({err})") from None
-    if not isinstance(options, dict):
-        raise UnicomError("--options-json: expected a JSON object (the download config section)")
-    download_part(args.part, args.out_dir, options)
+    download_part(args.part, args.out_dir, parse_options_json(args.options_json))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -21,7 +20,7 @@ from tqdm import tqdm
 
 from unicom import benchmarks, metrics
 from unicom.encoders import build_encoder, resolve_device
-from unicom.io import UnicomError, run_cli, setup_logging, write_json
+from unicom.io import UnicomError, parse_options_json, run_cli, setup_logging, write_json
 
 log = logging.getLogger("unicom.evaluate")
 
@@ -154,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--embed-options-json", required=True, help="the embed config section")
     args = parser.parse_args(argv)
     setup_logging()
-    options = json.loads(args.options_json)
+    options = parse_options_json(args.options_json)
     torch.set_num_threads(options["threads"])
     device = resolve_device(options["device"])
     ok, why = benchmarks.available(args.dataset, args.dataset_path)
@@ -164,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         benchmarks.load(args.dataset, args.dataset_path), options["max_images"], options["seed"]
     )
     if args.model == "base":
-        embedder = base_embedder(json.loads(args.embed_options_json), device)
+        embedder = base_embedder(parse_options_json(args.embed_options_json), device)
     else:
         embedder = trained_embedder(args.model, device)
     result = evaluate(embedder, dataset, options)

@@ -7,7 +7,6 @@ sides live in one space (a single CLIP model), ``concat`` works for any encoder 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from typing import Any
 
@@ -16,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from unicom import formats
-from unicom.io import UnicomError, run_cli, setup_logging, write_parquet
+from unicom.io import UnicomError, parse_options_json, run_cli, setup_logging, write_parquet
 
 MODES = ("image", "text", "mean", "concat")
 log = logging.getLogger("unicom.fuse")
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--options-json", required=True, help="the config's fuse section as JSON")
     args = parser.parse_args(argv)
     setup_logging()
-    options = json.loads(args.options_json)
+    options = parse_options_json(args.options_json)
     rows = fuse_file(args.embeddings, args.out, options)
     log.info(
         "fused %d rows of %s with mode %s -> %s", rows, args.embeddings, options["mode"], args.out

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import os
@@ -34,7 +33,14 @@ from tqdm import tqdm
 
 from unicom import formats
 from unicom.config import load_schema
-from unicom.io import UnicomError, atomic_path, run_cli, setup_logging, write_json
+from unicom.io import (
+    UnicomError,
+    atomic_path,
+    parse_options_json,
+    run_cli,
+    setup_logging,
+    write_json,
+)
 
 log = logging.getLogger("unicom.kmeans")
 
@@ -502,7 +508,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging()
     centroids, stats = cluster_files(
-        args.fused, json.loads(args.options_json), threads=args.threads
+        args.fused, parse_options_json(args.options_json), threads=args.threads
     )
     save_centroids(args.out_centroids, centroids)
     write_json(args.out_stats, stats)

@@ -21,7 +21,7 @@ from PIL import Image
 from unicom.embed import iter_tar_members
 from unicom.encoders import to_rgb
 from unicom.evaluate import ImageEmbedder, base_embedder, embed_items, trained_embedder
-from unicom.io import UnicomError, atomic_path, run_cli, setup_logging
+from unicom.io import UnicomError, atomic_path, parse_options_json, run_cli, setup_logging
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 log = logging.getLogger("unicom.search")
@@ -108,9 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.model == "base":
         if not args.embed_options_json:
             raise UnicomError("--model base needs --embed-options-json (the embed config section)")
-        import json
-
-        embedder: ImageEmbedder = base_embedder(json.loads(args.embed_options_json), device)
+        embedder: ImageEmbedder = base_embedder(parse_options_json(args.embed_options_json), device)
     else:
         embedder = trained_embedder(args.model, device)
     try:

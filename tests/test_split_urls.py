@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from unicom.io import UnicomError
-from unicom.split_urls import check_url_list, chunk_rows, split_url_lists
+from unicom.split_urls import check_url_list, chunk_rows, part_sizes, split_url_lists
 
 
 def laion_file(path: Path, start: int, rows: int, row_group_size: int = 4) -> Path:
@@ -50,7 +50,7 @@ def test_split_sizes_names_manifest_and_renaming(two_inputs, tmp_path):
         ("b.parquet", 6),
     ]
     tables = [pq.read_table(out / f"{name}.parquet") for name in manifest["parts"]]
-    assert [t.num_rows for t in tables] == [5, 5, 3]
+    assert [t.num_rows for t in tables] == [5, 4, 4]  # even, none above 5
     assert all(t.column_names == ["url", "caption", "similarity", "SAMPLE_ID"] for t in tables)
     joined = pa.concat_tables(tables)
     # Row order is kept across files and row groups; part 00001 spans both input files.
@@ -80,9 +80,41 @@ def test_cli_replaces_the_folder_with_either_argument_order(two_inputs, tmp_path
 
 def test_chunk_rows():
     tables = [pa.table({"x": list(range(n))}) for n in (3, 0, 4)]
-    groups = list(chunk_rows(iter(tables), 2))
+    groups = list(chunk_rows(iter(tables), [2, 2, 2, 1]))
     assert [sum(t.num_rows for t in g) for g in groups] == [2, 2, 2, 1]
-    assert list(chunk_rows(iter([]), 2)) == []
+    assert [x for t in groups[1] for x in t["x"].to_pylist()] == [2, 0]
+    assert list(chunk_rows(iter([]), [])) == []
+    with pytest.raises(UnicomError, match="more rows"):
+        list(chunk_rows(iter(tables), [2, 2]))
+
+
+@pytest.mark.parametrize(
+    ("rows", "shard_size", "per_job", "sizes"),
+    [
+        (13, 5, 1, [5, 4, 4]),
+        (12, 4, 1, [4, 4, 4]),
+        (6194, 2000, 1, [1549, 1549, 1548, 1548]),
+        (25, 5, 10, [3] * 5 + [2] * 5),  # 5 parts rounded up to one job of 10
+        (10, 10, 10, [1] * 10),
+    ],
+)
+def test_part_sizes_are_even_and_fill_whole_jobs(rows, shard_size, per_job, sizes):
+    assert part_sizes(rows, shard_size, per_job) == sizes
+    assert sum(sizes) == rows and max(sizes) <= shard_size and len(sizes) % per_job == 0
+
+
+def test_part_sizes_errors_name_the_config_key():
+    assert "download.shards_per_job" in one_line_error(lambda: part_sizes(10, 5, 3))
+    assert "lower shards_per_job" in one_line_error(lambda: part_sizes(9, 5, 10))
+    assert "download.shard_size" in one_line_error(lambda: part_sizes(9, 0, 1))
+
+
+def test_split_with_ten_shards_per_job(two_inputs, tmp_path):
+    manifest = split_url_lists(two_inputs, tmp_path / "p", 2, "URL", "TEXT", shards_per_job=10)
+    assert manifest["parts"] == [f"0000{i}" for i in range(10)]
+    assert manifest["shards_per_job"] == 10
+    rows = [pq.read_metadata(tmp_path / f"p/{n}.parquet").num_rows for n in manifest["parts"]]
+    assert rows == [2, 2, 2, 1, 1, 1, 1, 1, 1, 1]
 
 
 def one_line_error(call) -> str:

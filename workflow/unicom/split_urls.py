@@ -1,4 +1,9 @@
-"""Split LAION-style URL lists into parts of ``shard_size`` rows: one download job per part.
+"""Split LAION-style URL lists into parts of at most ``shard_size`` rows (one shard each).
+
+Rows are spread evenly: ``ceil(rows / shard_size)`` parts, rounded up to a multiple of
+``shards_per_job``, because each per-shard job (download, embed, fuse, assign) takes the
+``shards_per_job`` parts whose names differ only in their last digits (``00120``-``00129``
+for 10) and its outputs are declared up front: every such batch must be complete.
 
 Columns are renamed to the standard ``url``/``caption`` and the configured extra columns are
 carried along. The output folder (parts + ``manifest.json``) appears atomically, because
@@ -41,6 +46,8 @@ RESERVED_COLUMNS = frozenset(
     }
 )
 BATCH_ROWS = 65_536
+# Parts per job: the parts of one job share all but the last log10(n) digits of their names.
+SHARDS_PER_JOB_CHOICES = (1, 10, 100, 1000)
 
 
 def check_extra_cols(extra_cols: Sequence[str]) -> None:
@@ -122,23 +129,49 @@ def standardize_batch(
     return table.cast(schema)
 
 
-def chunk_rows(tables: Iterator[pa.Table], shard_size: int) -> Iterator[list[pa.Table]]:
-    """Regroup a stream of tables into lists of slices holding exactly ``shard_size`` rows.
+def part_sizes(total_rows: int, shard_size: int, shards_per_job: int = 1) -> list[int]:
+    """Rows of each part: at most ``shard_size``, as even as possible, a multiple of
+    ``shards_per_job`` parts (the first ``total_rows % parts`` get one row more)."""
+    if shard_size < 1:
+        raise UnicomError(f"config key download.shard_size: must be >= 1, got {shard_size}")
+    if shards_per_job not in SHARDS_PER_JOB_CHOICES:
+        raise UnicomError(
+            f"config key download.shards_per_job: must be one of "
+            f"{', '.join(map(str, SHARDS_PER_JOB_CHOICES))}, got {shards_per_job}"
+        )
+    parts = -(-total_rows // shard_size)  # ceil
+    parts = -(-parts // shards_per_job) * shards_per_job
+    if total_rows < parts:
+        raise UnicomError(
+            f"config key download.shards_per_job: {total_rows} rows cannot fill "
+            f"{parts} shards; lower shards_per_job"
+        )
+    base, extra = divmod(total_rows, parts)
+    return [base + 1] * extra + [base] * (parts - extra)
 
-    The last group may be shorter; empty input yields nothing. Only one part's rows are held.
+
+def chunk_rows(tables: Iterator[pa.Table], sizes: Sequence[int]) -> Iterator[list[pa.Table]]:
+    """Regroup a stream of tables into lists of slices holding ``sizes[i]`` rows each.
+
+    Rows beyond ``sum(sizes)`` are an error; only one part's rows are held at a time.
     """
+    wanted = iter(sizes)
+    size = next(wanted, 0)
     pending: list[pa.Table] = []
     pending_rows = 0
     for table in tables:
         offset = 0
         while offset < table.num_rows:
-            take = min(shard_size - pending_rows, table.num_rows - offset)
+            if size == 0:
+                raise UnicomError("URL list has more rows than its metadata said")
+            take = min(size - pending_rows, table.num_rows - offset)
             pending.append(table.slice(offset, take))
             pending_rows += take
             offset += take
-            if pending_rows == shard_size:
+            if pending_rows == size:
                 yield pending
                 pending, pending_rows = [], 0
+                size = next(wanted, 0)
     if pending_rows:
         yield pending
 
@@ -150,11 +183,12 @@ def split_url_lists(
     url_col: str = URL_COLUMN,
     caption_col: str = CAPTION_COLUMN,
     extra_cols: Sequence[str] = (),
+    shards_per_job: int = 1,
 ) -> dict[str, Any]:
     """Write the parts and manifest into ``out_dir`` (atomically); return the manifest."""
-    if shard_size < 1:
-        raise UnicomError(f"config key download.shard_size: must be >= 1, got {shard_size}")
+    part_sizes(shards_per_job, shard_size, shards_per_job)  # option errors before any reading
     total_rows = check_url_list(paths, url_col, caption_col, extra_cols)
+    sizes = part_sizes(total_rows, shard_size, shards_per_job)
     schema = target_schema(pq.read_schema(paths[0]), url_col, caption_col, extra_cols)
     inputs: list[dict[str, Any]] = []
 
@@ -175,7 +209,7 @@ def split_url_lists(
     parts: list[str] = []
     with atomic_dir(out_dir) as tmp_dir:
         progress = tqdm(total=total_rows, unit="row", desc="split", mininterval=5)
-        for index, slices in enumerate(chunk_rows(standardized_tables(), shard_size)):
+        for index, slices in enumerate(chunk_rows(standardized_tables(), sizes)):
             name = part_name(index)
             with pq.ParquetWriter(tmp_dir / f"{name}.parquet", schema) as writer:
                 for piece in slices:
@@ -187,10 +221,12 @@ def split_url_lists(
             "inputs": inputs,
             "total_rows": sum(item["rows"] for item in inputs),
             "shard_size": shard_size,
+            "shards_per_job": shards_per_job,
             "columns": schema.names,
             "parts": parts,
         }
-        if manifest["total_rows"] != total_rows:  # a file changed while we read it
+        if manifest["total_rows"] != total_rows or len(parts) != len(sizes):
+            # a file changed while we read it
             raise UnicomError(
                 f"URL list changed during the split: {manifest['total_rows']} rows read, "
                 f"{total_rows} expected"
@@ -206,7 +242,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m unicom.split_urls", description=__doc__)
     parser.add_argument("inputs", nargs="+", help="URL-list Parquet files (globs already expanded)")
     parser.add_argument("--out-dir", required=True, help="folder receiving the parts + manifest")
-    parser.add_argument("--shard-size", type=int, required=True, help="rows per part")
+    parser.add_argument("--shard-size", type=int, required=True, help="rows per part, at most")
+    parser.add_argument(
+        "--shards-per-job", type=int, default=1, help="parts per job (1, 10, 100 or 1000)"
+    )
     parser.add_argument("--url-col", default=URL_COLUMN, help="input column with the URL")
     parser.add_argument(
         "--caption-col", default=CAPTION_COLUMN, help="input column with the caption"
@@ -220,7 +259,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging()
     split_url_lists(
-        args.inputs, args.out_dir, args.shard_size, args.url_col, args.caption_col, args.extra_cols
+        args.inputs,
+        args.out_dir,
+        args.shard_size,
+        args.url_col,
+        args.caption_col,
+        args.extra_cols,
+        args.shards_per_job,
     )
 
 

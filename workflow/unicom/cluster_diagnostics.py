@@ -30,7 +30,9 @@ from unicom import formats
 from unicom.cluster_report import check_same_centroids
 from unicom.io import (
     UnicomError,
+    add_each_part_option,
     atomic_path,
+    expand_parts,
     parse_options_json,
     run_cli,
     setup_logging,
@@ -425,13 +427,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-agreement", required=True, help="agreement.json to write")
     parser.add_argument("--out-agreement-png", required=True, help="agreement.png to write")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for faiss")
+    add_each_part_option(parser)
     args = parser.parse_args(argv)
     setup_logging()
     report = diagnostics(
-        args.assignments,
-        args.shards,
-        args.shard_tables,
-        args.embeddings,
+        expand_parts(args.assignments, args.each_part),
+        expand_parts(args.shards, args.each_part),
+        expand_parts(args.shard_tables, args.each_part),
+        expand_parts(args.embeddings, args.each_part),
         parse_options_json(args.kmeans_options_json),
         parse_options_json(args.options_json),
         args.out_grid,

@@ -20,7 +20,15 @@ from tqdm import tqdm
 
 from unicom import formats
 from unicom.assign import ASSIGN_METADATA_KEY
-from unicom.io import UnicomError, atomic_path, run_cli, setup_logging, write_json
+from unicom.io import (
+    UnicomError,
+    add_each_part_option,
+    atomic_path,
+    expand_parts,
+    run_cli,
+    setup_logging,
+    write_json,
+)
 
 log = logging.getLogger("unicom.cluster_report")
 
@@ -194,9 +202,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out-json", required=True, help="sizes.json to write")
     parser.add_argument("--out-png", required=True, help="sizes.png to write")
+    add_each_part_option(parser)
     args = parser.parse_args(argv)
     setup_logging()
-    stats = read_stats(args.assignments)
+    stats = read_stats(expand_parts(args.assignments, args.each_part))
     summary = size_summary(stats, args.min_cluster_size)
     plot_sizes(stats, args.min_cluster_size, args.out_png)
     write_json(args.out_json, summary)

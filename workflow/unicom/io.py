@@ -6,6 +6,7 @@ file that Snakemake (or a human) could mistake for a finished one.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -13,7 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,63 @@ def parse_options_json(text: str) -> dict[str, Any]:
     if not isinstance(options, dict):
         raise UnicomError("--options-json must be a JSON object (a config section)")
     return options
+
+
+def check_pairs(name: str, items: Sequence[str], other_name: str, others: Sequence[str]) -> None:
+    """Two file lists given item by item (``--shard a b --out x y``) must be as long."""
+    if len(items) != len(others):
+        raise UnicomError(
+            f"{len(items)} {name} but {len(others)} {other_name}: give one {other_name} per {name}"
+        )
+
+
+def batch_name(part: str, shards_per_job: int) -> str:
+    """The job batch of a part: its name without the last log10(shards_per_job) digits
+    (``00127`` is in batch ``0012`` with 10 shards per job, in ``00127`` with 1)."""
+    digits = len(str(shards_per_job)) - 1
+    return part[: len(part) - digits] if digits else part
+
+
+FIELDS = ("{part}", "{batch}")
+
+
+def add_each_part_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--each-part",
+        metavar="PARTS_DIR",
+        help="expand {part} (or {batch}) in the file arguments over the parts (job batches) of "
+        "PARTS_DIR/manifest.json, split_urls' output: keeps the command short at 10,000s of shards",
+    )
+
+
+def expand_parts(paths: Sequence[str], parts_dir: str | None) -> list[str]:
+    """``paths`` with each one holding ``{part}`` repeated for every part in manifest order
+    (``{batch}``: for every job batch of parts).
+
+    The workflow passes per-shard inputs this way because a shell command is one argument to
+    ``bash -c``, and Linux caps one argument at 128 KiB (~3,500 file names).
+    """
+    templated = [p for p in paths if any(field in p for field in FIELDS)]
+    if parts_dir is None:
+        if templated:
+            raise UnicomError(f"{templated[0]} holds {{part}} or {{batch}}: give --each-part")
+        return list(paths)
+    manifest_path = Path(parts_dir) / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        parts = list(manifest["parts"])
+        per_job = int(manifest.get("shards_per_job", 1))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UnicomError(f"{manifest_path}: not a split_urls manifest ({err})") from None
+    names = {"{part}": parts, "{batch}": list(dict.fromkeys(batch_name(p, per_job) for p in parts))}
+    expanded: list[str] = []
+    for path in paths:
+        field = next((f for f in FIELDS if f in path), None)
+        if field is None:
+            expanded.append(path)
+        else:
+            expanded.extend(path.replace(field, name) for name in names[field])
+    return expanded
 
 
 def setup_logging(verbose: bool = False) -> logging.Logger:

@@ -35,7 +35,9 @@ from unicom import formats
 from unicom.config import load_schema
 from unicom.io import (
     UnicomError,
+    add_each_part_option,
     atomic_path,
+    expand_parts,
     parse_options_json,
     run_cli,
     setup_logging,
@@ -505,10 +507,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-stats", required=True, help="kmeans.json to write")
     parser.add_argument("--options-json", required=True, help="the config's kmeans section as JSON")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for faiss")
+    add_each_part_option(parser)
     args = parser.parse_args(argv)
     setup_logging()
+    fused = expand_parts(args.fused, args.each_part)
     centroids, stats = cluster_files(
-        args.fused, parse_options_json(args.options_json), threads=args.threads
+        fused, parse_options_json(args.options_json), threads=args.threads
     )
     save_centroids(args.out_centroids, centroids)
     write_json(args.out_stats, stats)

@@ -22,6 +22,7 @@ from PIL import Image
 from unicom.download import (
     download_options,
     download_part,
+    download_parts,
     merge_rows,
     output_schema,
     partition_by_scheme,
@@ -185,6 +186,8 @@ def downloaded(server, tmp_path_factory):
         expected[part] = [status for _, status in spec]
         command = [sys.executable, "-m", "unicom.download", "--part", str(part_path)]
         command += ["--out-dir", str(out_dir), "--options-json", json.dumps(OPTIONS)]
+        # One job per part here (shards_per_job 1): the job summary is named after the part.
+        command += ["--summary", str(out_dir / f"{part}.summary.json")]
         procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=120)
@@ -200,7 +203,7 @@ def read_tar(path: Path) -> dict[str, bytes]:
 def test_every_row_accounted_and_in_the_right_bucket(downloaded):
     out_dir, expected = downloaded
     for part, statuses in expected.items():
-        summary = json.loads((out_dir / f"{part}.summary.json").read_text())
+        (summary,) = json.loads((out_dir / f"{part}.summary.json").read_text())["parts"]
         assert summary["part"] == part
         assert summary["input_rows"] == len(statuses)
         assert sum(summary["counts"].values()) == len(statuses)
@@ -210,7 +213,7 @@ def test_every_row_accounted_and_in_the_right_bucket(downloaded):
         assert table.column("key").to_pylist() == [
             global_key(part, f"{row:09d}") for row in range(len(statuses))
         ]
-        stats = json.loads((out_dir / f"{part}_stats.json").read_text())
+        stats = summary["img2dataset"]
         assert stats["successes"] == summary["counts"]["success"]
         assert stats["count"] == len(statuses) - summary["counts"]["rejected_scheme"]
 
@@ -226,7 +229,7 @@ def test_failure_reasons(downloaded):
     assert b[2]["error_message"] == "image too small"
     assert "X-Robots-Tag" in b[3]["error_message"]
     assert "'data'" in b[4]["error_message"] and "missing" in b[5]["error_message"]
-    summary = json.loads((out_dir / "00000.summary.json").read_text())
+    (summary,) = json.loads((out_dir / "00000.summary.json").read_text())["parts"]
     assert summary["errors"]["Image decoding error"] == 2
     assert "success" not in summary["errors"]
 
@@ -267,9 +270,7 @@ def test_extra_columns_carried_and_rejected_rows_kept(downloaded):
 
 def test_no_leftovers(downloaded):
     out_dir, expected = downloaded
-    wanted = {
-        f"{p}{s}" for p in expected for s in (".tar", ".parquet", "_stats.json", ".summary.json")
-    }
+    wanted = {f"{p}{s}" for p in expected for s in (".tar", ".parquet", ".summary.json")}
     assert {p.name for p in out_dir.iterdir()} == wanted  # no .work, no temp files
 
 
@@ -281,7 +282,20 @@ def test_no_allowed_row_gives_valid_empty_outputs(tmp_path):
     assert read_tar(tmp_path / "out" / "00007.tar") == {}
     table = pq.read_table(tmp_path / "out" / "00007.parquet")
     assert table.num_rows == 2 and table.schema == output_schema(pq.read_schema(part))
-    assert json.loads((tmp_path / "out" / "00007_stats.json").read_text())["count"] == 0
+    assert summary["img2dataset"]["count"] == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00007.parquet", "00007.tar"]
+
+
+def test_a_job_downloads_its_parts_in_turn_and_summarizes_them_once(tmp_path):
+    parts = []
+    for name in ("00010", "00011"):
+        parts.append(tmp_path / f"{name}.parquet")
+        write_part(parts[-1], [("ftp://example.org/a.jpg", "")])
+    summaries = download_parts(parts, tmp_path / "out", tmp_path / "job.json", {})
+    assert [s["part"] for s in summaries] == ["00010", "00011"]
+    assert json.loads((tmp_path / "job.json").read_text()) == {"parts": summaries}
+    with pytest.raises(UnicomError, match="given twice"):
+        download_parts([parts[0], parts[0]], tmp_path / "out", tmp_path / "again.json", {})
 
 
 def test_rejection_reason_and_partition():
@@ -337,7 +351,8 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys):
         download_options({"thread_count": 3})
     with pytest.raises(SystemExit) as exit_info:
         run_cli(__import__("unicom.download").download.main, ["--part", str(tmp_path / "x.parquet"),
-                "--out-dir", str(tmp_path), "--options-json", "{}"])  # fmt: skip
+                "--out-dir", str(tmp_path), "--summary", str(tmp_path / "s.json"),
+                "--options-json", "{}"])  # fmt: skip
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "x.parquet: file not found" in err

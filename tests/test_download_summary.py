@@ -1,6 +1,6 @@
 import pytest
 
-from unicom.download_summary import combine_summaries, summary_table
+from unicom.download_summary import combine_summaries, part_summaries, summary_table
 from unicom.io import UnicomError
 
 PARTS = [
@@ -43,3 +43,14 @@ def test_table_has_one_line_per_part_and_a_column_per_status():
     lines = summary_table(PARTS).splitlines()
     assert lines[0] == "part,input_rows,failed_to_download,rejected_scheme,success"
     assert lines[1:] == ["00000,5,2,0,3", "00001,4,0,1,3"]
+
+
+def test_every_part_of_the_manifest_is_summarized_exactly_once():
+    jobs = [{"parts": PARTS[:1]}, {"parts": PARTS[1:]}]
+    assert part_summaries(jobs, ["00000", "00001"]) == PARTS
+    with pytest.raises(UnicomError, match="part\\(s\\) 00002 missing"):
+        part_summaries(jobs, ["00000", "00001", "00002"])
+    with pytest.raises(UnicomError, match="00001 twice"):
+        part_summaries([*jobs, {"parts": PARTS[1:]}], ["00000", "00001"])
+    with pytest.raises(UnicomError, match="00001 not in the manifest"):
+        part_summaries(jobs, ["00000"])

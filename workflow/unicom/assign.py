@@ -1,4 +1,4 @@
-"""Pseudo-label one shard: the nearest k-means centroid of each fused embedding.
+"""Pseudo-label shards: the nearest k-means centroid of each fused embedding.
 
 Writes ``assign/{part}.parquet`` with ``key``, ``label`` (int32), ``sim`` (cosine to that
 centroid) and ``sim2`` (cosine to the second nearest, so that training can drop ambiguous
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from unicom import formats
-from unicom.io import UnicomError, parse_options_json, run_cli, setup_logging, write_parquet
+from unicom.io import (
+    UnicomError,
+    check_pairs,
+    parse_options_json,
+    run_cli,
+    setup_logging,
+    write_parquet,
+)
 from unicom.kmeans import (
     EMBEDDING_COLUMN,
     centroid_index,
@@ -40,14 +47,22 @@ ASSIGN_METADATA_KEY = b"unicom.assign"
 
 
 def assign_vectors(
-    vectors: np.ndarray, centroids: np.ndarray, gpu: bool = False, batch_size: int = 65536
+    vectors: np.ndarray,
+    centroids: np.ndarray,
+    gpu: bool = False,
+    batch_size: int = 65536,
+    index: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(n, d) unit vectors -> (label int32, sim float32, second-best sim float32)."""
+    """(n, d) unit vectors -> (label int32, sim float32, second-best sim float32).
+
+    ``index`` is ``centroid_index(centroids, gpu)`` when the caller labels several shards.
+    """
     if len(centroids) < 2:
         raise UnicomError(
             f"need at least 2 centroids for a second-best similarity, got {len(centroids)}"
         )
-    sims, labels = search_centroids(centroid_index(centroids, gpu), vectors, 2, batch_size)
+    index = index if index is not None else centroid_index(centroids, gpu)
+    sims, labels = search_centroids(index, vectors, 2, batch_size)
     return labels[:, 0].astype(np.int32), sims[:, 0].copy(), sims[:, 1].copy()
 
 
@@ -60,6 +75,59 @@ def read_vectors(path: str, column: str = EMBEDDING_COLUMN) -> tuple[pa.ChunkedA
     return table["key"], l2_normalize(vectors)
 
 
+def assign_files(
+    fused_paths: Sequence[str],
+    centroids_path: str,
+    out_paths: Sequence[str],
+    options: Mapping[str, Any],
+    threads: int | None = None,
+) -> list[pa.Table]:
+    """Label every row of each fused file (centroids loaded once); write and return the tables."""
+    check_pairs("--fused", fused_paths, "--out", out_paths)
+    options = section_options(["assign"], options)
+    tune_faiss(threads)
+    gpu = resolve_gpu(options["gpu"])
+    centroids = load_centroids(centroids_path)
+    index = centroid_index(centroids, gpu) if len(centroids) >= 2 else None
+    digest = centroids_digest(centroids)
+    tables = []
+    for fused_path, out_path in zip(fused_paths, out_paths, strict=True):
+        keys, vectors = read_vectors(fused_path)
+        if vectors.shape[1] != centroids.shape[1]:
+            raise UnicomError(
+                f"{fused_path}: embeddings have dimension {vectors.shape[1]}, but the centroids "
+                f"in {centroids_path} have {centroids.shape[1]} (rerun kmeans)"
+            )
+        labels, sims, sims2 = assign_vectors(vectors, centroids, gpu, options["batch_size"], index)
+        table = pa.table(
+            {
+                "key": keys,
+                "label": pa.array(labels, pa.int32()),
+                "sim": pa.array(sims, pa.float32()),
+                "sim2": pa.array(sims2, pa.float32()),
+            }
+        )
+        identity = {
+            "k": len(centroids),
+            "d": centroids.shape[1],
+            "centroids_sha256": digest,
+            # How the clustered vectors were made, for reports downstream.
+            "fusion": formats.read_metadata(fused_path, formats.FUSION_METADATA_KEY),
+        }
+        write_parquet(out_path, formats.with_metadata(table, {ASSIGN_METADATA_KEY: identity}))
+        log.info(
+            "%s: %d rows -> %s (k=%d, %s, mean sim %.3f)",
+            fused_path,
+            table.num_rows,
+            out_path,
+            len(centroids),
+            "GPU" if gpu else "CPU",
+            float(sims.mean()) if len(sims) else float("nan"),
+        )
+        tables.append(table)
+    return tables
+
+
 def assign_file(
     fused_path: str,
     centroids_path: str,
@@ -68,55 +136,19 @@ def assign_file(
     threads: int | None = None,
 ) -> pa.Table:
     """Label every row of one fused file; write and return the assignment table."""
-    options = section_options(["assign"], options)
-    tune_faiss(threads)
-    gpu = resolve_gpu(options["gpu"])
-    centroids = load_centroids(centroids_path)
-    keys, vectors = read_vectors(fused_path)
-    if vectors.shape[1] != centroids.shape[1]:
-        raise UnicomError(
-            f"{fused_path}: embeddings have dimension {vectors.shape[1]}, but the centroids in "
-            f"{centroids_path} have {centroids.shape[1]} (rerun kmeans)"
-        )
-    labels, sims, sims2 = assign_vectors(vectors, centroids, gpu, options["batch_size"])
-    table = pa.table(
-        {
-            "key": keys,
-            "label": pa.array(labels, pa.int32()),
-            "sim": pa.array(sims, pa.float32()),
-            "sim2": pa.array(sims2, pa.float32()),
-        }
-    )
-    identity = {
-        "k": len(centroids),
-        "d": centroids.shape[1],
-        "centroids_sha256": centroids_digest(centroids),
-        # How the clustered vectors were made, for reports downstream.
-        "fusion": formats.read_metadata(fused_path, formats.FUSION_METADATA_KEY),
-    }
-    write_parquet(out_path, formats.with_metadata(table, {ASSIGN_METADATA_KEY: identity}))
-    log.info(
-        "%s: %d rows -> %s (k=%d, %s, mean sim %.3f)",
-        fused_path,
-        table.num_rows,
-        out_path,
-        len(centroids),
-        "GPU" if gpu else "CPU",
-        float(sims.mean()),
-    )
-    return table
+    return assign_files([fused_path], centroids_path, [out_path], options, threads)[0]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m unicom.assign", description=__doc__)
-    parser.add_argument("--fused", required=True, help="fused Parquet of one shard")
+    parser.add_argument("--fused", nargs="+", required=True, help="fused Parquet per shard")
     parser.add_argument("--centroids", required=True, help="centroids.npy from unicom.kmeans")
-    parser.add_argument("--out", required=True, help="assignment Parquet to write")
+    parser.add_argument("--out", nargs="+", required=True, help="assignment Parquet per shard")
     parser.add_argument("--options-json", default="{}", help="the config's assign options as JSON")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for faiss")
     args = parser.parse_args(argv)
     setup_logging()
-    assign_file(
+    assign_files(
         args.fused, args.centroids, args.out, parse_options_json(args.options_json), args.threads
     )
 

@@ -1,11 +1,12 @@
-"""Download one URL-list part with img2dataset into one webdataset shard, accounting for every row.
+"""Download URL-list parts with img2dataset, one webdataset shard each, accounting for every row.
 
-Outputs (``part`` = the part file's stem), each written atomically, the summary last:
+Outputs per part (``part`` = the part file's stem), each written atomically:
 
 - ``{part}.tar``           webdataset shard; keys are ``formats.global_key(part, row)``
 - ``{part}.parquet``       one row per input row: key, status, error_message, url, caption, extras
-- ``{part}_stats.json``    img2dataset's statistics for the shard
-- ``{part}.summary.json``  counts per status (they add up to the input rows) and per error message
+
+and, once every part of the job is done, one ``--summary`` JSON: per part, the counts per status
+(they add up to the input rows), per error message, and img2dataset's statistics.
 
 Only URLs whose scheme is in ``allowed_schemes`` reach img2dataset; the others are recorded as
 ``rejected_scheme`` and never opened. img2dataset runs in ``OUT_DIR/.work/{part}/``, removed on
@@ -353,7 +354,7 @@ def finished_shard(folder: Path) -> str:
 
 
 def download_part(part_path: str | Path, out_dir: str | Path, options: Mapping[str, Any]) -> dict:
-    """Download one part; write the shard, its tables and summary; return the summary."""
+    """Download one part; write the shard and its table; return the part's summary."""
     started = time.monotonic()
     options = download_options({k: v for k, v in options.items() if k not in SCHEDULER_OPTIONS})
     part_path, out_dir = Path(part_path), Path(out_dir)
@@ -403,8 +404,7 @@ def download_part(part_path: str | Path, out_dir: str | Path, options: Mapping[s
             )
         summary = summarize(part, result, input_rows, time.monotonic() - started)
     write_parquet(out_dir / f"{part}.parquet", result)
-    write_json(out_dir / f"{part}_stats.json", stats)
-    write_json(out_dir / f"{part}.summary.json", summary)
+    summary["img2dataset"] = stats
     shutil.rmtree(work_dir, ignore_errors=True)
     with contextlib.suppress(OSError):  # other parts may still be working beside us
         (out_dir / ".work").rmdir()
@@ -412,14 +412,32 @@ def download_part(part_path: str | Path, out_dir: str | Path, options: Mapping[s
     return summary
 
 
+def download_parts(
+    part_paths: Sequence[str | Path],
+    out_dir: str | Path,
+    summary_path: str | Path,
+    options: Mapping[str, Any],
+) -> list[dict]:
+    """Download the parts in turn, then write their summaries as one JSON (the job's last file)."""
+    names = [Path(p).stem for p in part_paths]
+    if len(set(names)) != len(names):
+        raise UnicomError(f"a part is given twice: {names}")
+    summaries = [download_part(part, out_dir, options) for part in part_paths]
+    write_json(summary_path, {"parts": summaries})
+    return summaries
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m unicom.download", description=__doc__)
-    parser.add_argument("--part", required=True, help="URL-list part (split_urls output)")
+    parser.add_argument(
+        "--part", nargs="+", required=True, help="URL-list parts (split_urls output), in turn"
+    )
     parser.add_argument("--out-dir", required=True, help="folder receiving the shard files")
+    parser.add_argument("--summary", required=True, help="JSON summary of the job's parts")
     parser.add_argument("--options-json", required=True, help="the config's download section")
     args = parser.parse_args(argv)
     setup_logging()
-    download_part(args.part, args.out_dir, parse_options_json(args.options_json))
+    download_parts(args.part, args.out_dir, args.summary, parse_options_json(args.options_json))
 
 
 if __name__ == "__main__":

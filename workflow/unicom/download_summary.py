@@ -1,4 +1,4 @@
-"""Gather the per-part download summaries into one accounting of the whole URL list.
+"""Gather the download jobs' summaries into one accounting of the whole URL list.
 
 Every row of the URL list must be counted exactly once: as a success or under the reason it
 was dropped. This stage refuses to write a summary whose counts do not add up.
@@ -13,9 +13,28 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from unicom.io import UnicomError, run_cli, setup_logging, write_json, write_text
+from tqdm import tqdm
+
+from unicom.io import UnicomError, expand_parts, run_cli, setup_logging, write_json, write_text
 
 log = logging.getLogger("unicom.download_summary")
+
+
+def part_summaries(jobs: list[dict[str, Any]], expected_parts: list[str]) -> list[dict[str, Any]]:
+    """The part summaries of every download job; each part of the manifest exactly once."""
+    summaries = [part for job in jobs for part in job["parts"]]
+    seen = Counter(s["part"] for s in summaries)
+    twice = sorted(part for part, n in seen.items() if n > 1)
+    missing = sorted(set(expected_parts) - set(seen))
+    unknown = sorted(set(seen) - set(expected_parts))
+    for problem, parts in (
+        ("twice", twice),
+        ("missing", missing),
+        ("not in the manifest", unknown),
+    ):
+        if parts:
+            raise UnicomError(f"download summaries: part(s) {', '.join(parts[:5])} {problem}")
+    return summaries
 
 
 def combine_summaries(summaries: list[dict[str, Any]], expected_rows: int | None) -> dict[str, Any]:
@@ -58,14 +77,18 @@ def summary_table(summaries: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m unicom.download_summary", description=__doc__)
-    parser.add_argument("summaries", nargs="+", help="per-part *.summary.json files")
+    parser.add_argument(
+        "summaries", nargs="+", help="download jobs' summary JSON files, or one with {batch} in it"
+    )
     parser.add_argument("--parts-dir", required=True, help="split_urls output (has manifest.json)")
     parser.add_argument("--out", required=True, help="combined summary JSON")
     parser.add_argument("--out-table", required=True, help="per-part CSV table")
     args = parser.parse_args(argv)
     setup_logging()
     manifest = json.loads((Path(args.parts_dir) / "manifest.json").read_text())
-    summaries = [json.loads(Path(p).read_text()) for p in args.summaries]
+    paths = expand_parts(args.summaries, args.parts_dir)
+    jobs = [json.loads(Path(p).read_text()) for p in tqdm(paths, unit="job", mininterval=5)]
+    summaries = part_summaries(jobs, manifest["parts"])
     combined = combine_summaries(summaries, manifest["total_rows"])
     write_text(args.out_table, summary_table(summaries))
     write_json(args.out, combined)

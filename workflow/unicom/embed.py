@@ -1,8 +1,9 @@
-"""Embed one webdataset shard: image and caption embeddings per sample -> Parquet.
+"""Embed webdataset shards: image and caption embeddings per sample -> one Parquet per shard.
 
-The shard (a tar written by img2dataset) is streamed; DataLoader workers decode and
-transform images while the main process runs the encoders. Samples whose image cannot be
-decoded are skipped and listed, with the reason, in a CSV beside the output.
+Each shard (a tar written by img2dataset) is streamed; DataLoader workers decode and
+transform images while the main process runs the encoders, loaded once for all the shards of
+the job. Samples whose image cannot be decoded are skipped and listed, with the reason, in
+one CSV for the job.
 
 Output columns: ``key``, ``caption``, ``url``, ``image_emb``, ``text_emb`` (fixed-size lists
 of float16, L2-normalised), rows in shard order, encoder identity in the file metadata.
@@ -44,6 +45,7 @@ from unicom.faults import fail_once_if_marked
 from unicom.io import (
     UnicomError,
     atomic_path,
+    check_pairs,
     parse_options_json,
     run_cli,
     setup_logging,
@@ -415,44 +417,53 @@ def run_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m unicom.embed", description=__doc__)
-    parser.add_argument("--shard", required=True, help="webdataset tar written by img2dataset")
-    parser.add_argument("--out", required=True, help="output Parquet")
-    parser.add_argument("--skipped", required=True, help="CSV of skipped samples (key, reason)")
+    parser.add_argument(
+        "--shard", nargs="+", required=True, help="webdataset tars written by img2dataset"
+    )
+    parser.add_argument("--out", nargs="+", required=True, help="output Parquet per shard")
+    parser.add_argument(
+        "--skipped", required=True, help="CSV of the samples skipped in any shard (key, reason)"
+    )
     parser.add_argument("--options-json", required=True, help="the embed config section as JSON")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     setup_logging()
-    fail_once_if_marked("embed", Path(args.shard).stem)  # rerun tests only
+    check_pairs("--shard", args.shard, "--out", args.out)
     # The Rust tokenizer's own thread pool would compete with torch for the same cores.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     options = parse_options_json(args.options_json)
     run = run_options(options)
-    if not Path(args.shard).is_file():  # before spending seconds on loading models
-        raise UnicomError(f"shard {args.shard} does not exist")
+    for shard in args.shard:  # before spending seconds on loading models
+        if not Path(shard).is_file():
+            raise UnicomError(f"shard {shard} does not exist")
     torch.set_num_threads(run["threads"])
     device = resolve_device(str(run["device"]))
-    encoder = build_encoder(options, device)
+    encoder = build_encoder(options, device)  # once for all the job's shards
     log.info(
         "encoder %s on %s, %d threads", options.get("encoder", "open_clip"), device, run["threads"]
     )
 
-    start = time.perf_counter()
-    result = embed_shard(
-        args.shard, encoder, run["batch_size"], run["num_workers"], not args.no_progress
-    )
-    seconds = time.perf_counter() - start
-    write_skipped_csv(args.skipped, result.skipped)
-    write_parquet(args.out, result_table(result, encoder.identity))
-    log.info(
-        "%s: embedded %d images, skipped %d, in %.1f s (%.1f img/s) -> %s",
-        args.shard,
-        result.rows,
-        len(result.skipped),
-        seconds,
-        result.rows / seconds if seconds > 0 else float("nan"),
-        args.out,
-    )
+    skipped: list[tuple[str, str]] = []  # keys name their shard
+    for shard, out in zip(args.shard, args.out, strict=True):
+        fail_once_if_marked("embed", Path(shard).stem)  # rerun tests only
+        start = time.perf_counter()
+        result = embed_shard(
+            shard, encoder, run["batch_size"], run["num_workers"], not args.no_progress
+        )
+        seconds = time.perf_counter() - start
+        skipped += result.skipped
+        write_parquet(out, result_table(result, encoder.identity))
+        log.info(
+            "%s: embedded %d images, skipped %d, in %.1f s (%.1f img/s) -> %s",
+            shard,
+            result.rows,
+            len(result.skipped),
+            seconds,
+            result.rows / seconds if seconds > 0 else float("nan"),
+            out,
+        )
+    write_skipped_csv(args.skipped, skipped)
 
 
 if __name__ == "__main__":

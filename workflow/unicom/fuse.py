@@ -15,7 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from unicom import formats
-from unicom.io import UnicomError, parse_options_json, run_cli, setup_logging, write_parquet
+from unicom.io import (
+    UnicomError,
+    check_pairs,
+    parse_options_json,
+    run_cli,
+    setup_logging,
+    write_parquet,
+)
 
 MODES = ("image", "text", "mean", "concat")
 log = logging.getLogger("unicom.fuse")
@@ -86,16 +93,16 @@ def fuse_file(src: str, dst: str, options: dict[str, Any]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m unicom.fuse", description=__doc__)
-    parser.add_argument("--embeddings", required=True, help="embed stage Parquet of one shard")
-    parser.add_argument("--out", required=True, help="fused Parquet to write")
+    parser.add_argument("--embeddings", nargs="+", required=True, help="embed Parquet per shard")
+    parser.add_argument("--out", nargs="+", required=True, help="fused Parquet per shard")
     parser.add_argument("--options-json", required=True, help="the config's fuse section as JSON")
     args = parser.parse_args(argv)
     setup_logging()
+    check_pairs("--embeddings", args.embeddings, "--out", args.out)
     options = parse_options_json(args.options_json)
-    rows = fuse_file(args.embeddings, args.out, options)
-    log.info(
-        "fused %d rows of %s with mode %s -> %s", rows, args.embeddings, options["mode"], args.out
-    )
+    for embeddings, out in zip(args.embeddings, args.out, strict=True):
+        rows = fuse_file(embeddings, out, options)
+        log.info("fused %d rows of %s with mode %s -> %s", rows, embeddings, options["mode"], out)
 
 
 if __name__ == "__main__":

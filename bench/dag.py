@@ -1,12 +1,18 @@
 """How long Snakemake takes to plan the whole DAG at 10,000 shards (goal: `snakemake -n` < 20 s).
 
 Builds a working folder with a URL list of 10,000 http URLs, runs the real `split_urls`
-checkpoint on it with shard_size 1 (10,000 parts, as a LAION-sized run would have), then times
+checkpoint on it with shard_size 1 (10,000 parts, as a LAION-sized run would have) and
+download.shards_per_job 10 (the per-shard stages run 1,000 jobs each), then times
 `snakemake -n` of the default target -- every stage of every shard -- and prints the seconds and
 the number of jobs planned. Nothing is downloaded.
 
+Every snakemake start also pays for its plugins' start-up, which the script times apart
+(`snakemake --version`): the SLURM plugin runs `scontrol show config`, which waits ~9 s on a
+machine that has SLURM's client but no reachable controller.
+
     python bench/dag.py                     # 10,000 parts (split ~1 min, then the timings)
     python bench/dag.py --parts 2000        # quicker
+    python bench/dag.py --shards-per-job 1  # one job per shard and stage (40,000 jobs)
     python bench/dag.py --workdir /tmp/dag  # keep the folder: a second call skips the split
     python bench/dag.py --profile 30        # also cProfile one dry run; top 30 functions
     python bench/dag.py --snakefile /tmp/try/Snakefile   # time a changed copy of the workflow
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import os
 import pstats
 import re
@@ -46,13 +53,13 @@ def url_table(rows: int) -> pa.Table:
     )
 
 
-def bench_config(url_list: Path) -> dict:
+def bench_config(url_list: Path, shards_per_job: int) -> dict:
     """The pipeline config of the benchmark: the URL list above, one row per part."""
     return {
         "output_dir": "results",
         "demo": {"enabled": False},
         "data": {"url_list": [str(url_list)], "extra_cols": []},
-        "download": {"shard_size": 1},
+        "download": {"shard_size": 1, "shards_per_job": shards_per_job},
     }
 
 
@@ -97,15 +104,19 @@ def run(cmd: list[str]) -> tuple[float, float, str]:
     return seconds, cpu, output
 
 
-def prepare(workdir: Path, parts: int) -> float:
+def prepare(workdir: Path, parts: int, shards_per_job: int) -> float:
     """URL list + config + the real split_urls checkpoint; seconds spent splitting (0 if done)."""
     manifest = workdir / "results/parts/manifest.json"
     url_list = workdir / "urls.parquet"
-    if manifest.exists() and pq.read_metadata(url_list).num_rows == parts:
+    if (
+        manifest.exists()
+        and pq.read_metadata(url_list).num_rows == parts
+        and json.loads(manifest.read_text()).get("shards_per_job", 1) == shards_per_job
+    ):
         return 0.0
     workdir.mkdir(parents=True, exist_ok=True)
     pq.write_table(url_table(parts), url_list)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(bench_config(url_list)))
+    (workdir / "config.yaml").write_text(yaml.safe_dump(bench_config(url_list, shards_per_job)))
     seconds, _, _ = run(snakemake_command(workdir, "split_urls"))
     return seconds
 
@@ -137,6 +148,9 @@ def profile_dry_run(workdir: Path, snakefile: Path, top: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", type=int, default=10_000, help="URL-list parts (= shards)")
+    parser.add_argument(
+        "--shards-per-job", type=int, default=10, help="download.shards_per_job (1, 10, 100)"
+    )
     parser.add_argument("--workdir", help="working folder to use and keep (default: a temp one)")
     parser.add_argument("--repeats", type=int, default=1, help="timed dry runs (best, median)")
     parser.add_argument("--profile", type=int, metavar="TOP", default=0, help="cProfile top N")
@@ -145,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="unicom-dag-") as tmp:
         workdir = Path(args.workdir).resolve() if args.workdir else Path(tmp)
-        split_s = prepare(workdir, args.parts)
+        split_s = prepare(workdir, args.parts, args.shards_per_job)
+        startup_s, startup_cpu, _ = run([sys.executable, "-m", "snakemake", "--version"])
         if split_s:
             print(f"split_urls: {args.parts} parts in {split_s:.1f} s")
 
@@ -165,6 +180,10 @@ def main(argv: list[str] | None = None) -> None:
             f"parts: {args.parts}   jobs planned: {total}   ({', '.join(map(str, jobs.items()))})"
         )
         print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        print(
+            f"snakemake start-up alone (--version): wall {startup_s:.1f} s, cpu {startup_cpu:.1f} s"
+            " (included below)"
+        )
         for label, values in timings.items():
             walls, cpus = [wall for wall, _ in values], [cpu for _, cpu in values]
             best = min(walls)

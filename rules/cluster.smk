@@ -1,4 +1,5 @@
-# Pseudo-classes: k-means over all shards' fused embeddings, then one assign job per shard,
+# Pseudo-classes: k-means over all shards' fused embeddings, then assign jobs (one per batch
+# of shards),
 # then cluster sizes and diagnostics. Params carry only the kmeans/assign options, so a change
 # of kmeans.k (or of fuse.*, through the fused files) reruns this stage and nothing upstream.
 
@@ -9,7 +10,8 @@ DIAGNOSTICS = ASSIGN["diagnostics"]
 
 rule kmeans:
     input:
-        all_parts("fused/{part}.parquet"),
+        parts=out("parts"),
+        fused=all_parts("fused/{part}.parquet"),
     output:
         centroids=out("kmeans/centroids.npy"),
         stats=out("kmeans/kmeans.json"),
@@ -26,21 +28,23 @@ rule kmeans:
         gpu=KMEANS["gpus"],
     params:
         options=job_options(KMEANS),
+        fused=each_part("fused/{part}.parquet"),
     shell:
         "python -m unicom.kmeans --out-centroids {output.centroids:q} --out-stats {output.stats:q}"
-        " --threads {threads} --options-json {params.options:q} {input:q} 2> {log:q}"
+        " --threads {threads} --options-json {params.options:q}"
+        " --each-part {input.parts:q} {params.fused:q} 2> {log:q}"
 
 
 rule assign:
     input:
-        fused=out("fused/{part}.parquet"),
+        fused=batch_files("fused/{part}.parquet"),
         centroids=rules.kmeans.output.centroids,
     output:
-        out("assign/{part}.parquet"),
+        batch_files("assign/{part}.parquet"),
     log:
-        out("logs/assign/{part}.log"),
+        out("logs/assign/{batch}.log"),
     benchmark:
-        out("benchmarks/assign/{part}.tsv")
+        out("benchmarks/assign/{batch}.tsv")
     conda:
         "../envs/torch-gpu.yaml" if ASSIGN["gpus"] else "../envs/torch-cpu.yaml"
     threads: ASSIGN["threads"]
@@ -59,7 +63,8 @@ rule assign:
 
 rule cluster_sizes:
     input:
-        all_parts("assign/{part}.parquet"),
+        parts=out("parts"),
+        assignments=all_parts("assign/{part}.parquet"),
     output:
         json=out("clusters/sizes.json"),
         png=report(
@@ -78,17 +83,19 @@ rule cluster_sizes:
         runtime=30,
     params:
         min_cluster_size=ASSIGN["min_cluster_size"],
+        assignments=each_part("assign/{part}.parquet"),
     shell:
         "python -m unicom.cluster_report --min-cluster-size {params.min_cluster_size:q}"
-        " --out-json {output.json:q} --out-png {output.png:q} {input:q} 2> {log:q}"
+        " --out-json {output.json:q} --out-png {output.png:q}"
+        " --each-part {input.parts:q} {params.assignments:q} 2> {log:q}"
 
 
 rule cluster_diagnostics:
     input:
-        assignments=all_parts("assign/{part}.parquet"),
-        shards=all_parts("shards/{part}.tar"),
-        tables=all_parts("shards/{part}.parquet"),
-        embeddings=all_parts("embed/{part}.parquet"),
+        assignments=diagnostic_files("assign/{part}.parquet"),
+        shards=diagnostic_files("shards/{part}.tar"),
+        tables=diagnostic_files("shards/{part}.parquet"),
+        embeddings=diagnostic_files("embed/{part}.parquet"),
     output:
         grid=report(
             out("clusters/grid.png"),

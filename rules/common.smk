@@ -1,5 +1,6 @@
 import glob
 import json
+import random
 
 from unicom.benchmarks import FASHION_MNIST_DIR
 
@@ -8,6 +9,7 @@ OUT = config["output_dir"]
 
 wildcard_constraints:
     part=r"\d+",
+    batch=r"\d+",
 
 
 def out(path):
@@ -32,6 +34,54 @@ def job_options(section, drop=SCHEDULER_KEYS):
 
 def all_parts(pattern):
     return lambda wildcards: expand(out(pattern), part=part_names())
+
+
+def batch_names():
+    """The per-shard jobs' batches: part names without their last digits."""
+    return sorted({part[: len(part) - BATCH_DIGITS] for part in part_names()})
+
+
+def batch_parts(parts_dir, batch):
+    """The part files of one batch job."""
+    return [
+        os.path.join(parts_dir, f"{batch}{suffix}.parquet") for suffix in PART_SUFFIXES
+    ]
+
+
+def diagnostic_parts():
+    """The shards the cluster diagnostics read: all, or a seeded sample of max_shards."""
+    parts = part_names()
+    options = config["assign"]["diagnostics"]
+    if len(parts) <= options["max_shards"]:
+        return parts
+    return sorted(random.Random(options["seed"]).sample(parts, options["max_shards"]))
+
+
+def diagnostic_files(pattern):
+    return lambda wildcards: expand(out(pattern), part=diagnostic_parts())
+
+
+def each_part(pattern):
+    """`pattern` with {part} kept for `--each-part` (a command line cannot list 10,000s of
+    files); a function, because Snakemake would fill a params string's {part} itself."""
+    return lambda wildcards: out(pattern)
+
+
+# Per-shard rules (download, embed, fuse, assign) run one job per batch of parts whose names
+# share all but their last digits, so that 10,000 shards make 1,000 jobs per stage with 10 per
+# job (Snakemake spends ~1 ms per job planning, and a scheduler wants fewer jobs too).
+SHARDS_PER_JOB = config["download"]["shards_per_job"]
+BATCH_DIGITS = len(str(SHARDS_PER_JOB)) - 1
+PART_SUFFIXES = [
+    f"{i:0{BATCH_DIGITS}d}" if BATCH_DIGITS else "" for i in range(SHARDS_PER_JOB)
+]
+
+
+def batch_files(pattern):
+    """The files of one batch job: {part} = {batch} followed by each last-digit suffix."""
+    return expand(
+        out(pattern.replace("{part}", "{{batch}}{suffix}")), suffix=PART_SUFFIXES
+    )
 
 
 def url_list_files():
@@ -137,16 +187,28 @@ def evaluation_targets():
 def train_launcher(wildcards, resources):
     """The command that starts the ranks, as an argument list."""
     if resources.get("mpi"):
-        # SLURM profiles set `mpi: srun` and `tasks`: srun starts one rank per task, and
+        # SLURM profiles set `mpi: srun`; the rule sets `nodes` and `tasks` (= nodes x
+        # nproc_per_node): srun starts one rank per task, nproc_per_node on each node, and
         # SLURM's pre-timeout signal reaches every rank (torchrun would not forward SIGUSR1).
+        # The counts must be explicit: the plugin drops the allocation's SLURM_NNODES and
+        # SLURM_NTASKS from the command's environment, and a bare srun would start one rank.
         return [
             resources.mpi,
-            "-n",
+            "--nodes",
+            str(resources.nodes),
+            "--ntasks",
             str(resources.tasks),
+            "--ntasks-per-node",
+            str(int(config["train"]["nproc_per_node"])),
             "python",
             "-m",
             "unicom.train",
         ]
+    if int(config["train"]["nodes"]) > 1:
+        sys.exit(
+            "unicom: error: config key train.nodes: above 1 needs a SLURM profile that sets "
+            "mpi: srun for train (torchrun --standalone runs on one node)"
+        )
     nproc = int(config["train"]["nproc_per_node"])
     if nproc > 1:
         return [

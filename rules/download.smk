@@ -1,5 +1,6 @@
-# URL list -> parts -> webdataset shards (img2dataset), one job per part so a failed part
-# reruns alone; every input row is counted in the part's summary.
+# URL list -> parts -> webdataset shards (img2dataset), one job per batch of
+# download.shards_per_job parts (each part its own shard); every input row is counted in
+# its part's summary.
 
 DOWNLOAD = config["download"]
 DATA = config["data"]
@@ -21,27 +22,29 @@ checkpoint split_urls:
         runtime=60,
     params:
         shard_size=DOWNLOAD["shard_size"],
+        shards_per_job=SHARDS_PER_JOB,
         url_col=DATA["url_col"],
         caption_col=DATA["caption_col"],
         extra_cols=["--extra-cols", *DATA["extra_cols"]] if DATA["extra_cols"] else [],
     shell:
         "python -m unicom.split_urls --out-dir {output:q} --shard-size {params.shard_size:q}"
+        " --shards-per-job {params.shards_per_job:q}"
         " --url-col {params.url_col:q} --caption-col {params.caption_col:q}"
         " {input:q} {params.extra_cols:q} 2> {log:q}"
 
 
 rule download:
     input:
-        out("parts/{part}.parquet"),
+        # The folder, not its 10,000s of part files: Snakemake tracks every declared file.
+        out("parts"),
     output:
-        tar=out("shards/{part}.tar"),
-        table=out("shards/{part}.parquet"),
-        stats=out("shards/{part}_stats.json"),
-        summary=out("shards/{part}.summary.json"),
+        tars=batch_files("shards/{part}.tar"),
+        tables=batch_files("shards/{part}.parquet"),
+        summary=out("shards/{batch}.summary.json"),
     log:
-        out("logs/download/{part}.log"),
+        out("logs/download/{batch}.log"),
     benchmark:
-        out("benchmarks/download/{part}.tsv")
+        out("benchmarks/download/{batch}.tsv")
     conda:
         "../envs/data.yaml"
     threads: DOWNLOAD["processes"]
@@ -49,18 +52,19 @@ rule download:
         mem_mb=DOWNLOAD["mem_mb"],
         runtime=DOWNLOAD["runtime"],
     params:
-        out_dir=lambda wildcards, output: os.path.dirname(output.tar),
-        options=job_options(DOWNLOAD, ("mem_mb", "runtime")),
+        parts=lambda wildcards, input: batch_parts(input[0], wildcards.batch),
+        out_dir=lambda wildcards, output: os.path.dirname(output.summary),
+        options=job_options(DOWNLOAD, ("mem_mb", "runtime", "shards_per_job")),
     shell:
-        "python -m unicom.download --part {input:q} --out-dir {params.out_dir:q}"
-        " --options-json {params.options:q} 2> {log:q}"
+        "python -m unicom.download --part {params.parts:q} --out-dir {params.out_dir:q}"
+        " --summary {output.summary:q} --options-json {params.options:q} 2> {log:q}"
 
 
 rule download_summary:
     input:
         manifest=out("parts"),
         summaries=lambda wildcards: expand(
-            out("shards/{part}.summary.json"), part=part_names()
+            out("shards/{batch}.summary.json"), batch=batch_names()
         ),
     output:
         summary=out("download/summary.json"),
@@ -69,7 +73,9 @@ rule download_summary:
         out("logs/download_summary.log"),
     conda:
         "../envs/data.yaml"
+    params:
+        summaries=each_part("shards/{batch}.summary.json"),
     shell:
         "python -m unicom.download_summary --parts-dir {input.manifest:q}"
         " --out {output.summary:q} --out-table {output.table:q}"
-        " {input.summaries:q} 2> {log:q}"
+        " {params.summaries:q} 2> {log:q}"

@@ -1,18 +1,19 @@
-# Image and text embeddings per shard (GPU when the job gets one).
+# Image and text embeddings per shard (GPU when the job gets one); one job per batch of
+# download.shards_per_job shards, so the encoders load once for all of them.
 
 EMBED = config["embed"]
 
 
 rule embed:
     input:
-        out("shards/{part}.tar"),
+        batch_files("shards/{part}.tar"),
     output:
-        embeddings=out("embed/{part}.parquet"),
-        skipped=out("embed/{part}.skipped.csv"),
+        embeddings=batch_files("embed/{part}.parquet"),
+        skipped=out("embed/{batch}.skipped.csv"),
     log:
-        out("logs/embed/{part}.log"),
+        out("logs/embed/{batch}.log"),
     benchmark:
-        out("benchmarks/embed/{part}.tsv")
+        out("benchmarks/embed/{batch}.tsv")
     conda:
         "../envs/torch-gpu.yaml" if EMBED["gpus"] else "../envs/torch-cpu.yaml"
     threads: EMBED["threads"]

@@ -1,17 +1,18 @@
-# Fused embedding per shard; changing fuse.* reruns only this and what follows.
+# Fused embedding per shard (one job per batch of shards); changing fuse.* reruns only this
+# and what follows.
 
 FUSE = config["fuse"]
 
 
 rule fuse:
     input:
-        out("embed/{part}.parquet"),
+        batch_files("embed/{part}.parquet"),
     output:
-        out("fused/{part}.parquet"),
+        batch_files("fused/{part}.parquet"),
     log:
-        out("logs/fuse/{part}.log"),
+        out("logs/fuse/{batch}.log"),
     benchmark:
-        out("benchmarks/fuse/{part}.tsv")
+        out("benchmarks/fuse/{batch}.tsv")
     conda:
         "../envs/data.yaml"
     resources:

@@ -1,4 +1,6 @@
-# Training on the pseudo-labels: one job over all shards (torchrun when train.nproc_per_node > 1).
+# Training on the pseudo-labels: one job over all shards, train.nodes x train.nproc_per_node ranks.
+# Launch (train_launcher): srun under a SLURM profile (`mpi: srun`), else torchrun --standalone
+# when train.nproc_per_node > 1 (one node only), else a single process.
 # A failed or timed-out job resumes from out("train/checkpoints") when rerun; the checkpoints are
 # not declared outputs, so Snakemake leaves them in place.
 
@@ -9,10 +11,9 @@ TRAIN_SCHEDULER_KEYS = ("threads", "gpus", "mem_mb", "runtime")
 
 rule train:
     input:
-        shards=lambda wildcards: expand(out("shards/{part}.tar"), part=part_names()),
-        assignments=lambda wildcards: expand(
-            out("assign/{part}.parquet"), part=part_names()
-        ),
+        parts=out("parts"),
+        shards=all_parts("shards/{part}.tar"),
+        assignments=all_parts("assign/{part}.parquet"),
         centroids=out("kmeans/centroids.npy"),
     output:
         model=out("train/model.safetensors"),
@@ -30,8 +31,12 @@ rule train:
         mem_mb=TRAIN["mem_mb"],
         runtime=TRAIN["runtime"],
         gpu=TRAIN["gpus"],
-        tasks=TRAIN["nproc_per_node"],
+        # SLURM: sbatch --nodes; with `mpi` set, --ntasks and `srun -n` get tasks (one rank each).
+        nodes=TRAIN["nodes"],
+        tasks=TRAIN["nodes"] * TRAIN["nproc_per_node"],
     params:
+        shards=each_part("shards/{part}.tar"),
+        assignments=each_part("assign/{part}.parquet"),
         launcher=train_launcher,
         out_dir=lambda wildcards, output: os.path.dirname(output.model),
         k=config["kmeans"]["k"],
@@ -39,7 +44,8 @@ rule train:
             {k: v for k, v in TRAIN.items() if k not in TRAIN_SCHEDULER_KEYS}
         ),
     shell:
-        "{params.launcher:q} --shards {input.shards:q} --assignments {input.assignments:q}"
+        "{params.launcher:q} --each-part {input.parts:q} --shards {params.shards:q}"
+        " --assignments {params.assignments:q}"
         " --centroids {input.centroids:q} --num-classes {params.k:q}"
         " --out-dir {params.out_dir:q} --threads {threads} --restart-on-mismatch"
         " --options-json {params.options:q} 2> {log:q}"

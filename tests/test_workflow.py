@@ -211,6 +211,62 @@ def test_forcerun_assign_regenerates_just_the_assignment(demo_run):
     assert planned_jobs(demo_run) == {}
 
 
+def shell_commands(result: subprocess.CompletedProcess) -> list[str]:
+    """The `python -m unicom.<stage>` commands a `snakemake -n -p` run printed."""
+    lines = (result.stdout + result.stderr).splitlines()
+    return [
+        line.removeprefix("Shell command: ").strip()
+        for line in lines
+        if "python -m unicom." in line
+    ]
+
+
+def test_gather_commands_do_not_list_every_shard(demo_run):
+    """A shell command is one argument to bash -c (at most 128 KiB): jobs that read every
+    shard get the parts folder and a {part} pattern instead of 10,000s of file names."""
+    result = snakemake(demo_run, "-n", "-p", "--forcerun", "kmeans", "download_summary")
+    commands = shell_commands(result)
+    for stage in ("kmeans", "cluster_report", "download_summary", "train"):
+        (command,) = [c for c in commands if c.startswith(f"python -m unicom.{stage} ")]
+        assert "--each-part results/parts" in command or "--parts-dir results/parts" in command
+        assert "00001" not in command, command
+
+
+def test_ten_shards_per_job_make_one_job_per_stage(tmp_path, small_image_folder):
+    """download.shards_per_job 10: the 36 demo rows are spread over 10 shards of 3-4 rows,
+    and every per-shard stage runs them in one job."""
+    write_config(tmp_path, small_image_folder, download={"shards_per_job": 10})
+    targets = ("download_summary", "cluster_sizes")
+    snakemake(tmp_path, *targets)
+    results = tmp_path / "results"
+    parts = [f"0000{i}" for i in range(10)]
+    assert json.loads((results / "parts/manifest.json").read_text())["parts"] == parts
+    rows = [pq.read_metadata(results / f"assign/{part}.parquet").num_rows for part in parts]
+    assert sum(rows) == 36 and set(rows) == {3, 4}
+    for stage in ("download", "embed", "fuse", "assign"):
+        assert sorted(p.name for p in (results / "logs" / stage).iterdir()) == ["0000.log"]
+    assert json.loads((results / "download/summary.json").read_text())["counts"]["success"] == 36
+    # One embed job for ten shards: the encoders were loaded once.
+    embed_log = (results / "logs/embed/0000.log").read_text()
+    assert embed_log.count("encoder demo on cpu") == 1 and embed_log.count("embedded") == 10
+    # The diagnostics read a seeded sample of max_shards shards.
+    write_config(
+        tmp_path,
+        small_image_folder,
+        download={"shards_per_job": 10},
+        assign={"diagnostics": {"max_shards": 4}},
+    )
+    dry_run = snakemake(tmp_path, "-n", "-p", "cluster_diagnostics")
+    (command,) = [c for c in shell_commands(dry_run) if "unicom.cluster_diagnostics" in c]
+    sampled = re.findall(r"results/assign/(\d+)\.parquet", command)
+    assert len(sampled) == 4 and sampled == sorted(sampled) and set(sampled) <= set(parts)
+    assert re.findall(r"results/shards/(\d+)\.tar", command) == sampled
+    # Losing one shard's embedding reruns its whole job, and what reads it.
+    (results / "embed/00007.parquet").unlink()
+    planned = planned_jobs(tmp_path, *targets, "results/embed/00007.parquet")
+    assert planned == {"embed": 1, "fuse": 1, "kmeans": 1, "assign": 1, "cluster_sizes": 1}
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -61,7 +61,9 @@ from unicom.distributed import WorldInfo
 from unicom.encoders import load_lite0_state_dict, match_state_dict_in_order, to_rgb
 from unicom.io import (
     UnicomError,
+    add_each_part_option,
     atomic_path,
+    expand_parts,
     parse_options_json,
     run_cli,
     setup_logging,
@@ -122,6 +124,7 @@ DEFAULTS: dict[str, Any] = {
     "log_every": 10,
     "device": "auto",
     "nproc_per_node": 1,
+    "nodes": 1,
     "threads": 8,
     "gpus": 1,
     "mem_mb": 64000,
@@ -138,6 +141,7 @@ RESUMABLE_KEYS = frozenset(
         "log_every",
         "device",
         "nproc_per_node",
+        "nodes",
         "threads",
         "gpus",
         "mem_mb",
@@ -184,6 +188,8 @@ def train_options(options: Mapping[str, Any]) -> dict[str, Any]:
         "shuffle_shards",
         "checkpoint_every",
         "log_every",
+        "nproc_per_node",
+        "nodes",
     ):
         check(key, is_int(merged[key], 1), "an integer >= 1")
     for key in ("keep_checkpoints", "num_workers"):
@@ -1008,12 +1014,13 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="set aside checkpoints of a run with other settings instead of failing",
     )
+    add_each_part_option(parser)
     args = parser.parse_args(argv)
     setup_logging()
     try:
         train(
-            args.shards,
-            args.assignments,
+            expand_parts(args.shards, args.each_part),
+            expand_parts(args.assignments, args.each_part),
             args.num_classes,
             args.out_dir,
             parse_options_json(args.options_json),

@@ -68,8 +68,16 @@ def bad_fused(tmp_path, case):
     if case == "dims":
         write_fused(path, blobs(2, 5, dim=12)[0], "00003")
         return path, "00003.parquet: embeddings have dimension 12, but the centroids in .* have 16"
+    write_fused(path, np.zeros((0, 12), np.float32), "00003")
+    return path, "00003.parquet: embeddings have dimension 12, but the centroids in .* have 16"
+
+
+def test_an_empty_shard_gets_an_empty_assignment(tmp_path, centroids_file):
+    path, out = tmp_path / "00003.parquet", tmp_path / "assign/00003.parquet"
     write_fused(path, np.zeros((0, 16), np.float32), "00003")
-    return path, r"00003.parquet: empty shard file \(0 rows\)"
+    table = assign_file(str(path), str(centroids_file[0]), str(out), {"gpu": "auto"})
+    assert table.num_rows == 0
+    assert pq.read_table(out).column_names == ["key", "label", "sim", "sim2"]
 
 
 @pytest.mark.parametrize("case", ["nan", "dims", "empty"])

@@ -179,7 +179,16 @@ def bad_inputs(tmp_path, case):
             "00001.parquet: column 'emb' has dimension 6, but .*00000.parquet has 8",
         )
     write_fused(bad, np.zeros((0, 8), np.float32), "00001")
-    return [good, bad], 2, r"00001.parquet: empty shard file \(0 rows\)"
+    return [bad], 2, r"kmeans.k = 2 exceeds the 0 vectors in 1 file\(s\)"
+
+
+def test_an_empty_shard_adds_nothing(tmp_path):
+    """A part whose every download failed has an empty fused file: k-means goes on without it."""
+    good, empty = tmp_path / "00000.parquet", tmp_path / "00001.parquet"
+    write_fused(good, blobs(2, 10, dim=8)[0])
+    write_fused(empty, np.zeros((0, 8), np.float32), "00001")
+    centroids, stats = cluster_files([str(good), str(empty)], {"k": 2, "niter": 5})
+    assert centroids.shape == (2, 8) and stats["vectors"] == stats["sample_size"] == 20
 
 
 @pytest.mark.parametrize("case", ["k_too_big", "nan", "dims", "empty"])

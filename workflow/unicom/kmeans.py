@@ -71,8 +71,8 @@ class EmbeddingFile:
 def inspect_files(paths: Sequence[str], column: str = EMBEDDING_COLUMN) -> list[EmbeddingFile]:
     """Row count and dimension of each file from its Parquet metadata (no data read).
 
-    Raises UnicomError naming the file for a missing or malformed column, an empty file, or a
-    dimension that differs from the first file's.
+    Raises UnicomError naming the file for a missing or malformed column or a dimension that
+    differs from the first file's. An empty file is fine: a part whose every download failed.
     """
     if not paths:
         raise UnicomError("no embedding files given")
@@ -88,8 +88,6 @@ def inspect_files(paths: Sequence[str], column: str = EMBEDDING_COLUMN) -> list[
         field_type = schema.field(column).type
         if not pa.types.is_fixed_size_list(field_type):
             raise UnicomError(f"{path}: column '{column}' is {field_type}, not a fixed-size list")
-        if rows == 0:
-            raise UnicomError(f"{path}: empty shard file (0 rows)")
         files.append(EmbeddingFile(str(path), rows, field_type.list_size))
         if files[-1].dim != files[0].dim:
             raise UnicomError(

@@ -24,7 +24,14 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from unicom.distributed import first_hostname, port_from_job_id, world_info_from_env
+from unicom.distributed import (
+    WorldInfo,
+    first_hostname,
+    local_gpu_index,
+    port_from_job_id,
+    resolve_device,
+    world_info_from_env,
+)
 from unicom.io import UnicomError, run_cli
 from unicom.partial_fc import PartialFC
 from unicom.train import (
@@ -216,6 +223,41 @@ def test_world_info_single_process_and_bad_rank():
     assert (info.rank, info.world_size, info.distributed) == (0, 1, False)
     with pytest.raises(UnicomError, match="rank 4 is not in"):
         world_info_from_env({"RANK": "4", "WORLD_SIZE": "2"})
+
+
+@pytest.mark.parametrize(
+    "local_rank, visible, index",
+    [
+        (0, 4, 0),
+        (3, 4, 3),  # torchrun, or srun without GPU binding: every rank sees the node's GPUs
+        (0, 1, 0),
+        (3, 1, 0),  # srun --ntasks-per-gpu / --gpu-bind: each rank sees only its own GPU
+        (5, 4, 1),
+    ],
+)
+def test_local_gpu_index(local_rank, visible, index):
+    assert local_gpu_index(local_rank, visible) == index
+
+
+def test_local_gpu_index_needs_a_gpu():
+    with pytest.raises(UnicomError, match="no CUDA device is visible"):
+        local_gpu_index(0, 0)
+
+
+def test_auto_device_of_a_rank_bound_to_one_gpu(monkeypatch):
+    """Local rank 3 of a SLURM job whose task sees one GPU (CUDA_VISIBLE_DEVICES=<its GPU>)."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    info = WorldInfo(7, 8, 3, 4, "gpu007", 24242, "slurm")
+    assert resolve_device("auto", info) == torch.device("cuda:0")
+    assert resolve_device("cuda", info) == torch.device("cuda:0")
+    assert chosen == [torch.device("cuda:0")] * 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", info) == torch.device("cpu")
+    with pytest.raises(UnicomError, match="no CUDA device is available"):
+        resolve_device("cuda", info)
 
 
 @pytest.mark.parametrize(

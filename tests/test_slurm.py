@@ -1,13 +1,17 @@
 """The pipeline on a real SLURM cluster: one node on loopback (tests/slurm/start.sh), the
-profiles/slurm-ci profile and the small demo of tests/test_workflow.py.
+profiles/slurm-ci profile and the small demo of tests/test_workflow.py, end to end (rule all):
+download, embedding, clustering, training with 2 ranks that srun starts in one SLURM job,
+evaluation, summary and plots.
 
 Needs root and a Debian system (the harness installs Debian's slurm-wlm packages and starts
 munged, slurmctld and slurmd); skipped elsewhere, with the reason. UNICOM_SLURM=skip skips
 these tests; UNICOM_SLURM=require (CI) makes a cluster that cannot start a failure, not a skip.
 The cluster is stopped at the end of the session, whatever happened.
 
-The snakemake plugin polls SLURM every 5-40 s, so each stage costs ~20 s beyond its work; the
-module takes 4-5 minutes (4 min 15 s on 2 cores).
+The snakemake plugin polls SLURM 1, 12, 33 ... s after a submission (profiles/slurm-ci), so
+each stage costs ~12-30 s beyond its work, and a run that ends with a failed job waits one more
+interval before it exits. The module takes 6-8 minutes on 2 cores (6 min 14 s last measured;
+5 snakemake runs, 25 SLURM jobs).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -27,7 +32,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 import yaml
 from test_workflow import write_config
 
@@ -36,18 +40,58 @@ from conftest import REPO
 HARNESS = REPO / "tests/slurm"
 PROFILE = REPO / "profiles/slurm-ci"
 PARTS = ("00000", "00001", "00002")  # 36 training images, 12 per shard
-# What the demo runs ask for. Add "train" (and "evaluate_summary", with "train", "evaluate" in
-# AFTER_FUSE) once rules/train.smk starts its ranks with srun under this profile (see FIXME in
-# the TRAIN_* lines) and test_workflow.TEST_CONFIG has test-sized train settings.
-DAG_TARGETS = ("download_summary", "cluster_sizes", "cluster_diagnostics")
-# Rules that read the fused vectors of every shard: one changed shard reruns all of them.
-AFTER_FUSE = {"kmeans", "assign", "cluster_sizes", "cluster_diagnostics"}
+# What the demo runs ask for: everything (clustering, training, evaluation, table and plots).
+DAG_TARGETS = ("all",)
+# Training with 2 ranks, which srun starts in one SLURM job (the profile's `mpi: srun`). One
+# core each: train.threads becomes sbatch --cpus-per-task, and the test node has 2 cores.
+TRAIN = {"nproc_per_node": 2, "threads": 1}
 FAILING = ("embed", "00001")
-# The training launch. FIXME: a stand-in rule named `train` (the profile's train entry applies
-# to it) until rules/train.smk launches `{resources.mpi} -n {resources.tasks}` when the profile
-# sets `mpi`; then the pipeline's Snakefile, target "train", with train.nproc_per_node = 2.
-TRAIN_SNAKEFILE = HARNESS / "train_probe.smk"
-TRAIN_TARGETS = ("train",)
+BASE_EVAL = ("evaluate", "model=base, dataset=openclipart")
+TRAINED_EVAL = ("evaluate", "model=trained, dataset=openclipart")
+# Jobs (rule, part or wildcards) of each run; `all` is a local job, never a SLURM one.
+# What follows new assignments: the sizes and diagnostics, training, the trained model's
+# evaluation, the table and the plots.
+AFTER_ASSIGN = Counter(
+    {
+        ("cluster_sizes", None): 1,
+        ("cluster_diagnostics", None): 1,
+        ("train", None): 1,
+        TRAINED_EVAL: 1,
+        ("evaluate_summary", None): 1,
+        ("report_plots", None): 1,
+        ("all", None): 1,
+    }
+)
+# What follows one changed shard's vectors: k-means over all shards, then every assignment.
+AFTER_FUSE = (
+    Counter({("kmeans", None): 1, **{("assign", part): 1 for part in PARTS}}) + AFTER_ASSIGN
+)
+# The run with one shard's embed failing: everything that does not need that shard (keep-going;
+# the base model's evaluation reads only the held-out images), and that shard's fuse, submitted
+# in its embed's allocation (the group fails before it starts).
+BROKEN_JOBS = Counter(
+    {
+        ("demo_pool", None): 1,
+        ("split_urls", None): 1,
+        **{(rule, part): 1 for rule in ("download", "embed", "fuse") for part in PARTS},
+        ("download_summary", None): 1,
+        BASE_EVAL: 1,
+    }
+)
+# The rerun: that shard's embed and fuse, and what follows.
+MENDED_JOBS = Counter({("embed", "00001"): 1, ("fuse", "00001"): 1}) + AFTER_FUSE
+# --forcerun assign: the assignments and what follows.
+FORCERUN_JOBS = Counter({("assign", part): 1 for part in PARTS}) + AFTER_ASSIGN
+# Training interrupted by SIGUSR1: tiny steps (32 px, 2 images per rank), many of them, so that
+# it still runs when the signal comes and the rest costs seconds. No periodic checkpoint: the
+# one found afterwards is the one the signal made.
+SIGNAL_TRAIN = {
+    "steps": 150,
+    "image_size": 32,
+    "batch_size": 2,
+    "log_every": 1,
+    "checkpoint_every": 1000,
+}
 SNAKEMAKE_TIMEOUT_S = 480
 
 
@@ -96,7 +140,8 @@ class Run:
     log: str
 
     def jobs(self) -> Counter[tuple[str, str | None]]:
-        """(rule, part) of every job snakemake ran or submitted (in a group), from its job blocks.
+        """(rule, part) of every job snakemake ran or submitted (in a group), from its job blocks;
+        for jobs without a part, their wildcards (None without any).
 
         Blocks are keyed by job id: an error report repeats a started job's block.
         """
@@ -112,10 +157,13 @@ class Run:
                 if not match:
                     break
                 fields.setdefault(match.group(1), match.group(2))
-            part = re.search(r"\bpart=(\d+)", fields.get("wildcards", ""))
+            wildcards = fields.get("wildcards")
+            # Per-shard jobs name their shard `part`, or `batch` where one job takes several.
+            part = re.search(r"\b(?:part|batch)=(\d+)", wildcards or "")
+            key = part.group(1) if part else wildcards
             job = fields.get("jobid", f"line {i}")
-            if part or job not in started:
-                started[job] = (header.group(1), part.group(1) if part else None)
+            if key or job not in started:
+                started[job] = (header.group(1), key)
         return Counter(started.values())
 
     def rules(self) -> Counter[str]:
@@ -136,30 +184,28 @@ def snakemake_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def snakemake_command(
-    workdir: Path, snakefile: Path, targets: Sequence[str], *options: str
-) -> list[str]:
+def snakemake_command(workdir: Path, targets: Sequence[str], *options: str) -> list[str]:
+    """The pipeline in ``workdir`` (its config.yaml) through the slurm-ci profile."""
     # Targets first: --configfile and --group-components would swallow what follows them.
     # SIGINT is what makes snakemake cancel its SLURM jobs and stop; KILL 30 s later if not.
     return [
         "timeout", "-s", "INT", "-k", "30", str(SNAKEMAKE_TIMEOUT_S),
-        sys.executable, "-m", "snakemake", *targets, "-s", str(snakefile), "-d", str(workdir),
-        "--profile", str(PROFILE), *options,
+        sys.executable, "-m", "snakemake", *targets, "-s", str(REPO / "Snakefile"),
+        "-d", str(workdir), "--profile", str(PROFILE),
+        "--configfile", str(workdir / "config.yaml"), *options,
     ]  # fmt: skip
 
 
-def snakemake_slurm(workdir: Path, label: str, *options: str, env: dict | None = None) -> Run:
-    """DAG_TARGETS through the slurm-ci profile; the output is kept as <workdir>/<label>.log."""
-    cmd = snakemake_command(
-        workdir,
-        REPO / "Snakefile",
-        DAG_TARGETS,
-        "--configfile",
-        str(workdir / "config.yaml"),
-        *options,
-    )
+def snakemake_slurm(
+    workdir: Path,
+    label: str,
+    *options: str,
+    targets: Sequence[str] = DAG_TARGETS,
+    env: dict | None = None,
+) -> Run:
+    """``targets`` through the slurm-ci profile; the output is kept as <workdir>/<label>.log."""
     result = subprocess.run(
-        cmd,
+        snakemake_command(workdir, targets, *options),
         env=env or snakemake_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -193,6 +239,13 @@ def tail(run: Run, chars: int = 3000) -> str:
     return run.log[-chars:]
 
 
+def only_submission(run: Run, kind: str) -> str:
+    """The SLURM job id of the one job of this kind (e.g. rule_train) that ``run`` submitted."""
+    ids = [job for job, what in run.submissions().items() if what == kind]
+    assert len(ids) == 1, (kind, run.submissions())
+    return ids[0]
+
+
 # ------------------------------------------------------------------ the demo, broken and mended
 @dataclass
 class DemoRuns:
@@ -220,7 +273,7 @@ def demo_runs(slurm_cluster, tmp_path_factory, small_image_folder) -> DemoRuns:
     starting members after the first failure, and those then run on the rerun too.
     """
     workdir = tmp_path_factory.mktemp("slurm-demo")
-    write_config(workdir, small_image_folder)
+    write_config(workdir, small_image_folder, train=TRAIN)
     marker = workdir / "fail-once"
     marker.write_text(" ".join(FAILING))
     args = group_components(embed=1)
@@ -248,6 +301,10 @@ def test_demo_runs_end_to_end_as_slurm_jobs(demo_runs):
     sizes = json.loads((results / "clusters/sizes.json").read_text())
     assert sizes["samples"] == 36
     assert json.loads((results / "download/summary.json").read_text())["counts"]["success"] == 36
+    rows = (results / "evaluate/summary.csv").read_text().splitlines()
+    assert sorted({row.split(",")[0] for row in rows[1:]}) == ["base", "trained"]
+    for png in ("download", "kmeans", "training", "retrieval"):
+        assert (results / f"report/{png}.png").read_bytes()[:4] == b"\x89PNG"
 
     # Every cluster job was a real SLURM job: slurmctld knows each id the log names.
     submitted = {**demo_runs.broken.submissions(), **demo_runs.mended.submissions()}
@@ -262,8 +319,7 @@ def test_demo_runs_end_to_end_as_slurm_jobs(demo_runs):
     )
     mended_kinds = Counter(demo_runs.mended.submissions().values())
     assert demo_runs.mended.rules()["assign"] == 3 and mended_kinds["group_assign_assign"] == 1
-    local = {"demo_pool", "all"}  # local rules never reach SLURM
-    cluster_jobs = sum(n for (rule, _), n in demo_runs.mended.jobs().items() if rule not in local)
+    cluster_jobs = sum(n for (rule, _), n in demo_runs.mended.jobs().items() if rule != "all")
     assert len(demo_runs.mended.submissions()) < cluster_jobs
     print(
         f"\nSLURM jobs: broken run {len(demo_runs.broken.submissions())}, mended run "
@@ -271,26 +327,42 @@ def test_demo_runs_end_to_end_as_slurm_jobs(demo_runs):
     )
 
 
+def test_training_ran_two_ranks_in_one_slurm_job(demo_runs):
+    """train.nproc_per_node = 2 under the profile's `mpi: srun`: one SLURM job, in which srun
+    started two ranks that found each other through SLURM's environment and trained as one."""
+    results = demo_runs.workdir / "results"
+    job_id = only_submission(demo_runs.mended, "rule_train")
+    assert slurm_states([job_id]) == {job_id: "COMPLETED"}
+    log = (results / "logs/train.log").read_text()
+    for rank in (0, 1):
+        assert re.search(rf"rank {rank}/2 \(slurm\): gloo rendezvous at ", log), log[-3000:]
+    assert re.search(r"\d+ steps of \d+ samples .*, 2 ranks on cpu", log), log[-3000:]
+    # Each rank read its own shards (the trainer splits them over the ranks), every one read.
+    data = json.loads((results / "train/data.json").read_text())
+    assert sorted(data["shards"]) == list(PARTS)
+    assert {shard["rank"] for shard in data["shards"].values()} == {0, 1}
+    assert data["shards_never_read"] == 0
+    assert data["totals"]["kept"] == data["totals"]["tar_samples"] == 36
+    info = json.loads((results / "train/model.json").read_text())
+    assert info["training"]["world_size"] == 2
+    steps = [json.loads(line)["step"] for line in (results / "train/metrics.jsonl").open()]
+    assert steps == [1, 2, 3, 4]
+
+
 def test_failed_shard_reruns_alone_with_what_follows(demo_runs):
     broken, mended = demo_runs.broken, demo_runs.mended
     assert "failing once on purpose" in demo_runs.failed_job_log
-    assert broken.jobs()[FAILING] == 1
-    assert {p for (rule, p) in broken.jobs() if rule == "embed"} == set(PARTS)
-
-    rerun = mended.jobs()
-    per_shard = {
-        (rule, part) for rule, part in rerun if part is not None and rule not in AFTER_FUSE
-    }
-    assert per_shard == {("embed", "00001"), ("fuse", "00001")}, sorted(rerun)
-    assert set(mended.rules()) - {"all"} <= AFTER_FUSE | {"embed", "fuse"}, mended.rules()
+    assert broken.jobs() == BROKEN_JOBS, sorted(broken.jobs().items())
+    assert mended.jobs() == MENDED_JOBS, sorted(mended.jobs().items())
     # Everything the broken run finished was kept: same files, same modification times.
     before, after = demo_runs.after_broken, demo_runs.after_mended
     assert "shards/00001.tar" in before and "embed/00000.parquet" in before
+    assert "evaluate/base/openclipart.json" in before
     assert {name for name in before if after.get(name) != before[name]} == set()
-    print(f"\nrerun after the failure: {sorted(mended.rules().items())}")
+    print(f"\nrerun after the failure: {sorted(mended.jobs().items())}")
 
 
-def test_forcerun_assign_regenerates_only_the_assignments(demo_runs):
+def test_forcerun_assign_regenerates_the_assignments_and_what_follows(demo_runs):
     workdir = demo_runs.workdir
     results = workdir / "results"
     before = {part: pq.read_table(results / f"assign/{part}.parquet") for part in PARTS}
@@ -298,57 +370,86 @@ def test_forcerun_assign_regenerates_only_the_assignments(demo_runs):
 
     run = snakemake_slurm(workdir, "forcerun", "--forcerun", "assign")
     assert run.returncode == 0, tail(run)
-    assert run.rules() == Counter(assign=3, cluster_sizes=1, cluster_diagnostics=1), run.rules()
+    assert run.jobs() == FORCERUN_JOBS, sorted(run.jobs().items())
     assert Counter(run.submissions().values())["group_assign_assign"] == 1
     after = mtimes(results)
     changed = {name for name in after if after[name] != before_mtimes.get(name)}
     assert {f"assign/{part}.parquet" for part in PARTS} <= changed
+    assert {"train/model.safetensors", "evaluate/trained/openclipart.json"} <= changed
     assert all(
-        not name.startswith(("parts/", "shards/", "embed/", "fused/", "kmeans/"))
+        not name.startswith(("parts/", "shards/", "embed/", "fused/", "kmeans/", "evaluate/base/"))
         for name in changed
     )
     for part in PARTS:  # the same labels again: assign is deterministic
         assert pq.read_table(results / f"assign/{part}.parquet").equals(before[part])
     jobs = len(run.submissions())
-    print(f"\n--forcerun assign ran: {sorted(run.rules().items())}, SLURM jobs {jobs}")
+    print(f"\n--forcerun assign ran: {sorted(run.jobs().items())}, SLURM jobs {jobs}")
 
 
 # --------------------------------------------------------------------------------- training
-def test_two_ranks_train_together_under_srun(slurm_cluster, tmp_path):
-    """The `train` rule's launch: one SLURM job, srun starts two gloo ranks that train as one
-    and both get the SIGUSR1 that SLURM sends to job steps before the time limit."""
-    cmd = snakemake_command(
-        tmp_path, TRAIN_SNAKEFILE, TRAIN_TARGETS, "--config", "wait_for_signal=120"
-    )
-    log_path = tmp_path / "train.log"
+def test_sigusr1_checkpoints_and_the_rerun_resumes(demo_runs, small_image_folder):
+    """SLURM's warning before the time limit (--signal=USR1@T, no B:) is SIGUSR1 to the job
+    steps: both ranks save a checkpoint at the step boundary and exit 128 + 10, the job fails,
+    and the rerun resumes from that checkpoint and completes."""
+    workdir = demo_runs.workdir
+    out_dir = workdir / "results/train"
+    steps = SIGNAL_TRAIN["steps"]
+    # Other settings: the rule reruns, and the trainer sets the demo run's checkpoints aside.
+    write_config(workdir, small_image_folder, train={**TRAIN, **SIGNAL_TRAIN})
+    live = out_dir / "metrics.partial.jsonl"  # rank 0 appends a line per step
+    live.unlink(missing_ok=True)
+    log_path = workdir / "signalled.log"
     with log_path.open("w") as log:
-        process = subprocess.Popen(cmd, env=snakemake_env(), stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            snakemake_command(workdir, ("train",)),
+            env=snakemake_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
-            ready = [tmp_path / f"ddp/ready{rank}.json" for rank in (0, 1)]
             deadline = time.monotonic() + SNAKEMAKE_TIMEOUT_S
-            while not all(p.exists() for p in ready):
+            while not (live.is_file() and live.read_text().strip()):
                 assert process.poll() is None, f"ended early:\n{log_path.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, "the ranks never got ready"
-                time.sleep(1)
-            job_id = json.loads(ready[0].read_text())["slurm_job_id"]
+                assert time.monotonic() < deadline, "training never finished a step"
+                time.sleep(0.2)
+            job_id = only_submission(Run(0, log_path.read_text()), "rule_train")
             # What --signal=USR1@T (no B:) does at T s before the limit: signal the job steps.
             subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
             returncode = process.wait(timeout=SNAKEMAKE_TIMEOUT_S)
         finally:
             if process.poll() is None:
-                process.kill()
-    run = Run(returncode, log_path.read_text())
-    assert returncode == 0, tail(run)
-    assert job_id in run.submissions()
+                process.terminate()  # timeout passes it on; snakemake cancels its job
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+    signalled = Run(returncode, log_path.read_text())
+    train_log = (workdir / "results/logs/train.log").read_text()
+    assert returncode != 0, tail(signalled)
+    assert slurm_states([job_id]) == {job_id: "FAILED"}
+    # Both ranks stopped after the same step, and that step's checkpoint is the only one.
+    usr1 = int(signal.SIGUSR1)
+    stopped = re.findall(rf"stopped by signal {usr1} after step (\d+)", train_log)
+    assert len(stopped) == 2 and len(set(stopped)) == 1, train_log[-3000:]
+    step = int(stopped[0])
+    assert 1 <= step < steps
+    checkpoint = out_dir / f"checkpoints/step-{step:08d}"
+    assert sorted(p.name for p in (out_dir / "checkpoints").iterdir()) == [checkpoint.name]
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "model.pt",
+        "rank-00000.pt",
+        "rank-00001.pt",
+    ]
 
-    ranks = [json.loads((tmp_path / f"ddp/rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["rank"] for r in ranks] == [0, 1]
-    assert all(r["world_size"] == 2 and r["launcher"] == "slurm" for r in ranks)
-    assert {r["slurm_job_id"] for r in ranks} == {job_id}
-    assert all(r["got_sigusr1"] for r in ranks)
-    # Each rank saw different data; equal weights mean the gradients were all-reduced.
-    assert ranks[0]["weights_of_every_rank"] == [ranks[0]["weights"], ranks[1]["weights"]]
-    assert ranks[0]["weights"] == ranks[1]["weights"]
-    torch.manual_seed(0)
-    initial = torch.cat([p.flatten() for p in torch.nn.Linear(4, 1).parameters()]).tolist()
-    assert ranks[0]["weights"] != pytest.approx(initial)
+    resumed = snakemake_slurm(workdir, "resumed", targets=("train",))
+    assert resumed.returncode == 0, tail(resumed)
+    assert resumed.jobs() == Counter({("train", None): 1}), sorted(resumed.jobs().items())
+    resumed_id = only_submission(resumed, "rule_train")
+    assert slurm_states([resumed_id]) == {resumed_id: "COMPLETED"}
+    train_log = (workdir / "results/logs/train.log").read_text()
+    assert re.search(rf"resuming from \S*{checkpoint.name} \(step {step} of {steps}\)", train_log)
+    logged = [json.loads(line)["step"] for line in (out_dir / "metrics.jsonl").open()]
+    assert logged == list(range(1, steps + 1))
+    info = json.loads((out_dir / "model.json").read_text())
+    assert info["training"]["steps"] == steps and info["training"]["world_size"] == 2
+    print(f"\nSIGUSR1 after step {step} of {steps}; resumed there in SLURM job {resumed_id}")

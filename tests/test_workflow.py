@@ -274,6 +274,8 @@ def test_ten_shards_per_job_make_one_job_per_stage(tmp_path, small_image_folder)
         ({"embed": {"encoder": "resnet"}}, "config key embed.encoder: 'resnet' is not one of"),
         ({"fuse": {"mode": "mean"}}, "config key fuse.mode: 'mean' needs image and text"),
         ({"demo": {"colour": 1}}, "config key demo: unknown key"),
+        # torchrun --standalone is single-node: more nodes only through a SLURM profile's srun
+        ({"train": {"nodes": 2}}, "config key train.nodes: above 1 needs a SLURM profile"),
     ],
 )
 def test_bad_config_fails_with_one_line_before_any_job(

@@ -166,6 +166,9 @@ def evaluate_inputs(wildcards):
     inputs = {}
     if wildcards.model == "trained":
         inputs["model"] = out("train/model.safetensors")
+    elif wildcards.model == "base":
+        # The base encoder's weights, fetched on the login node.
+        inputs["encoder"] = out("embed/encoder.json")
     path = EVALUATION_DATASETS[wildcards.dataset]
     if path == out("demo/heldout.parquet"):
         inputs["dataset"] = path

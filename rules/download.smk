@@ -6,6 +6,12 @@ DOWNLOAD = config["download"]
 DATA = config["data"]
 
 
+# On the login node: one pass over the URL list, and Snakemake needs its result to plan.
+localrules:
+    split_urls,
+    download_summary,
+
+
 checkpoint split_urls:
     input:
         url_list_files(),

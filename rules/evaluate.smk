@@ -31,6 +31,10 @@ rule evaluate:
         " --options-json {params.options:q} --embed-options-json {params.embed:q} 2> {log:q}"
 
 
+localrules:
+    evaluate_summary,
+
+
 rule evaluate_summary:
     input:
         evaluation_targets(),

@@ -1,6 +1,10 @@
 # Plots for `snakemake --report`: the demo's story from download to retrieval.
 
 
+localrules:
+    report_plots,
+
+
 rule report_plots:
     input:
         download=out("download/summary.json"),

@@ -48,7 +48,18 @@ TRAIN = {"nproc_per_node": 2, "threads": 1}
 FAILING = ("embed", "00001")
 BASE_EVAL = ("evaluate", "model=base, dataset=openclipart")
 TRAINED_EVAL = ("evaluate", "model=trained, dataset=openclipart")
-# Jobs (rule, part or wildcards) of each run; `all` is a local job, never a SLURM one.
+# Rules the workflow runs on the login node (localrules), never as SLURM jobs.
+LOCAL_RULES = {
+    "all",
+    "demo_fetch",
+    "demo_pool",
+    "split_urls",
+    "prefetch_weights",
+    "download_summary",
+    "evaluate_summary",
+    "report_plots",
+}
+# Jobs (rule, part or wildcards) of each run.
 # What follows new assignments: the sizes and diagnostics, training, the trained model's
 # evaluation, the table and the plots.
 AFTER_ASSIGN = Counter(
@@ -73,6 +84,7 @@ BROKEN_JOBS = Counter(
     {
         ("demo_pool", None): 1,
         ("split_urls", None): 1,
+        ("prefetch_weights", None): 1,
         **{(rule, part): 1 for rule in ("download", "embed", "fuse") for part in PARTS},
         ("download_summary", None): 1,
         BASE_EVAL: 1,
@@ -319,8 +331,13 @@ def test_demo_runs_end_to_end_as_slurm_jobs(demo_runs):
     )
     mended_kinds = Counter(demo_runs.mended.submissions().values())
     assert demo_runs.mended.rules()["assign"] == 3 and mended_kinds["group_assign_assign"] == 1
-    cluster_jobs = sum(n for (rule, _), n in demo_runs.mended.jobs().items() if rule != "all")
+    cluster_jobs = sum(
+        n for (rule, _), n in demo_runs.mended.jobs().items() if rule not in LOCAL_RULES
+    )
     assert len(demo_runs.mended.submissions()) < cluster_jobs
+    # Local rules ran on the "login node": no SLURM job of theirs.
+    kinds = set(submitted.values())
+    assert not {kind for kind in kinds if kind.removeprefix("rule_") in LOCAL_RULES}, kinds
     print(
         f"\nSLURM jobs: broken run {len(demo_runs.broken.submissions())}, mended run "
         f"{len(demo_runs.mended.submissions())}: {sorted(Counter(submitted.values()).items())}"

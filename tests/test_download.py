@@ -241,6 +241,7 @@ def test_tar_holds_exactly_the_successes_with_unique_keys(downloaded):
         table = pq.read_table(out_dir / f"{part}.parquet").to_pylist()
         successes = {row["key"]: row for row in table if row["status"] == "success"}
         members = read_tar(out_dir / f"{part}.tar")
+        assert list(members) == sorted(members)  # input row order, whatever finished first
         keys = {name.partition(".")[0] for name in members}
         assert keys == set(successes)
         assert set(members) == {f"{k}.{ext}" for k in keys for ext in ("jpg", "txt", "json")}
@@ -344,6 +345,30 @@ def test_rewrite_tar_keys(tmp_path):
     assert members["p_007.jpg"] == b"img" and json.loads(members["p_007.json"]) == {"key": "p_007"}
     with pytest.raises(RuntimeError, match="has no row"):
         rewrite_tar_keys(src, tmp_path / "bad.tar", {"999": "p_1"})
+
+
+def test_rewrite_tar_keys_writes_samples_in_row_order(tmp_path):
+    """img2dataset's threads write samples as their downloads finish; the shard must not depend
+    on that order (the embeddings, the k-means sample and the training follow it)."""
+    src = tmp_path / "src.tar"
+    finished = [("002", "txt"), ("000", "jpg"), ("002", "jpg"), ("001", "jpg"), ("000", "txt")]
+    with tarfile.open(src, "w") as tar:
+        for key, extension in finished:
+            payload = f"{key}.{extension}".encode()
+            info = tarfile.TarInfo(f"{key}.{extension}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    new_keys = {"000": "p_000000000", "001": "p_000000001", "002": "p_000000002"}
+    rewrite_tar_keys(src, tmp_path / "dst.tar", new_keys)
+    members = read_tar(tmp_path / "dst.tar")
+    assert list(members) == [
+        "p_000000000.jpg",
+        "p_000000000.txt",
+        "p_000000001.jpg",
+        "p_000000002.jpg",
+        "p_000000002.txt",
+    ]
+    assert members["p_000000002.txt"] == b"002.txt"
 
 
 def test_bad_options_are_one_line_errors(tmp_path, capsys):

@@ -245,20 +245,28 @@ def rewrite_tar_keys(
     new_keys: Mapping[str, str],
     drop_json_fields: Sequence[str] = (),
 ) -> set[str]:
-    """Stream ``src`` into ``dst`` renaming each member's key via ``new_keys``; return the keys.
+    """Copy ``src`` into ``dst`` renaming each member's key via ``new_keys``; return the keys.
 
-    The ``.json`` member's ``key`` field is rewritten too (and ``drop_json_fields`` removed), so
-    metadata and member names agree.
+    Members are written in the order of their new keys (the input rows): img2dataset's threads
+    write samples as downloads finish, and an order that changes from run to run would change
+    the embeddings' row order, the k-means sample and everything after it. The ``.json``
+    member's ``key`` field is rewritten too (and ``drop_json_fields`` removed), so metadata and
+    member names agree.
     """
     written: set[str] = set()
-    with tarfile.open(src, "r|") as source, tarfile.open(dst, "w") as target:
-        for member in tqdm(source, unit="file", desc="rewrite tar", mininterval=5):
+    with tarfile.open(src, "r:") as source, tarfile.open(dst, "w") as target:
+        members = []
+        for member in source.getmembers():  # headers only: the data is read below, in order
             if not member.isfile():
                 continue
             key, extension = member_key(member.name)
             if key not in new_keys:
                 raise RuntimeError(f"tar member {member.name!r} has no row in img2dataset's table")
-            new_key = new_keys[key]
+            members.append((new_keys[key], extension, member))
+        members.sort(key=lambda item: item[:2])
+        for new_key, extension, member in tqdm(
+            members, unit="file", desc="rewrite tar", mininterval=5
+        ):
             info = tarfile.TarInfo(f"{new_key}.{extension}")
             info.mtime, info.mode = member.mtime, member.mode
             data = source.extractfile(member)

@@ -3,6 +3,7 @@ import json
 import random
 
 from unicom.benchmarks import FASHION_MNIST_DIR
+from unicom.io import batch_name
 
 OUT = config["output_dir"]
 
@@ -38,7 +39,7 @@ def all_parts(pattern):
 
 def batch_names():
     """The per-shard jobs' batches: part names without their last digits."""
-    return sorted({part[: len(part) - BATCH_DIGITS] for part in part_names()})
+    return sorted({batch_name(part, SHARDS_PER_JOB) for part in part_names()})
 
 
 def batch_parts(parts_dir, batch):

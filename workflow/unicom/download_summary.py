@@ -15,7 +15,15 @@ from typing import Any
 
 from tqdm import tqdm
 
-from unicom.io import UnicomError, expand_parts, run_cli, setup_logging, write_json, write_text
+from unicom.io import (
+    UnicomError,
+    expand_parts,
+    read_manifest,
+    run_cli,
+    setup_logging,
+    write_json,
+    write_text,
+)
 
 log = logging.getLogger("unicom.download_summary")
 
@@ -85,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-table", required=True, help="per-part CSV table")
     args = parser.parse_args(argv)
     setup_logging()
-    manifest = json.loads((Path(args.parts_dir) / "manifest.json").read_text())
+    manifest = read_manifest(args.parts_dir)
     paths = expand_parts(args.summaries, args.parts_dir)
     jobs = [json.loads(Path(p).read_text()) for p in tqdm(paths, unit="job", mininterval=5)]
     summaries = part_summaries(jobs, manifest["parts"])

@@ -105,6 +105,18 @@ def batch_name(part: str, shards_per_job: int) -> str:
     return part[: len(part) - digits] if digits else part
 
 
+def read_manifest(parts_dir: str | os.PathLike) -> dict[str, Any]:
+    """split_urls' ``PARTS_DIR/manifest.json``, checked to list its parts."""
+    manifest_path = Path(parts_dir) / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        manifest["parts"] = list(manifest["parts"])
+        manifest["shards_per_job"] = int(manifest.get("shards_per_job", 1))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UnicomError(f"{manifest_path}: not a split_urls manifest ({err})") from None
+    return manifest
+
+
 FIELDS = ("{part}", "{batch}")
 
 
@@ -129,13 +141,8 @@ def expand_parts(paths: Sequence[str], parts_dir: str | None) -> list[str]:
         if templated:
             raise UnicomError(f"{templated[0]} holds {{part}} or {{batch}}: give --each-part")
         return list(paths)
-    manifest_path = Path(parts_dir) / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        parts = list(manifest["parts"])
-        per_job = int(manifest.get("shards_per_job", 1))
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UnicomError(f"{manifest_path}: not a split_urls manifest ({err})") from None
+    manifest = read_manifest(parts_dir)
+    parts, per_job = manifest["parts"], manifest["shards_per_job"]
     names = {"{part}": parts, "{batch}": list(dict.fromkeys(batch_name(p, per_job) for p in parts))}
     expanded: list[str] = []
     for path in paths:

@@ -1,7 +1,7 @@
 """Unicom pipeline: download -> embed -> fuse -> k-means -> assign -> train -> evaluate -> report.
 
-Run the offline demo with `snakemake --profile profiles/local`; every key is described in
-config/schema.yaml.
+Run the offline demo with `snakemake --profile profiles/local`, a real run with
+`--configfile config/laion400m.yaml`; every key is described in config/schema.yaml.
 """
 
 import os
@@ -24,17 +24,22 @@ shell.prefix(
     "".join(["export PYTHONPATH=", _quoted_dir, "${{PYTHONPATH:+:$PYTHONPATH}}; "])
 )
 
-from unicom.config import validate_config
+from unicom.config import layered_config
 from unicom.io import UnicomError
 
-
-configfile: os.path.join(workflow.basedir, "config/config.yaml")
-
-
+# Layers: the schema's defaults < the --configfile files (config/config.yaml, the demo, only
+# when none is given) < --config. No `configfile:` directive: Snakemake would merge the demo
+# under every user config. `python -m unicom.config show` prints the same result.
 try:
-    validate_config(config)
+    EFFECTIVE_CONFIG = layered_config(
+        workflow.config_settings.configfiles,
+        workflow.config_settings.config,
+        default_configfile=os.path.join(workflow.basedir, "config/config.yaml"),
+    )
 except UnicomError as err:
     sys.exit(f"unicom: error: {err}")
+config.clear()
+config.update(EFFECTIVE_CONFIG)
 
 
 include: "rules/common.smk"
@@ -62,3 +67,4 @@ rule all:
         out("clusters/agreement.json"),
         out("evaluate/summary.csv"),
         rules.report_plots.output,
+        out("config.yaml"),

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     options = {"encoder": args.encoder, "demo": {"image_size": args.image_size}}
     options.update(json.loads(args.options_json))
     torch.set_num_threads(args.threads)
-    encoder = build_encoder(options, resolve_device(args.device))
+    encoder = build_encoder(options, resolve_device(args.device, "--device"))
 
     with tempfile.TemporaryDirectory() as tmp:
         shard = Path(args.shard) if args.shard else None

@@ -27,7 +27,7 @@ rule kmeans:
         runtime=KMEANS["runtime"],
         gpu=KMEANS["gpus"],
     params:
-        options=job_options(KMEANS),
+        options=stage_options("kmeans"),
         fused=each_part("fused/{part}.parquet"),
     shell:
         "python -m unicom.kmeans --out-centroids {output.centroids:q} --out-stats {output.stats:q}"
@@ -53,9 +53,7 @@ rule assign:
         runtime=ASSIGN["runtime"],
         gpu=ASSIGN["gpus"],
     params:
-        options=job_options(
-            ASSIGN, SCHEDULER_KEYS + ("min_cluster_size", "diagnostics")
-        ),
+        options=stage_options("assign"),
     shell:
         "python -m unicom.assign --fused {input.fused:q} --centroids {input.centroids:q}"
         " --out {output:q} --threads {threads} --options-json {params.options:q} 2> {log:q}"
@@ -119,8 +117,8 @@ rule cluster_diagnostics:
         mem_mb=DIAGNOSTICS["mem_mb"],
         runtime=DIAGNOSTICS["runtime"],
     params:
-        kmeans=job_options(KMEANS),
-        options=job_options(DIAGNOSTICS),
+        kmeans=stage_options("kmeans"),
+        options=stage_options("assign.diagnostics"),
     shell:
         "python -m unicom.cluster_diagnostics --assignments {input.assignments:q}"
         " --shards {input.shards:q} --shard-tables {input.tables:q}"

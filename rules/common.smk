@@ -3,6 +3,7 @@ import json
 import random
 
 from unicom.benchmarks import FASHION_MNIST_DIR
+from unicom.config import section
 from unicom.io import batch_name
 
 OUT = config["output_dir"]
@@ -23,14 +24,10 @@ def as_json(section):
     return json.dumps(section, sort_keys=True)
 
 
-# Scheduler-only keys (and the gather-only ones for assign) stay out of the params, so that
-# changing them does not rerun the computation.
-SCHEDULER_KEYS = ("threads", "gpus", "mem_mb", "runtime")
-
-
-def job_options(section, drop=SCHEDULER_KEYS):
-    """The section as JSON without the keys that only concern the scheduler."""
-    return as_json({k: v for k, v in section.items() if k not in drop})
+def stage_options(name):
+    """The config section `name` as its stage receives it (JSON): keys the schema marks
+    x-scheduler or x-planning stay out of the params, so changing them reruns nothing."""
+    return as_json(section(config, name))
 
 
 def all_parts(pattern):

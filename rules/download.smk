@@ -32,9 +32,10 @@ checkpoint split_urls:
         url_col=DATA["url_col"],
         caption_col=DATA["caption_col"],
         extra_cols=["--extra-cols", *DATA["extra_cols"]] if DATA["extra_cols"] else [],
+        max_rows=["--max-rows", DATA["max_rows"]] if DATA["max_rows"] else [],
     shell:
         "python -m unicom.split_urls --out-dir {output:q} --shard-size {params.shard_size:q}"
-        " --shards-per-job {params.shards_per_job:q}"
+        " --shards-per-job {params.shards_per_job:q} {params.max_rows:q}"
         " --url-col {params.url_col:q} --caption-col {params.caption_col:q}"
         " {input:q} {params.extra_cols:q} 2> {log:q}"
 
@@ -60,7 +61,7 @@ rule download:
     params:
         parts=lambda wildcards, input: batch_parts(input[0], wildcards.batch),
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
-        options=job_options(DOWNLOAD, ("mem_mb", "runtime", "shards_per_job")),
+        options=stage_options("download"),
     shell:
         "python -m unicom.download --part {params.parts:q} --out-dir {params.out_dir:q}"
         " --summary {output.summary:q} --options-json {params.options:q} 2> {log:q}"

@@ -45,7 +45,8 @@ rule embed:
         runtime=EMBED["runtime"],
         gpu=EMBED["gpus"],
     params:
-        options=job_options(EMBED, ("mem_mb", "runtime", "gpus")),
+        options=stage_options("embed"),
     shell:
         "python -m unicom.embed --shard {input.shards:q} --out {output.embeddings:q}"
-        " --skipped {output.skipped:q} --options-json {params.options:q} 2> {log:q}"
+        " --skipped {output.skipped:q} --threads {threads} --options-json {params.options:q}"
+        " 2> {log:q}"

@@ -23,11 +23,11 @@ rule evaluate:
     params:
         model=lambda wildcards: evaluation_models()[wildcards.model],
         dataset_path=lambda wildcards: EVALUATION_DATASETS[wildcards.dataset],
-        options=job_options(EVALUATE, ("gpus", "mem_mb", "runtime", "datasets")),
-        embed=job_options(config["embed"]),
+        options=stage_options("evaluate"),
+        embed=stage_options("embed"),
     shell:
         "python -m unicom.evaluate --model {params.model:q} --dataset {wildcards.dataset:q}"
-        " --dataset-path {params.dataset_path:q} --out {output:q}"
+        " --dataset-path {params.dataset_path:q} --out {output:q} --threads {threads}"
         " --options-json {params.options:q} --embed-options-json {params.embed:q} 2> {log:q}"
 
 

@@ -1,8 +1,6 @@
 # Fused embedding per shard (one job per batch of shards); changing fuse.* reruns only this
 # and what follows.
 
-FUSE = config["fuse"]
-
 
 rule fuse:
     input:
@@ -19,7 +17,7 @@ rule fuse:
         mem_mb=2000,
         runtime=30,
     params:
-        options=as_json(FUSE),
+        options=stage_options("fuse"),
     shell:
         "python -m unicom.fuse --embeddings {input:q} --out {output:q}"
         " --options-json {params.options:q} 2> {log:q}"

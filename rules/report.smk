@@ -3,6 +3,28 @@
 
 localrules:
     report_plots,
+    effective_config,
+
+
+# The config this run used (schema defaults + the user's files + --config, after the
+# rehearsal), written by a job rather than at parse time: dry runs and every cluster job parse
+# the Snakefile too. A change of any value rewrites it.
+rule effective_config:
+    output:
+        report(
+            out("config.yaml"),
+            caption="../report/config.rst",
+            category="0. Configuration",
+        ),
+    log:
+        out("logs/effective_config.log"),
+    conda:
+        "../envs/data.yaml"
+    params:
+        config=as_json(EFFECTIVE_CONFIG),
+    shell:
+        "python -m unicom.config write --config-json {params.config:q} --out {output:q}"
+        " 2> {log:q}"
 
 
 rule report_plots:

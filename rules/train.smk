@@ -5,8 +5,6 @@
 # not declared outputs, so Snakemake leaves them in place.
 
 TRAIN = config["train"]
-# Scheduler-only keys stay out of the params, so that changing them does not rerun training.
-TRAIN_SCHEDULER_KEYS = ("threads", "gpus", "mem_mb", "runtime")
 
 
 rule train:
@@ -40,9 +38,7 @@ rule train:
         launcher=train_launcher,
         out_dir=lambda wildcards, output: os.path.dirname(output.model),
         k=config["kmeans"]["k"],
-        options=as_json(
-            {k: v for k, v in TRAIN.items() if k not in TRAIN_SCHEDULER_KEYS}
-        ),
+        options=stage_options("train"),
     shell:
         "{params.launcher:q} --each-part {input.parts:q} --shards {params.shards:q}"
         " --assignments {params.assignments:q}"

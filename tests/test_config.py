@@ -14,7 +14,7 @@ def demo_config() -> dict:
 
 
 def test_defaults_are_filled_into_nested_sections():
-    config = validate_config({})
+    config = validate_config({"data": {"url_list": ["urls.parquet"]}})
     assert config["download"]["allowed_schemes"] == ["http", "https"]
     assert config["embed"]["open_clip"]["model"] == "ViT-B-32"
     assert config["fuse"]["mode"] == "mean"

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from unicom.config import section_options
 from unicom.download import (
-    download_options,
     download_part,
     download_parts,
     merge_rows,
@@ -372,8 +372,8 @@ def test_rewrite_tar_keys_writes_samples_in_row_order(tmp_path):
 
 
 def test_bad_options_are_one_line_errors(tmp_path, capsys):
-    with pytest.raises(UnicomError, match="download.thread_count: unknown option"):
-        download_options({"thread_count": 3})
+    with pytest.raises(UnicomError, match="config key download.thread_count: unknown key"):
+        section_options("download", {"thread_count": 3})
     with pytest.raises(SystemExit) as exit_info:
         run_cli(__import__("unicom.download").download.main, ["--part", str(tmp_path / "x.parquet"),
                 "--out-dir", str(tmp_path), "--summary", str(tmp_path / "s.json"),

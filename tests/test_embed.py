@@ -178,7 +178,7 @@ def test_cli_bad_options_are_one_line(shard, tmp_path, capsys):
         run_cli(main, args)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert "unknown encoder 'clip'" in err and len(err.splitlines()) == 1
+    assert "config key embed.encoder: 'clip' is not one of" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o.parquet").exists()
 
 

@@ -148,7 +148,7 @@ def test_open_clip_bad_names_are_one_line_errors(tiny_clip, tmp_path):
     with pytest.raises(UnicomError, match="cannot fetch open_clip weights RN50/openai") as err:
         build_encoder(offline_tag, CPU)  # HF_HUB_OFFLINE=1 and an empty cache
     assert "\n" not in str(err.value)
-    with pytest.raises(UnicomError, match="unknown encoder 'clip'") as err:
+    with pytest.raises(UnicomError, match="config key embed.encoder: 'clip' is not one of") as err:
         build_encoder({"encoder": "clip"}, CPU)
     assert "\n" not in str(err.value)
     with pytest.raises(UnicomError, match="unknown key"):

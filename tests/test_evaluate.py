@@ -2,6 +2,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from unicom import benchmarks
 from unicom.evaluate import cap_set, main, stratified_subset
@@ -105,3 +106,22 @@ def test_absent_dataset_is_one_line(tmp_path, capsys):
             ],
         )
     assert capsys.readouterr().err.strip() == "unicom: error: cub: skipped, no path configured"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_bad_device_names_evaluate_device(tmp_path, capsys):
+    from unicom.io import run_cli
+
+    with pytest.raises(SystemExit):
+        run_cli(
+            main,
+            [
+                "--model", "base", "--dataset", "cub", "--out", str(tmp_path / "m.json"),
+                "--options-json", json.dumps({**OPTIONS, "device": "cuda"}),
+                "--embed-options-json", json.dumps(EMBED),
+            ],
+        )  # fmt: skip
+    error = capsys.readouterr().err.strip()
+    assert (
+        error == "unicom: error: config key evaluate.device: 'cuda' but no CUDA device is available"
+    )

@@ -63,7 +63,8 @@ def test_fuse_file_keeps_keys_and_records_how(tmp_path):
     assert out.schema.field("emb").type.list_size == 16
     vectors = formats.column_to_numpy(out["emb"])
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=2e-3)  # float16
-    assert formats.read_metadata(str(dst), formats.FUSION_METADATA_KEY) == {"mode": "concat"}
+    recorded = formats.read_metadata(str(dst), formats.FUSION_METADATA_KEY)
+    assert recorded == {"mode": "concat", "image_weight": 1.0, "text_weight": 1.0}  # + defaults
     assert sorted(tmp_path.iterdir()) == sorted([src, dst])  # no temporary file left
 
 

@@ -221,7 +221,7 @@ def test_unknown_option_and_missing_gpu_are_config_errors(tmp_path):
     from unicom.io import UnicomError
 
     paths = split_files(tmp_path, blobs(2, 10, dim=4)[0], parts=1)
-    with pytest.raises(UnicomError, match="config key kmeans.clusters: unknown option"):
+    with pytest.raises(UnicomError, match="config key kmeans.clusters: unknown key"):
         cluster_files(paths, {"clusters": 3})
     import faiss
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from test_workflow import write_config
+from test_workflow import DEMO_CONFIG, write_config
 
 from conftest import REPO
 
@@ -204,7 +204,7 @@ def snakemake_command(workdir: Path, targets: Sequence[str], *options: str) -> l
         "timeout", "-s", "INT", "-k", "30", str(SNAKEMAKE_TIMEOUT_S),
         sys.executable, "-m", "snakemake", *targets, "-s", str(REPO / "Snakefile"),
         "-d", str(workdir), "--profile", str(PROFILE),
-        "--configfile", str(workdir / "config.yaml"), *options,
+        "--configfile", str(DEMO_CONFIG), str(workdir / "config.yaml"), *options,
     ]  # fmt: skip
 
 

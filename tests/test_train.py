@@ -35,7 +35,6 @@ from unicom.distributed import (
 from unicom.io import UnicomError, run_cli
 from unicom.partial_fc import PartialFC
 from unicom.train import (
-    DEFAULTS,
     EmbeddingModel,
     build_model,
     load_trained_model,
@@ -342,21 +341,19 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
 
 
-def test_defaults_agree_with_the_schema():
-    schema = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())
-    section = schema["properties"].get("train")
-    if section is None:  # not merged yet
-        section = yaml.safe_load((REPO / "config" / "train.schema.yaml").read_text())["train"]
-    properties = section["properties"]
-    assert set(properties) == set(DEFAULTS)
-    for key, spec in properties.items():
-        if key == "augment":
-            assert {k: v["default"] for k, v in spec["properties"].items()} == DEFAULTS[key]
-        else:
-            assert spec["default"] == DEFAULTS[key], key
-        assert spec.get("description"), key
-    with pytest.raises(UnicomError, match="train.batchsize: unknown option"):
+def test_options_come_from_the_schema():
+    properties = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())["properties"]
+    spec = properties["train"]["properties"]
+    options = train_options({"steps": 3})
+    assert options["steps"] == 3 and options["model"] == spec["model"]["default"]
+    assert options["augment"]["hflip"] == spec["augment"]["properties"]["hflip"]["default"]
+    # Job resources never reach the trainer: changing them cannot rerun or refuse a resume.
+    assert not {"threads", "gpus", "mem_mb", "runtime"} & set(options)
+    assert all(s.get("description") for s in spec.values())
+    with pytest.raises(UnicomError, match="config key train.batchsize: unknown key"):
         train_options({"batchsize": 3})
+    with pytest.raises(UnicomError, match="config key train.batch_size: 1 is less than"):
+        train_options({"batch_size": 1})
 
 
 def test_assign_metadata_key_is_the_one_assign_writes():

@@ -41,6 +41,8 @@ TEST_CONFIG = {
         "threads": 1,
     },
 }
+# The test configs are the demo's with small changes: both files are given, in that order.
+DEMO_CONFIG = REPO / "config/config.yaml"
 # Jobs of the clustering stage, planned whenever the fused files or kmeans.* change.
 CLUSTER_JOBS = {"kmeans": 1, "assign": 3, "cluster_sizes": 1, "cluster_diagnostics": 1}
 # ... and what follows them: training, the trained model's evaluation, the table and plots.
@@ -57,6 +59,7 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
         "-d",
         str(workdir),
         "--configfile",
+        str(DEMO_CONFIG),
         str(workdir / "config.yaml"),
         "--cores",
         "2",
@@ -273,7 +276,7 @@ def test_ten_shards_per_job_make_one_job_per_stage(tmp_path, small_image_folder)
         ({"download": {"timeout": "soon"}}, "config key download.timeout: 'soon' is not of type"),
         ({"embed": {"encoder": "resnet"}}, "config key embed.encoder: 'resnet' is not one of"),
         ({"fuse": {"mode": "mean"}}, "config key fuse.mode: 'mean' needs image and text"),
-        ({"demo": {"colour": 1}}, "config key demo: unknown key"),
+        ({"demo": {"colour": 1}}, "config key demo.colour: unknown key"),
         # torchrun --standalone is single-node: more nodes only through a SLURM profile's srun
         ({"train": {"nodes": 2}}, "config key train.nodes: above 1 needs a SLURM profile"),
     ],

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from unicom import formats
+from unicom.config import section_options
 from unicom.io import (
     UnicomError,
     check_pairs,
@@ -36,7 +37,6 @@ from unicom.kmeans import (
     load_centroids,
     resolve_gpu,
     search_centroids,
-    section_options,
     tune_faiss,
 )
 
@@ -84,7 +84,7 @@ def assign_files(
 ) -> list[pa.Table]:
     """Label every row of each fused file (centroids loaded once); write and return the tables."""
     check_pairs("--fused", fused_paths, "--out", out_paths)
-    options = section_options(["assign"], options)
+    options = section_options("assign", options)
     tune_faiss(threads)
     gpu = resolve_gpu(options["gpu"])
     centroids = load_centroids(centroids_path)

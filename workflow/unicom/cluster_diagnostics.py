@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from unicom import formats
 from unicom.cluster_report import check_same_centroids
+from unicom.config import section_options
 from unicom.io import (
     UnicomError,
     add_each_part_option,
@@ -44,7 +45,6 @@ from unicom.kmeans import (
     cluster_files,
     l2_normalize,
     search_centroids,
-    section_options,
 )
 
 log = logging.getLogger("unicom.cluster_diagnostics")
@@ -377,7 +377,7 @@ def diagnostics(
     out_agreement_png: str,
     threads: int | None = None,
 ) -> dict[str, Any]:
-    options = section_options(["assign", "diagnostics"], options)
+    options = section_options("assign.diagnostics", options)
     identity = check_same_centroids(list(assignment_paths))
     parts = by_part(assignment_paths, "assignment")
     grid = build_grid(parts, by_part(tar_paths, "shard tar"), identity["k"], options)

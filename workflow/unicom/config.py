@@ -1,21 +1,104 @@
-"""Configuration: JSON-Schema validation with defaults, and checks across keys.
+"""Configuration: one schema with every default, layered config files, stage sections, rehearsal.
 
-The Snakefile calls :func:`validate_config` before any job runs, so a wrong config fails
-with one line naming the key, not halfway through a cluster run.
+A run sees the schema's defaults overlaid with the files given to ``--configfile`` (in order;
+``config/config.yaml``, the offline demo, only when none is given) and ``--config`` on top,
+and nothing else. The Snakefile and ``python -m unicom.config show`` both call
+:func:`layered_config`, so what ``show`` prints is what a run uses.
+
+Every stage reads its section through :func:`section_options`: the schema fills the defaults
+and checks the types, and keys marked ``x-scheduler`` (job resources) or ``x-planning`` (read by
+Snakemake or another rule) are dropped, so that changing them reruns nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import argparse
+import copy
+import functools
+import importlib.resources
+import json
+import math
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
 
-from unicom.io import UnicomError
+from unicom.io import UnicomError, run_cli, write_text
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schema.yaml"
+# The demo's config, applied when no --configfile is given (relative to the working folder,
+# which is the repository for `snakemake` and `make demo`).
+DEFAULT_CONFIGFILE = Path("config/config.yaml")
+# Schema annotations: who reads a key besides (or instead of) the section's stage.
+SCHEDULER = "x-scheduler"  # a job resource; Snakemake reads it, the stage never sees it
+PLANNING = "x-planning"  # Snakemake plans the DAG with it, or another rule reads it
+# train.pretrained values that fetch weights from a hub at run time.
+HUB_PRETRAINED = frozenset({"timm"})
+# What the rehearsal may change, beyond every x-scheduler key (tests/test_config.py pins it).
+REHEARSAL_KEYS = frozenset(
+    {
+        "output_dir",
+        "data.max_rows",
+        "kmeans.k",
+        "train.steps",
+        "train.batch_size",
+        "train.grad_accum_steps",
+        "train.nodes",
+        "train.nproc_per_node",
+        "train.pretrained",
+        "train.num_workers",
+        "embed.batch_size",
+        "embed.num_workers",
+        "evaluate.batch_size",
+        "evaluate.num_workers",
+        "evaluate.max_images",
+    }
+)
+# The rehearsal's forward passes (embed, evaluate) take this many times its training batch.
+REHEARSAL_INFERENCE_BATCH = 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema
+
+
+@functools.cache
+def _schema_text() -> str:
+    # Package data, so that a non-editable install finds it too.
+    return importlib.resources.files("unicom").joinpath("schema.yaml").read_text()
+
+
+def load_schema() -> dict:
+    """The schema (a fresh copy: callers may change it)."""
+    return yaml.safe_load(_schema_text())
+
+
+def subschema(name: str, schema: Mapping | None = None) -> dict:
+    """The schema of the section ``name`` (dotted: ``assign.diagnostics``)."""
+    node = load_schema() if schema is None else schema
+    for part in name.split("."):
+        try:
+            node = node["properties"][part]
+        except KeyError:
+            raise UnicomError(f"config key {name}: no such section in the schema") from None
+    return node
+
+
+def annotated_keys(annotation: str, schema: Mapping | None = None) -> list[str]:
+    """Dotted paths of every key that carries ``annotation`` (e.g. ``x-scheduler``)."""
+    found: list[str] = []
+
+    def walk(node: Mapping, prefix: str) -> None:
+        for name, spec in node.get("properties", {}).items():
+            path = f"{prefix}{name}"
+            if spec.get(annotation):
+                found.append(path)
+            walk(spec, path + ".")
+
+    walk(load_schema() if schema is None else schema, "")
+    return found
 
 
 def _extend_with_defaults(validator_class):
@@ -24,10 +107,9 @@ def _extend_with_defaults(validator_class):
 
     def set_defaults(validator, properties, instance, schema):
         if isinstance(instance, dict):
-            for name, subschema in properties.items():
-                if "default" in subschema and name not in instance:
-                    default = subschema["default"]
-                    instance[name] = dict(default) if isinstance(default, dict) else default
+            for name, subschema_ in properties.items():
+                if "default" in subschema_ and name not in instance:
+                    instance[name] = copy.deepcopy(subschema_["default"])
         yield from validate_properties(validator, properties, instance, schema)
 
     return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
@@ -36,12 +118,23 @@ def _extend_with_defaults(validator_class):
 _Validator = _extend_with_defaults(jsonschema.Draft202012Validator)
 
 
-def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
-    return yaml.safe_load(Path(path).read_text())
-
-
-def _key_path(error: jsonschema.ValidationError) -> str:
-    return ".".join(str(p) for p in error.absolute_path) or "<top level>"
+def _fill_and_check(instance: dict, schema: Mapping, prefix: str = "") -> None:
+    """Fill defaults into ``instance`` (in place) and validate it against ``schema``."""
+    validator = _Validator(schema)
+    # Fill defaults first (nested sections appear only after their parent got its default).
+    for _ in range(3):
+        for _error in validator.iter_errors(instance):
+            pass
+    errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))
+    if errors:
+        error = errors[0]
+        path = [str(p) for p in error.absolute_path]
+        message = error.message
+        if error.validator == "additionalProperties":
+            path.append(sorted(set(error.instance) - set(error.schema.get("properties", {})))[0])
+            message = "unknown key"
+        key = f"{prefix}{'.'.join(path)}".rstrip(".") or "<top level>"
+        raise UnicomError(f"config key {key}: {message}")
 
 
 def validate_config(config: dict, schema: Mapping | None = None) -> dict:
@@ -49,19 +142,7 @@ def validate_config(config: dict, schema: Mapping | None = None) -> dict:
 
     Raises UnicomError with one line: the key path and what is wrong with it.
     """
-    schema = load_schema() if schema is None else schema
-    validator = _Validator(schema)
-    # Fill defaults first (nested sections appear only after their parent got its default).
-    for _ in range(3):
-        for _error in validator.iter_errors(config):
-            pass
-    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
-    if errors:
-        error = errors[0]
-        message = error.message
-        if error.validator == "additionalProperties":
-            message = message.replace("Additional properties are not allowed", "unknown key")
-        raise UnicomError(f"config key {_key_path(error)}: {message}")
+    _fill_and_check(config, load_schema() if schema is None else schema)
     check_consistency(config)
     return config
 
@@ -78,3 +159,251 @@ def check_consistency(config: Mapping[str, Any]) -> None:
             "config key fuse.mode: 'mean' needs image and text in one shared space (a single CLIP "
             f"model), but embed.encoder is '{config['embed']['encoder']}'; use 'concat'"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections: what one stage receives
+
+
+def section_options(name: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The section ``name`` as its stage sees it: ``options`` (a possibly partial section)
+    with the schema's defaults filled in and checked, without x-scheduler and x-planning keys.
+    """
+    schema = subschema(name)
+    if options is not None and not isinstance(options, Mapping):
+        raise UnicomError(f"config key {name}: expected a mapping, got {type(options).__name__}")
+    filled = copy.deepcopy(dict(options or {}))
+    _fill_and_check(filled, schema, f"{name}.")
+    properties = schema["properties"]
+    return {
+        key: value
+        for key, value in filled.items()
+        if not (properties[key].get(SCHEDULER) or properties[key].get(PLANNING))
+    }
+
+
+def section(config: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The section ``name`` (dotted) of a whole config, as its stage sees it."""
+    node: Any = config
+    for part in name.split("."):
+        node = (node or {}).get(part)
+    return section_options(name, node)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``override`` on top of ``base``: mappings merge key by key, anything else replaces
+    (lists too), as Snakemake merges --configfile and --config."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    try:
+        content = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise UnicomError(f"config file {path}: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise UnicomError(f"config file {path}: not YAML ({str(err).splitlines()[0]})") from None
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise UnicomError(f"config file {path}: expected a mapping, got {type(content).__name__}")
+    return content
+
+
+def layered_config(
+    configfiles: Sequence[str | Path],
+    overrides: Mapping[str, Any] | None = None,
+    default_configfile: str | Path = DEFAULT_CONFIGFILE,
+) -> dict[str, Any]:
+    """The effective config: schema defaults < ``configfiles`` in order (the default file, the
+    demo, when there are none) < ``overrides`` (--config); then the rehearsal, if enabled."""
+    schema = load_schema()
+    config: dict[str, Any] = {}
+    for path in list(configfiles) or [default_configfile]:
+        config = merge(config, load_config_file(path))
+    config = validate_config(merge(config, typed_overrides(overrides or {}, schema)))
+    if config["rehearsal"]["enabled"]:
+        config = validate_config(rehearse(config))
+    return in_schema_order(config, schema)
+
+
+def typed_overrides(overrides: Mapping[str, Any], schema: Mapping[str, Any]) -> dict[str, Any]:
+    """--config values with the types the schema asks for. Snakemake reads a nested value
+    (`--config 'kmeans={k: 64}'`) with YAML's base loader, which keeps every leaf a string; such
+    a leaf is read again as YAML unless the schema wants a string there."""
+    properties = schema.get("properties")
+    typed = {}
+    for key, value in overrides.items():
+        # A free-form object (train.model_kwargs) has no properties: its leaves are YAML.
+        spec = properties.get(key, {}) if properties is not None else {}
+        typed[key] = _retyped(value, spec)
+    return typed
+
+
+def _retyped(value: Any, spec: Mapping[str, Any]) -> Any:
+    if isinstance(value, Mapping):
+        return typed_overrides(value, spec)
+    if isinstance(value, list):
+        return [_retyped(item, spec.get("items", {})) for item in value]
+    declared = spec.get("type", [])
+    if declared == "string" and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # Snakemake reads `--config output_dir=2024` as a number
+    if not isinstance(value, str) or "string" in declared or value in spec.get("enum", ()):
+        return value  # ("no" is a resize mode, not YAML's false)
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value  # left as it is: validation names the key
+
+
+def in_schema_order(config: Mapping[str, Any], schema: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with its keys in the schema's order (so config.yaml reads like the schema)."""
+    properties = schema.get("properties", {})
+    ordered = {}
+    for key in [*properties, *(k for k in config if k not in properties)]:
+        if key in config:
+            value = config[key]
+            if isinstance(value, Mapping) and key in properties:
+                value = in_schema_order(value, properties[key])
+            ordered[key] = value
+    return ordered
+
+
+# ---------------------------------------------------------------------------------------------
+# Rehearsal
+
+
+def _set(config: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+def _get(config: Mapping, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def rehearse(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` (validated, defaults filled) sized for a small machine by its ``rehearsal``
+    section. Only the keys of REHEARSAL_KEYS and the x-scheduler keys change."""
+    plan = config["rehearsal"]
+    if plan["k"] > plan["rows"]:
+        raise UnicomError(
+            f"config key rehearsal.k: {plan['k']} exceeds rehearsal.rows ({plan['rows']}): "
+            "k-means needs at least k downloaded images"
+        )
+    rehearsed = copy.deepcopy(dict(config))
+    for key in annotated_keys(SCHEDULER):
+        _set(rehearsed, key, plan[key.rsplit(".", 1)[1]])
+    rehearsed["output_dir"] = config["output_dir"] + plan["output_suffix"]
+    max_rows = config["data"]["max_rows"]
+    rehearsed["data"]["max_rows"] = min(plan["rows"], max_rows or math.inf)
+    rehearsed["kmeans"]["k"] = plan["k"]
+    train = rehearsed["train"]
+    train.update(
+        steps=plan["steps"],
+        batch_size=plan["batch_size"],
+        grad_accum_steps=1,
+        nodes=1,
+        nproc_per_node=plan["ranks"],
+    )
+    if train["pretrained"] in HUB_PRETRAINED:
+        train["pretrained"] = None  # seeded random init: the rehearsal proves the path offline
+    inference_batch = REHEARSAL_INFERENCE_BATCH * plan["batch_size"]
+    for name in ("embed", "train", "evaluate"):
+        part = rehearsed[name]
+        part["num_workers"] = min(part["num_workers"], max(0, plan["threads"] - 1))
+        if name != "train":
+            part["batch_size"] = min(part["batch_size"], inference_batch)
+    cap = config["evaluate"]["max_images"]
+    rehearsed["evaluate"]["max_images"] = min(plan["evaluate_images"], cap or math.inf)
+    return rehearsed
+
+
+def changed_keys(before: Mapping[str, Any], after: Mapping[str, Any], prefix: str = "") -> set:
+    """Dotted paths of the leaves that differ between two configs (a mapping counts as a
+    branch, anything else as a leaf)."""
+    changed = set()
+    for key in set(before) | set(after):
+        path = f"{prefix}{key}"
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            changed |= changed_keys(old, new, path + ".")
+        elif old != new:
+            changed.add(path)
+    return changed
+
+
+def check_rehearsal_rows(config: Mapping[str, Any], url_list_rows: int) -> None:
+    """A rehearsal must find rows in the URL list, and at least k of them."""
+    if url_list_rows == 0:
+        raise UnicomError("config key data.url_list: the URL list has no rows")
+    rows = min(url_list_rows, config["data"]["max_rows"] or url_list_rows)
+    k = config["kmeans"]["k"]
+    if config["rehearsal"]["enabled"] and k > rows:
+        raise UnicomError(
+            f"config key rehearsal.k: {k} exceeds the {rows} rows the rehearsal takes from "
+            "data.url_list: k-means needs at least k downloaded images"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_overrides(entries: Iterable[str]) -> dict[str, Any]:
+    """``--config K=V`` entries, parsed exactly as Snakemake parses them."""
+    from snakemake.cli import parse_config  # the same parser as `snakemake --config`
+
+    try:
+        return parse_config(list(entries))
+    except ValueError as err:
+        raise UnicomError(f"--config: {err}") from None
+
+
+def to_yaml(config: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(dict(config), sort_keys=False, default_flow_style=None, width=100)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m unicom.config", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    show = commands.add_parser("show", help="print the effective config of a run, run nothing")
+    show.add_argument("--configfile", nargs="+", default=[], help="as snakemake --configfile")
+    show.add_argument(
+        "--config", nargs="+", default=[], metavar="K=V", help="as snakemake --config"
+    )
+    show.add_argument(
+        "--default-configfile",
+        default=str(DEFAULT_CONFIGFILE),
+        help="the config used when no --configfile is given (the demo)",
+    )
+    show.add_argument("--json", action="store_true", help="JSON instead of YAML")
+    write = commands.add_parser("write", help="write a config given as JSON to a YAML file")
+    write.add_argument("--config-json", required=True, help="the effective config as JSON")
+    write.add_argument("--out", required=True, help="YAML file to write (atomically)")
+    args = parser.parse_args(argv)
+    if args.command == "write":
+        write_text(args.out, to_yaml(json.loads(args.config_json)))
+        return
+    config = layered_config(args.configfile, parse_overrides(args.config), args.default_configfile)
+    sys.stdout.write(json.dumps(config, indent=2) + "\n" if args.json else to_yaml(config))
+
+
+if __name__ == "__main__":
+    run_cli(main)

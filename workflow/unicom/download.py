@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from unicom.config import load_schema
+from unicom.config import section_options
 from unicom.formats import CAPTION_COLUMN, URL_COLUMN, global_key
 from unicom.io import (
     UnicomError,
@@ -55,8 +55,6 @@ ROW_COLUMN = "unicom_row"
 # Local keys are the row's index in the part, shaped like img2dataset's keys (9 digits).
 KEY_WIDTH = 9
 REJECTED_SCHEME = "rejected_scheme"
-# Options of the config's download section that only matter to the scheduler.
-SCHEDULER_OPTIONS = frozenset({"mem_mb", "runtime"})
 # Columns img2dataset adds after the input columns, with the types it writes.
 IMG2DATASET_COLUMNS = pa.schema(
     [
@@ -72,17 +70,6 @@ IMG2DATASET_COLUMNS = pa.schema(
 
 # ---------------------------------------------------------------------------------------------
 # Pure core
-
-
-def download_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``download`` config section with the schema's defaults filled in; unknown keys fail."""
-    properties = load_schema()["properties"]["download"]["properties"]
-    unknown = sorted(set(options) - set(properties))
-    if unknown:
-        raise UnicomError(f"config key download.{unknown[0]}: unknown option")
-    merged = {name: spec.get("default") for name, spec in properties.items()}
-    merged.update(options)
-    return merged
 
 
 def rejection_reason(url: str | None, allowed_schemes: Iterable[str]) -> str | None:
@@ -364,7 +351,7 @@ def finished_shard(folder: Path) -> str:
 def download_part(part_path: str | Path, out_dir: str | Path, options: Mapping[str, Any]) -> dict:
     """Download one part; write the shard and its table; return the part's summary."""
     started = time.monotonic()
-    options = download_options({k: v for k, v in options.items() if k not in SCHEDULER_OPTIONS})
+    options = section_options("download", options)
     part_path, out_dir = Path(part_path), Path(out_dir)
     part = part_path.stem
     table = read_part(part_path)

@@ -97,7 +97,12 @@ def main(argv: list[str] | None = None) -> None:
     paths = expand_parts(args.summaries, args.parts_dir)
     jobs = [json.loads(Path(p).read_text()) for p in tqdm(paths, unit="job", mininterval=5)]
     summaries = part_summaries(jobs, manifest["parts"])
-    combined = combine_summaries(summaries, manifest["total_rows"])
+    # Rows after data.max_rows never reached a part: counted here, so the summary still
+    # accounts for every row of the URL list.
+    left_out = manifest.get("rows_left_out", 0)
+    combined = combine_summaries(summaries, manifest["total_rows"] - left_out)
+    combined["url_list_rows"] = manifest["total_rows"]
+    combined["left_out_beyond_max_rows"] = left_out
     write_text(args.out_table, summary_table(summaries))
     write_json(args.out, combined)
     log.info(

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from unicom import formats
+from unicom.config import section_options
 from unicom.encoders import Encoder, build_encoder, resolve_device
 from unicom.faults import fail_once_if_marked
 from unicom.io import (
@@ -58,8 +59,6 @@ log = logging.getLogger("unicom.embed")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SKIPPED_COLUMNS = ("key", "reason")
 WORKER_NICENESS = 10
-# Defaults mirror config/schema.yaml.
-RUN_DEFAULTS: dict[str, Any] = {"batch_size": 256, "num_workers": 4, "device": "auto", "threads": 4}
 
 
 # ----------------------------------------------------------------------------- tar reading
@@ -404,17 +403,6 @@ def _worker_error_line(err: UnicomError) -> str:
     return last.removeprefix(prefix)
 
 
-def run_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """batch_size / num_workers / device / threads with the schema defaults, checked."""
-    run = {key: options.get(key, default) for key, default in RUN_DEFAULTS.items()}
-    for key in ("batch_size", "threads"):
-        if not isinstance(run[key], int) or run[key] < 1:
-            raise UnicomError(f"embed.{key} must be an integer >= 1, got {run[key]!r}")
-    if not isinstance(run["num_workers"], int) or run["num_workers"] < 0:
-        raise UnicomError(f"embed.num_workers must be an integer >= 0, got {run['num_workers']!r}")
-    return run
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m unicom.embed", description=__doc__)
     parser.add_argument(
@@ -425,6 +413,7 @@ def main(argv: list[str] | None = None) -> None:
         "--skipped", required=True, help="CSV of the samples skipped in any shard (key, reason)"
     )
     parser.add_argument("--options-json", required=True, help="the embed config section as JSON")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (the job's cores)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     setup_logging()
@@ -432,24 +421,22 @@ def main(argv: list[str] | None = None) -> None:
     # The Rust tokenizer's own thread pool would compete with torch for the same cores.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    options = parse_options_json(args.options_json)
-    run = run_options(options)
+    options = section_options("embed", parse_options_json(args.options_json))
     for shard in args.shard:  # before spending seconds on loading models
         if not Path(shard).is_file():
             raise UnicomError(f"shard {shard} does not exist")
-    torch.set_num_threads(run["threads"])
-    device = resolve_device(str(run["device"]))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(options["device"], "embed.device")
     encoder = build_encoder(options, device)  # once for all the job's shards
-    log.info(
-        "encoder %s on %s, %d threads", options.get("encoder", "open_clip"), device, run["threads"]
-    )
+    log.info("encoder %s on %s, %d threads", options["encoder"], device, torch.get_num_threads())
 
     skipped: list[tuple[str, str]] = []  # keys name their shard
     for shard, out in zip(args.shard, args.out, strict=True):
         fail_once_if_marked("embed", Path(shard).stem)  # rerun tests only
         start = time.perf_counter()
         result = embed_shard(
-            shard, encoder, run["batch_size"], run["num_workers"], not args.no_progress
+            shard, encoder, options["batch_size"], options["num_workers"], not args.no_progress
         )
         seconds = time.perf_counter() - start
         skipped += result.skipped

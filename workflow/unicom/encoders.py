@@ -34,28 +34,17 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from unicom.config import section_options
 from unicom.images import to_rgb  # noqa: F401  (re-exported for train)
 from unicom.io import UnicomError, parse_options_json, run_cli, setup_logging, write_json
 
 log = logging.getLogger("unicom.encoders")
 
-ENCODER_NAMES = ("open_clip", "demo")
 LOCAL_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 # Random initialisation is seeded so that a "pretrained: null" run is reproducible.
 RANDOM_INIT_SEED = 0
 # Transparent pixels (PNG/WebP shards) are composited onto white, as clip art is drawn on paper.
 
-# Defaults mirror config/schema.yaml so that a partial options dict behaves like the config.
-OPEN_CLIP_DEFAULTS: dict[str, Any] = {
-    "model": "ViT-B-32",
-    "pretrained": "laion2b_s34b_b79k",
-    "cache_dir": None,
-}
-DEMO_DEFAULTS: dict[str, Any] = {
-    "image_model": "tf_efficientnet_lite0",
-    "image_size": 224,
-    "text_max_tokens": 64,
-}
 DEMO_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEMO_MEAN = (0.5, 0.5, 0.5)
 DEMO_STD = (0.5, 0.5, 0.5)
@@ -173,16 +162,17 @@ def match_state_dict_in_order(
     return renamed
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when present, else cpu; anything else must be a usable torch device."""
+def resolve_device(name: str, key: str) -> torch.device:
+    """``auto`` -> cuda when present, else cpu; anything else must be a usable torch device.
+    ``key`` is the config key that named it (``embed.device``, ``evaluate.device``)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise UnicomError(f"embed.device {name!r} is not a torch device ({err})") from None
+        raise UnicomError(f"config key {key}: {name!r} is not a torch device ({err})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UnicomError(f"embed.device is {name!r} but no CUDA device is available")
+        raise UnicomError(f"config key {key}: {name!r} but no CUDA device is available")
     return device
 
 
@@ -486,26 +476,12 @@ def build_demo_text_model(max_tokens: int, device: torch.device):
 # ----------------------------------------------------------------------------- factory + CLI
 
 
-def _section(options: Mapping[str, Any], name: str, defaults: Mapping[str, Any]) -> dict:
-    section = options.get(name) or {}
-    if not isinstance(section, Mapping):
-        raise UnicomError(f"embed.{name} must be a mapping, got {type(section).__name__}")
-    unknown = sorted(set(section) - set(defaults))
-    if unknown:
-        raise UnicomError(f"unknown key(s) in embed.{name}: {', '.join(unknown)}")
-    return {**defaults, **section}
-
-
 def build_encoder(options: Mapping[str, Any], device: torch.device) -> Encoder:
-    """The encoder described by ``options`` (the whole ``embed`` config section)."""
-    name = options.get("encoder", "open_clip")
-    if name == "open_clip":
-        return OpenClipEncoder(_section(options, "open_clip", OPEN_CLIP_DEFAULTS), device)
-    if name == "demo":
-        return DemoEncoder(_section(options, "demo", DEMO_DEFAULTS), device)
-    raise UnicomError(
-        f"unknown encoder {name!r} in embed.encoder; expected one of: {', '.join(ENCODER_NAMES)}"
-    )
+    """The encoder described by ``options`` (the ``embed`` config section, maybe partial)."""
+    options = section_options("embed", options)  # the schema's enum names the encoders
+    if options["encoder"] == "demo":
+        return DemoEncoder(options["demo"], device)
+    return OpenClipEncoder(options["open_clip"], device)
 
 
 def prefetch(options: Mapping[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from unicom import benchmarks, metrics
+from unicom.config import section_options
 from unicom.encoders import build_encoder, resolve_device
 from unicom.io import UnicomError, parse_options_json, run_cli, setup_logging, write_json
 
@@ -151,11 +152,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="metrics JSON to write")
     parser.add_argument("--options-json", required=True, help="the evaluate config section")
     parser.add_argument("--embed-options-json", required=True, help="the embed config section")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (the job's cores)")
     args = parser.parse_args(argv)
     setup_logging()
-    options = parse_options_json(args.options_json)
-    torch.set_num_threads(options["threads"])
-    device = resolve_device(options["device"])
+    options = section_options("evaluate", parse_options_json(args.options_json))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(options["device"], "evaluate.device")
     ok, why = benchmarks.available(args.dataset, args.dataset_path)
     if not ok:
         raise UnicomError(why)

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from unicom import formats
+from unicom.config import section_options
 from unicom.io import (
     UnicomError,
     check_pairs,
@@ -64,6 +65,7 @@ def fuse_embeddings(
 
 def fuse_file(src: str, dst: str, options: dict[str, Any]) -> int:
     """Fuse one shard's embedding Parquet into ``dst``; return the number of rows."""
+    options = section_options("fuse", options)
     mode = options["mode"]
     identity = formats.read_metadata(src, formats.ENCODER_METADATA_KEY)
     if identity is None:
@@ -80,8 +82,8 @@ def fuse_file(src: str, dst: str, options: dict[str, Any]) -> int:
         formats.column_to_numpy(table["image_emb"]),
         formats.column_to_numpy(table["text_emb"]),
         mode,
-        options.get("image_weight", 1.0),
-        options.get("text_weight", 1.0),
+        options["image_weight"],
+        options["text_weight"],
     )
     out = pa.table({"key": table["key"], "emb": formats.embedding_array(fused)})
     out = formats.with_metadata(
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging()
     check_pairs("--embeddings", args.embeddings, "--out", args.out)
-    options = parse_options_json(args.options_json)
+    options = section_options("fuse", parse_options_json(args.options_json))
     for embeddings, out in zip(args.embeddings, args.out, strict=True):
         rows = fuse_file(embeddings, out, options)
         log.info("fused %d rows of %s with mode %s -> %s", rows, embeddings, options["mode"], out)

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from unicom import formats
-from unicom.config import load_schema
+from unicom.config import section_options
 from unicom.io import (
     UnicomError,
     add_each_part_option,
@@ -49,8 +49,6 @@ log = logging.getLogger("unicom.kmeans")
 EMBEDDING_COLUMN = "emb"
 # Clusters with fewer sample points than this fraction of the mean size count as tiny.
 TINY_FRACTION = 0.1
-# Keys of a config section that only matter to the scheduler; the stage ignores them.
-SCHEDULER_KEYS = frozenset({"threads", "gpus", "mem_mb", "runtime"})
 INIT_METHODS = {
     "kmeans++": "ClusteringInitMethod_KMEANS_PLUS_PLUS",
     "afkmc2": "ClusteringInitMethod_AFK_MC2",
@@ -404,31 +402,9 @@ def centroids_digest(centroids: np.ndarray) -> str:
 # Driver
 
 
-def section_options(section: Sequence[str], options: Mapping[str, Any]) -> dict[str, Any]:
-    """A config section (path in the schema) with its defaults filled in, scheduler keys and
-    subsections dropped; an unknown key is an error."""
-    schema = load_schema()
-    for name in section:
-        schema = schema["properties"][name]
-    properties = schema["properties"]
-    dotted = ".".join(section)
-    unknown = sorted(set(options) - set(properties))
-    if unknown:
-        raise UnicomError(f"config key {dotted}.{unknown[0]}: unknown option")
-    merged = {
-        name: spec.get("default")
-        for name, spec in properties.items()
-        if name not in SCHEDULER_KEYS and spec.get("type") != "object"
-    }
-    merged.update({k: v for k, v in options.items() if k in merged})
-    return merged
-
-
 def kmeans_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    merged = section_options(["kmeans"], options)
-    if merged["k"] < 2:
-        raise UnicomError(f"config key kmeans.k: {merged['k']} is below 2")
-    return merged
+    """The kmeans section with the schema's defaults, checked (k >= 2 among them)."""
+    return section_options("kmeans", options)
 
 
 def cluster_files(

@@ -184,6 +184,7 @@ class PartialFC(nn.Module):
         self._dim_rng = torch.Generator().manual_seed(derived_seed(seed, 2))  # same on all ranks
         self.last_selected_classes: torch.Tensor | None = None  # (K,) global class ids
         self.last_selected_dims: torch.Tensor | None = None  # (D',)
+        self.last_num_positives = 0  # classes of the batch among last_selected_classes
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``embeddings (B_r, dim)``, ``labels (B_r,)`` -> scalar loss, mean over the global B."""
@@ -233,9 +234,10 @@ class PartialFC(nn.Module):
         (n,)``: the batch rows whose label this rank owns, that label's position in ``classes``."""
         local = labels - self.start
         rows = ((local >= 0) & (local < self.num_local)).nonzero().squeeze(1)
+        positives = local[rows].unique()
+        self.last_num_positives = len(positives)
         if self.sample_rate >= 1.0:
             return torch.arange(self.num_local, device=labels.device), rows, local[rows]
-        positives = local[rows].unique()
         is_positive = torch.zeros(self.num_local, dtype=torch.bool, device=labels.device)
         is_positive[positives] = True
         # A random order restricted to the negatives is a uniformly random order of them.

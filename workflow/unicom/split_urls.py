@@ -184,20 +184,33 @@ def split_url_lists(
     caption_col: str = CAPTION_COLUMN,
     extra_cols: Sequence[str] = (),
     shards_per_job: int = 1,
+    max_rows: int | None = None,
 ) -> dict[str, Any]:
-    """Write the parts and manifest into ``out_dir`` (atomically); return the manifest."""
+    """Write the parts and manifest into ``out_dir`` (atomically); return the manifest.
+
+    ``max_rows``: only the first rows of the list (files in the given order) are split; the
+    manifest counts the rows left out.
+    """
     part_sizes(shards_per_job, shard_size, shards_per_job)  # option errors before any reading
+    if max_rows is not None and max_rows < 1:
+        raise UnicomError(f"config key data.max_rows: must be >= 1, got {max_rows}")
     total_rows = check_url_list(paths, url_col, caption_col, extra_cols)
-    sizes = part_sizes(total_rows, shard_size, shards_per_job)
+    used_rows = total_rows if max_rows is None else min(total_rows, max_rows)
+    sizes = part_sizes(used_rows, shard_size, shards_per_job)
     schema = target_schema(pq.read_schema(paths[0]), url_col, caption_col, extra_cols)
     inputs: list[dict[str, Any]] = []
 
     def standardized_tables() -> Iterator[pa.Table]:
+        wanted = used_rows
         for path in paths:
             parquet = pq.ParquetFile(path)
             inputs.append({"path": str(path), "rows": parquet.metadata.num_rows})
             columns = [url_col, caption_col, *extra_cols]
             for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+                if wanted <= 0:  # data.max_rows reached: the files' counts are still recorded
+                    break
+                batch = batch.slice(0, wanted)
+                wanted -= batch.num_rows
                 try:
                     yield standardize_batch(batch, schema, url_col, caption_col, extra_cols)
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
@@ -208,7 +221,7 @@ def split_url_lists(
 
     parts: list[str] = []
     with atomic_dir(out_dir) as tmp_dir:
-        progress = tqdm(total=total_rows, unit="row", desc="split", mininterval=5)
+        progress = tqdm(total=used_rows, unit="row", desc="split", mininterval=5)
         for index, slices in enumerate(chunk_rows(standardized_tables(), sizes)):
             name = part_name(index)
             with pq.ParquetWriter(tmp_dir / f"{name}.parquet", schema) as writer:
@@ -220,6 +233,9 @@ def split_url_lists(
         manifest = {
             "inputs": inputs,
             "total_rows": sum(item["rows"] for item in inputs),
+            # data.max_rows: the rows after the first max_rows are left out of every part.
+            "max_rows": max_rows,
+            "rows_left_out": total_rows - used_rows,
             "shard_size": shard_size,
             "shards_per_job": shards_per_job,
             "columns": schema.names,
@@ -233,7 +249,12 @@ def split_url_lists(
             )
         write_json(tmp_dir / "manifest.json", manifest)
     log.info(
-        "%d rows from %d files -> %d parts in %s", total_rows, len(inputs), len(parts), out_dir
+        "%d of %d rows from %d files -> %d parts in %s",
+        used_rows,
+        total_rows,
+        len(inputs),
+        len(parts),
+        out_dir,
     )
     return manifest
 
@@ -256,6 +277,9 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         help="input columns carried along (put INPUTS before this option, or end it with --)",
     )
+    parser.add_argument(
+        "--max-rows", type=int, default=None, help="split only the first rows of the list"
+    )
     args = parser.parse_args(argv)
     setup_logging()
     split_url_lists(
@@ -266,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         args.caption_col,
         args.extra_cols,
         args.shards_per_job,
+        args.max_rows,
     )
 
 

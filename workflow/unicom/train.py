@@ -57,6 +57,7 @@ from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from unicom import distributed
+from unicom.config import section_options
 from unicom.distributed import WorldInfo
 from unicom.encoders import load_lite0_state_dict, match_state_dict_in_order, to_rgb
 from unicom.io import (
@@ -83,54 +84,6 @@ from unicom.train_data import (
 
 log = logging.getLogger("unicom.train")
 
-# Defaults mirror config/train.schema.yaml (tests check that they agree).
-DEFAULTS: dict[str, Any] = {
-    "model": "vit_base_patch16_224",
-    "model_kwargs": {},
-    "pretrained": "timm",
-    "dim": 512,
-    "image_size": 224,
-    "batch_size": 128,
-    "grad_accum_steps": 1,
-    "steps": None,
-    "epochs": 32.0,
-    "optimizer": "adamw",
-    "lr": 0.001,
-    "head_lr_mult": 1.0,
-    "weight_decay": 0.05,
-    "momentum": 0.9,
-    "betas": [0.9, 0.999],
-    "warmup_fraction": 0.05,
-    "min_lr_ratio": 0.0,
-    "grad_clip_norm": 5.0,
-    "precision": "auto",
-    "margin": 0.3,
-    "scale": 64.0,
-    "sample_rate": 0.1,
-    "feature_rate": 0.5,
-    "min_label_margin": None,
-    "augment": {
-        "scale": [0.08, 1.0],
-        "ratio": [0.75, 1.3333333],
-        "hflip": 0.5,
-        "color_jitter": 0.0,
-    },
-    "seed": 0,
-    "streams": 8,
-    "shuffle_shards": 4,
-    "num_workers": 8,
-    "checkpoint_every": 1000,
-    "keep_checkpoints": 2,
-    "log_every": 10,
-    "device": "auto",
-    "nproc_per_node": 1,
-    "nodes": 1,
-    "threads": 8,
-    "gpus": 1,
-    "mem_mb": 64000,
-    "runtime": 2880,
-}
-AUGMENT_DEFAULTS = DEFAULTS["augment"]
 # Keys that may change between a checkpoint and its resumption; any other change is refused,
 # because the resumed run would no longer be the run that wrote the checkpoint.
 RESUMABLE_KEYS = frozenset(
@@ -142,10 +95,6 @@ RESUMABLE_KEYS = frozenset(
         "device",
         "nproc_per_node",
         "nodes",
-        "threads",
-        "gpus",
-        "mem_mb",
-        "runtime",
     }
 )
 PRETRAINED_TIMM = "timm"
@@ -161,53 +110,8 @@ LIVE_METRICS = "metrics.partial.jsonl"
 
 
 def train_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``train`` section with its defaults filled in, checked."""
-    unknown = sorted(set(options) - set(DEFAULTS))
-    if unknown:
-        raise UnicomError(f"config key train.{unknown[0]}: unknown option")
-    merged = {**DEFAULTS, **options}
-    augment = merged["augment"] or {}
-    unknown = sorted(set(augment) - set(AUGMENT_DEFAULTS))
-    if unknown:
-        raise UnicomError(f"config key train.augment.{unknown[0]}: unknown option")
-    merged["augment"] = {**AUGMENT_DEFAULTS, **augment}
-    merged["model_kwargs"] = dict(merged["model_kwargs"] or {})
-
-    def check(key: str, ok: bool, expected: str) -> None:
-        if not ok:
-            raise UnicomError(f"config key train.{key}: expected {expected}, got {merged[key]!r}")
-
-    def is_int(value: Any, low: int) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-    check("batch_size", is_int(merged["batch_size"], 2), "an integer >= 2 (batch norm)")
-    for key in (
-        "dim",
-        "grad_accum_steps",
-        "streams",
-        "shuffle_shards",
-        "checkpoint_every",
-        "log_every",
-        "nproc_per_node",
-        "nodes",
-    ):
-        check(key, is_int(merged[key], 1), "an integer >= 1")
-    for key in ("keep_checkpoints", "num_workers"):
-        check(key, is_int(merged[key], 0), "an integer >= 0")
-    check("image_size", is_int(merged["image_size"], 8), "an integer >= 8")
-    check("steps", merged["steps"] is None or is_int(merged["steps"], 1), "null or >= 1")
-    check("epochs", isinstance(merged["epochs"], int | float) and merged["epochs"] > 0, "> 0")
-    check("optimizer", merged["optimizer"] in ("adamw", "sgd"), "adamw or sgd")
-    check("precision", merged["precision"] in ("auto", "bf16", "fp32"), "auto, bf16 or fp32")
-    check("lr", isinstance(merged["lr"], int | float) and merged["lr"] > 0, "a number > 0")
-    check("warmup_fraction", 0 <= merged["warmup_fraction"] < 1, "a number in [0, 1)")
-    check("min_lr_ratio", 0 <= merged["min_lr_ratio"] <= 1, "a number in [0, 1]")
-    check(
-        "grad_clip_norm",
-        merged["grad_clip_norm"] is None or merged["grad_clip_norm"] > 0,
-        "null or > 0",
-    )
-    return merged
+    """The ``train`` section (maybe partial) with the schema's defaults, checked."""
+    return section_options("train", options)
 
 
 def total_steps(options: Mapping[str, Any], total_samples: int, world: int) -> int:
@@ -477,6 +381,11 @@ class Trainer:
             scheduler.step()
         self.step += 1
         return {"loss": total_loss, "grad_norm": grad_norm, "lr": lrs[0], "head_lr": lrs[1]}
+
+    def head_selection(self) -> tuple[int, int]:
+        """(prototypes, of which positives) this rank's head used in the last micro-batch."""
+        selected = self.head.last_selected_classes
+        return (0 if selected is None else len(selected)), self.head.last_num_positives
 
     @property
     def lrs(self) -> tuple[float, float]:
@@ -926,6 +835,8 @@ def _train_on_rank(
                 done = step + 1
                 progress.update(1)
                 if done % options["log_every"] == 0 or done == steps:
+                    # Every rank's head shard of this step: r1 < 1 shows in negatives < all.
+                    selection = distributed.all_gather_objects(trainer.head_selection())
                     seconds = time.perf_counter() - window_start
                     record = {
                         "step": done,
@@ -935,6 +846,8 @@ def _train_on_rank(
                         "grad_norm": float(result["grad_norm"].item()),
                         "samples_per_s": window_steps * samples_per_step / seconds,
                         "epoch": done * samples_per_step / data.total_samples,
+                        "head_prototypes": sum(n for n, _ in selection),
+                        "head_negatives": sum(n - p for n, p in selection),
                     }
                     if rank == 0:
                         with open(live_metrics, "a") as handle:

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from unicom.io import UnicomError
+from unicom.errors import UnicomError
 
 log = logging.getLogger("unicom.distributed")
 

@@ -21,12 +21,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from unicom.errors import UnicomError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-
-
-class UnicomError(Exception):
-    """An error caused by bad input or configuration; the CLI prints it as one line."""
 
 
 @contextlib.contextmanager

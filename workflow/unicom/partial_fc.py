@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from unicom.io import UnicomError
+from unicom.errors import UnicomError
 
 # Prototypes are initialised in blocks of classes, each block from its own seed, so the full
 # matrix is the same whatever the world size.

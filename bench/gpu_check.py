@@ -1,0 +1,318 @@
+"""What a lent GPU says about the real path: correctness of the partial head on CUDA, and the
+rates that the README's LAION-400M cost table extrapolates (training and embedding images/s,
+GEMM throughput for k-means and assignment, head memory at 1M classes).
+
+Needs only torch and timm (a lent machine has no faiss, open_clip or Snakemake, and no network:
+every model is randomly initialised). Each check prints its numbers or why it failed, and the
+next one runs anyway.
+
+    python bench/gpu_check.py [--device cuda] [--quick]
+
+``--quick`` shrinks every size (a CPU smoke run of the script itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
+from unicom.partial_fc import PartialFC  # noqa: E402  (torch + numpy only)
+
+GB = 2**30
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median seconds of ``fn`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def peak_gb(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / GB if device.type == "cuda" else float("nan")
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def check_environment(device: torch.device, sizes: dict) -> None:
+    print(f"torch {torch.__version__}, CUDA build {torch.version.cuda}, device {device}")
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        print(
+            f"{props.name}: {props.total_memory / GB:.0f} GiB, capability {props.major}.{props.minor},"
+            f" {props.multi_processor_count} SMs, bf16 {torch.cuda.is_bf16_supported()},"
+            f" {torch.cuda.device_count()} visible"
+        )
+    try:
+        import timm
+
+        print(f"timm {timm.__version__}")
+    except ImportError:
+        print("timm: not installed")
+    for name in ("faiss", "open_clip", "snakemake"):
+        try:
+            __import__(name)
+            print(f"{name}: importable")
+        except ImportError:
+            print(f"{name}: not installed (its checks are skipped)")
+
+
+def check_head_matches_cpu(device: torch.device, sizes: dict) -> None:
+    """The sampled head on ``device`` (fp32) against the same head in float64 on the CPU:
+    same seed, same sampled classes and dims, so loss and gradients must agree."""
+    torch.manual_seed(0)
+    classes, dim, batch = sizes["check_classes"], 512, 256
+    embeddings = torch.randn(batch, dim, dtype=torch.float64)
+    labels = torch.randint(0, classes, (batch,))
+    results = []
+    for where, dtype in ((torch.device("cpu"), torch.float64), (device, torch.float32)):
+        head = PartialFC(classes, dim, sample_rate=0.1, feature_rate=0.5, seed=0)
+        head = head.to(device=where, dtype=dtype)
+        x = embeddings.to(head.weight.device, dtype).detach().clone().requires_grad_(True)
+        loss = head(x, labels.to(head.weight.device))
+        loss.backward()
+        selected = (head.last_selected_classes.cpu(), head.last_selected_dims.cpu())
+        results.append((loss.item(), x.grad.double().cpu(), *selected))
+    (ref_loss, ref_grad, ref_cls, ref_dims), (loss, grad, cls, dims) = results
+    same_draws = torch.equal(ref_cls, cls) and torch.equal(ref_dims, dims)
+    rel = (grad - ref_grad).norm().item() / ref_grad.norm().item()
+    print(
+        f"head C={classes} r1=0.1 r2=0.5: same sampled classes/dims {same_draws}, loss "
+        f"{loss:.6f} vs float64 {ref_loss:.6f} (|diff| {abs(loss - ref_loss):.2e}), "
+        f"gradient relative error {rel:.2e}"
+    )
+
+
+def head_step(
+    device, classes, dim, batch, sample_rate, feature_rate, autocast
+) -> tuple[float, float]:
+    head = PartialFC(classes, dim, sample_rate=sample_rate, feature_rate=feature_rate).to(device)
+    x = torch.randn(batch, dim, device=device, requires_grad=True)
+    labels = torch.randint(0, classes, (batch,), device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+            loss = head(x, labels)
+        loss.backward()
+        head.weight.grad = None
+
+    reset_peak(device)
+    seconds = timed(step, device, repeats=5)
+    return seconds, peak_gb(device)
+
+
+def check_head_at_scale(device: torch.device, sizes: dict) -> None:
+    """One head step at the paper's 1M classes: partial (r1 0.1, r2 0.5) against full."""
+    classes, dim, batch = sizes["classes"], 512, sizes["head_batch"]
+    autocast = device.type == "cuda"
+    for r1, r2 in ((0.1, 0.5), (1.0, 1.0)):
+        seconds, peak = head_step(device, classes, dim, batch, r1, r2, autocast)
+        print(
+            f"head C={classes} d={dim} B={batch} r1={r1} r2={r2}: {seconds * 1e3:.1f} ms/step, "
+            f"peak {peak:.2f} GiB (weights {classes * dim * 4 / GB:.2f} GiB)"
+        )
+
+
+class Embedder(nn.Module):
+    """The trainer's model: timm backbone, pooled features -> Linear -> BatchNorm1d."""
+
+    def __init__(self, backbone: nn.Module, dim: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.proj = nn.Linear(backbone.num_features, dim, bias=False)
+        self.norm = nn.BatchNorm1d(dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(self.backbone(images)))
+
+
+def check_training_rate(device: torch.device, sizes: dict) -> None:
+    """Images/s of one optimizer step of the LAION trainer: ViT-B/16 at 224 px, bf16 autocast,
+    embedding 512, partial head over 1M classes (r1 0.1, r2 0.5), AdamW."""
+    import timm
+
+    model_name, size, batch = sizes["train_model"], sizes["image_size"], sizes["train_batch"]
+    backbone = timm.create_model(model_name, pretrained=False, num_classes=0, img_size=size)
+    model = Embedder(backbone, 512).to(device)
+    head = PartialFC(sizes["classes"], 512, sample_rate=0.1, feature_rate=0.5).to(device)
+    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=1e-4)
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, sizes["classes"], (batch,), device=device)
+    autocast = device.type == "cuda"
+
+    def step() -> None:
+        with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+            loss = head(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    reset_peak(device)
+    seconds = timed(step, device, repeats=sizes["repeats"])
+    print(
+        f"train {model_name} {size}px batch {batch} (+ head C={sizes['classes']}): "
+        f"{batch / seconds:.0f} img/s, {seconds * 1e3:.0f} ms/step, peak {peak_gb(device):.1f} GiB"
+    )
+    laion_samples = 32 * 400e6
+    print(
+        f"  -> 32 epochs of 400M images: {laion_samples / (batch / seconds) / 3600:.0f} GPU-h "
+        "at this rate on one GPU"
+    )
+
+
+def check_embedding_rate(device: torch.device, sizes: dict) -> None:
+    """Images/s of a ViT-B/32 image tower forward (timm, bf16): the embed stage's model-only rate
+    (open_clip is not on a lent machine; the towers have the same shape)."""
+    import timm
+
+    batch, size = sizes["embed_batch"], sizes["image_size"]
+    model = timm.create_model(sizes["embed_model"], pretrained=False, num_classes=0, img_size=size)
+    model = model.to(device).eval()
+    images = torch.randn(batch, 3, size, size, device=device)
+    autocast = device.type == "cuda"
+
+    @torch.no_grad()
+    def forward() -> None:
+        with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+            F.normalize(model(images), dim=1)
+
+    seconds = timed(forward, device, repeats=sizes["repeats"])
+    print(
+        f"embed {sizes['embed_model']} batch {batch}: {batch / seconds:.0f} img/s "
+        f"-> 400M images: {400e6 / (batch / seconds) / 3600:.0f} GPU-h (image tower only)"
+    )
+
+
+def check_gemm_rate(device: torch.device, sizes: dict) -> None:
+    """fp32 GEMM of vectors x centroids, the work unit of k-means and assignment (u = one
+    vector x centroid = 2 d flops), TF32 off as faiss's exact search."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    n, k, d = sizes["gemm_n"], sizes["gemm_k"], 512
+    x = torch.randn(n, d, device=device)
+    c = torch.randn(k, d, device=device)
+    seconds = timed(lambda: torch.mm(x, c.T).max(dim=1), device, repeats=5)
+    units = n * k
+    ns_per_unit = seconds / units * 1e9
+    print(
+        f"GEMM+argmax {n}x{d} by {k} centroids fp32: {2 * units * d / seconds / 1e9:.0f} GFLOP/s, "
+        f"{ns_per_unit:.4f} ns per vector x centroid"
+    )
+    kmeans_units = 1_000_000 * 32 * 1_000_000 * 25  # k 1M, ppc 32, 25 iterations
+    assign_units = 400e6 * 1_000_000
+    print(
+        f"  -> LAION-400M at this rate: k-means (k 1M, ppc 32, 25 it.) "
+        f"{kmeans_units * ns_per_unit / 1e9 / 3600:.1f} GPU-h, assignment "
+        f"{assign_units * ns_per_unit / 1e9 / 3600:.1f} GPU-h"
+    )
+
+
+def check_nccl(device: torch.device, sizes: dict) -> None:
+    """A one-rank NCCL process group and an all-reduce: the backend DDP uses on GPUs."""
+    import torch.distributed as dist
+
+    if device.type != "cuda":
+        print("nccl: skipped (no CUDA device)")
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    dist.init_process_group(
+        "nccl", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60), device_id=device
+    )
+    try:
+        value = torch.ones(4, device=device)
+        dist.all_reduce(value)
+        print(f"nccl {torch.cuda.nccl.version()}: one-rank all_reduce {value.tolist()}")
+    finally:
+        dist.destroy_process_group()
+
+
+CHECKS = (
+    check_environment,
+    check_head_matches_cpu,
+    check_head_at_scale,
+    check_training_rate,
+    check_embedding_rate,
+    check_gemm_rate,
+    check_nccl,
+)
+SIZES = {
+    "check_classes": 10_000,
+    "classes": 1_000_000,
+    "head_batch": 1024,
+    "train_model": "vit_base_patch16_224",
+    "embed_model": "vit_base_patch32_224",
+    "image_size": 224,
+    "train_batch": 128,
+    "embed_batch": 512,
+    "gemm_n": 65_536,
+    "gemm_k": 100_000,
+    "repeats": 10,
+}
+QUICK = {
+    **SIZES,
+    "check_classes": 2_000,
+    "classes": 20_000,
+    "head_batch": 64,
+    "train_model": "vit_tiny_patch16_224",
+    "embed_model": "vit_tiny_patch16_224",
+    "image_size": 64,
+    "train_batch": 4,
+    "embed_batch": 4,
+    "gemm_n": 1024,
+    "gemm_k": 2048,
+    "repeats": 2,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run on a CPU")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    sizes = QUICK if args.quick else SIZES
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    failed = 0
+    for check in CHECKS:
+        print(f"== {check.__name__}", flush=True)
+        started = time.perf_counter()
+        try:
+            check(device, sizes)
+        except Exception:  # report and go on: one run should tell as much as it can
+            failed += 1
+            print(traceback.format_exc(limit=3).rstrip())
+        print(f"   ({time.perf_counter() - started:.1f} s)", flush=True)
+    print(f"{len(CHECKS) - failed} checks ran, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

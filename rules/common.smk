@@ -3,8 +3,9 @@ import json
 import random
 
 from unicom.benchmarks import FASHION_MNIST_DIR
-from unicom.config import section
+from unicom.config import check_rehearsal_rows, section
 from unicom.io import batch_name
+from unicom.split_urls import url_list_rows
 
 OUT = config["output_dir"]
 
@@ -19,14 +20,15 @@ def out(path):
     return os.path.join(OUT, path)
 
 
-def as_json(section):
+def as_json(value):
     """A config section as one JSON string for `--options-json {params.options:q}`."""
-    return json.dumps(section, sort_keys=True)
+    return json.dumps(value, sort_keys=True)
 
 
 def stage_options(name):
     """The config section `name` as its stage receives it (JSON): keys the schema marks
-    x-scheduler or x-planning stay out of the params, so changing them reruns nothing."""
+    x-scheduler or x-planning stay out of the params, so changing them reruns nothing.
+    """
     return as_json(section(config, name))
 
 

@@ -5,6 +5,13 @@
 DOWNLOAD = config["download"]
 DATA = config["data"]
 
+# A rehearsal stops here, before any job, when the URL list cannot give k-means its k rows.
+if config["rehearsal"]["enabled"] and DATA["url_list"]:
+    try:
+        check_rehearsal_rows(config, url_list_rows(url_list_files()))
+    except UnicomError as err:
+        sys.exit(f"unicom: error: {err}")
+
 
 # On the login node: one pass over the URL list, and Snakemake needs its result to plan.
 localrules:

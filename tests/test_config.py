@@ -1,9 +1,12 @@
 import copy
+import json
+import subprocess
+import sys
 
 import pytest
 import yaml
 
-from unicom.config import validate_config
+from unicom.config import layered_config, load_schema, parse_overrides, section, validate_config
 from unicom.io import UnicomError
 
 from conftest import REPO
@@ -44,3 +47,102 @@ def test_bad_values_name_the_key(section, key, value, message):
 def test_nothing_to_do_is_an_error():
     with pytest.raises(UnicomError, match="data.url_list: empty, and demo.enabled is false"):
         validate_config({"demo": {"enabled": False}})
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def schema_defaults(node: dict) -> dict:
+    """Every default of the schema, computed here without unicom.config."""
+    defaults = {}
+    for name, spec in node.get("properties", {}).items():
+        if spec.get("type") == "object" and "properties" in spec:
+            defaults[name] = {**spec.get("default", {}), **schema_defaults(spec)}
+        elif "default" in spec:
+            defaults[name] = spec["default"]
+    return defaults
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        both_dicts = isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged[key] = deep_merge(base[key], value) if both_dicts else value
+    return merged
+
+
+def leaves(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_layers_are_schema_then_files_then_overrides(tmp_path):
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("data: {url_list: [x.parquet]}\nkmeans: {k: 10, niter: 3}\n")
+    second.write_text("kmeans: {k: 20}\n")
+    config = layered_config([first, second], {"kmeans": {"niter": "7"}})
+    assert config["kmeans"]["k"] == 20 and config["kmeans"]["niter"] == 7
+    # Nothing of the demo: the schema's defaults fill the rest.
+    assert config["demo"]["enabled"] is False and config["embed"]["encoder"] == "open_clip"
+    assert config["download"]["allowed_schemes"] == ["http", "https"]
+    # No file: the demo config.
+    demo = layered_config([], {}, default_configfile=REPO / "config/config.yaml")
+    assert demo["demo"]["enabled"] is True and demo["embed"]["encoder"] == "demo"
+
+
+def test_config_overrides_are_typed_by_the_schema(tmp_path):
+    # Snakemake hands nested --config values over as strings (YAML's base loader).
+    overrides = parse_overrides(
+        ["kmeans={k: 64, gpu: true}", "download={resize_mode: border}", "output_dir=2024"]
+    )
+    config = layered_config([], overrides, default_configfile=REPO / "config/config.yaml")
+    assert config["kmeans"]["k"] == 64 and config["kmeans"]["gpu"] is True
+    assert config["output_dir"] == "2024" and config["download"]["resize_mode"] == "border"
+
+
+def test_show_prints_what_a_run_would_use(tmp_path):
+    url_list = tmp_path / "urls.parquet"
+    result = subprocess.run(
+        [sys.executable, "-m", "unicom.config", "show", "--json",
+         "--configfile", str(REPO / "config/laion400m.yaml"),
+         "--config", f"data={{url_list: [{url_list}]}}", "train={steps: 9}"],
+        capture_output=True, text=True, check=True, cwd=REPO,
+    )  # fmt: skip
+    shown = json.loads(result.stdout)
+    expected = schema_defaults(load_schema())
+    for layer in (
+        yaml.safe_load((REPO / "config/laion400m.yaml").read_text()),
+        {"data": {"url_list": [str(url_list)]}, "train": {"steps": 9}},
+    ):
+        expected = deep_merge(expected, layer)
+    assert leaves(shown) == leaves(expected)
+
+
+def test_bad_config_files_are_one_line(tmp_path):
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(UnicomError, match=r"config file .*list.yaml: expected a mapping, got list"):
+        layered_config([listed])
+    with pytest.raises(UnicomError, match=r"config key kmeans.clusters: unknown key"):
+        layered_config([], {"kmeans": {"clusters": 3}}, REPO / "config/config.yaml")
+
+
+def test_sections_drop_what_only_snakemake_reads():
+    assign = section({"assign": {"threads": 3, "batch_size": 10}}, "assign")
+    assert assign == {"gpu": "auto", "batch_size": 10}
+    diagnostics = section({}, "assign.diagnostics")
+    assert "mem_mb" not in diagnostics and diagnostics["grid_images"] == 6
+    evaluate = section({}, "evaluate")
+    assert not {"datasets", "extra_models", "threads", "gpus"} & set(evaluate)
+    with pytest.raises(UnicomError, match="config key embed.open_clip.modle: unknown key"):
+        section({"embed": {"open_clip": {"modle": "x"}}}, "embed")
+
+
+def test_rehearsal_needs_k_rows():
+    with pytest.raises(UnicomError, match=r"^config key rehearsal.k: 500 exceeds rehearsal.rows"):
+        layered_config([REPO / "config/laion400m.yaml"], {"rehearsal": {"enabled": True, "k": 500}})

@@ -37,6 +37,8 @@ from test_workflow import DEMO_CONFIG, write_config
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow
+
 HARNESS = REPO / "tests/slurm"
 PROFILE = REPO / "profiles/slurm-ci"
 PARTS = ("00000", "00001", "00002")  # 36 training images, 12 per shard

@@ -6,14 +6,20 @@ import json
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from unicom.config import layered_config
+
 from conftest import REPO
+
+pytestmark = pytest.mark.slow
 
 TEST_CONFIG = {
     "output_dir": "results",
@@ -43,28 +49,27 @@ TEST_CONFIG = {
 }
 # The test configs are the demo's with small changes: both files are given, in that order.
 DEMO_CONFIG = REPO / "config/config.yaml"
+LAION_CONFIG = REPO / "config/laion400m.yaml"
 # Jobs of the clustering stage, planned whenever the fused files or kmeans.* change.
 CLUSTER_JOBS = {"kmeans": 1, "assign": 3, "cluster_sizes": 1, "cluster_diagnostics": 1}
 # ... and what follows them: training, the trained model's evaluation, the table and plots.
 DOWNSTREAM_JOBS = {"train": 1, "evaluate": 1, "evaluate_summary": 1, "report_plots": 1}
+# Any change of the config rewrites results/config.yaml (and so reruns the target rule).
+CONFIG_JOBS = {"effective_config": 1, "all": 1}
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The pipeline with the demo config and the test's config.yaml on top of it."""
+    return snakemake_with(workdir, [DEMO_CONFIG, workdir / "config.yaml"], *args, check=check)
+
+
+def snakemake_with(
+    workdir: Path, configfiles: list[Path], *args: str, check: bool = True
+) -> subprocess.CompletedProcess:
     cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(REPO / "Snakefile"),
-        "-d",
-        str(workdir),
-        "--configfile",
-        str(DEMO_CONFIG),
-        str(workdir / "config.yaml"),
-        "--cores",
-        "2",
-        *args,
-    ]
+        sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+        "--cores", "2", *args, "--configfile", *map(str, configfiles),
+    ]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
@@ -137,6 +142,10 @@ def test_training_evaluation_and_report_outputs(demo_run):
     ]
     for png in ("download", "kmeans", "training", "retrieval"):
         assert (results / f"report/{png}.png").read_bytes()[:4] == b"\x89PNG"
+    # The config the run used: the demo's with the test's changes, every default filled in.
+    ran = yaml.safe_load((results / "config.yaml").read_text())
+    assert ran == layered_config([DEMO_CONFIG, demo_run / "config.yaml"])
+    assert ran["train"]["steps"] == 4 and ran["embed"]["encoder"] == "demo"
 
 
 def test_rerun_is_a_no_op(demo_run):
@@ -161,7 +170,9 @@ def test_deleting_one_embedding_reruns_only_that_shard(demo_run):
 
 def test_changing_fusion_mode_reruns_only_fuse(demo_run, small_image_folder):
     write_config(demo_run, small_image_folder, fuse={"mode": "image"})
-    assert planned_jobs(demo_run) == {"fuse": 3, **CLUSTER_JOBS, **DOWNSTREAM_JOBS, "all": 1}
+    assert planned_jobs(demo_run) == {
+        "fuse": 3, **CLUSTER_JOBS, **DOWNSTREAM_JOBS, **CONFIG_JOBS
+    }  # fmt: skip
     write_config(demo_run, small_image_folder)
 
 
@@ -193,12 +204,12 @@ def test_cluster_stage_labels_every_fused_row(demo_run):
 
 def test_changing_k_reruns_only_the_cluster_stage(demo_run, small_image_folder):
     write_config(demo_run, small_image_folder, kmeans={"k": 3})
-    assert planned_jobs(demo_run) == {**CLUSTER_JOBS, **DOWNSTREAM_JOBS, "all": 1}
-    # Only the report depends on min_cluster_size; scheduler-only keys rerun nothing.
+    assert planned_jobs(demo_run) == {**CLUSTER_JOBS, **DOWNSTREAM_JOBS, **CONFIG_JOBS}
+    # Only the report depends on min_cluster_size; scheduler-only keys rerun no stage.
     write_config(demo_run, small_image_folder, assign={"min_cluster_size": 5})
-    assert planned_jobs(demo_run) == {"cluster_sizes": 1, "all": 1}
+    assert planned_jobs(demo_run) == {"cluster_sizes": 1, **CONFIG_JOBS}
     write_config(demo_run, small_image_folder, assign={"mem_mb": 1234}, kmeans={"runtime": 99})
-    assert planned_jobs(demo_run) == {}
+    assert planned_jobs(demo_run) == CONFIG_JOBS
     write_config(demo_run, small_image_folder)
 
 
@@ -290,3 +301,102 @@ def test_bad_config_fails_with_one_line_before_any_job(
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("unicom: error")]
     assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
     assert not (tmp_path / "results").exists()
+
+
+# --------------------------------------------------------------------------- real configs
+
+
+def laion_url_list(path: Path, urls: list[str]) -> Path:
+    """A URL list in LAION's column layout."""
+    rows = len(urls)
+    pq.write_table(
+        pa.table(
+            {
+                "SAMPLE_ID": list(range(rows)),
+                "URL": urls,
+                "TEXT": [f"caption {i}" for i in range(rows)],
+                "LICENSE": ["?"] * rows,
+                "NSFW": ["UNLIKELY"] * rows,
+                "similarity": [0.3] * rows,
+            }
+        ),
+        path,
+    )
+    return path
+
+
+def test_the_laion_config_sees_no_demo_value(tmp_path):
+    """`--configfile config/laion400m.yaml` = the schema's defaults + that file (+ --config),
+    computed here independently and compared key by key with what the Snakefile used."""
+    from test_config import deep_merge, leaves, schema_defaults
+
+    url_list = laion_url_list(tmp_path / "urls.parquet", ["https://example.org/a.jpg"])
+    override = {"data": {"url_list": [str(url_list)]}}
+    snakemake_with(
+        tmp_path,
+        [REPO / "config/laion400m.yaml"],
+        "results-laion400m/config.yaml",
+        "--config",
+        f"data={{url_list: [{url_list}]}}",
+    )
+    used = yaml.safe_load((tmp_path / "results-laion400m/config.yaml").read_text())
+    schema = yaml.safe_load((REPO / "config/schema.yaml").read_text())
+    expected = deep_merge(
+        deep_merge(schema_defaults(schema), yaml.safe_load(LAION_CONFIG.read_text())), override
+    )
+    assert leaves(used) == leaves(expected)
+    demo = leaves(yaml.safe_load(DEMO_CONFIG.read_text()))
+    from_demo = {key for key, value in demo.items() if leaves(used).get(key) == value}
+    laion_or_default = set(leaves(yaml.safe_load(LAION_CONFIG.read_text())))
+    # Where the demo and the defaults agree nobody can tell; nowhere else may a demo value be.
+    for key in from_demo - laion_or_default:
+        assert leaves(schema_defaults(schema)).get(key) == demo[key], key
+    assert used["train"]["model"] == "vit_base_patch16_224" and used["train"]["sample_rate"] == 0.1
+
+
+def test_a_user_config_without_allowed_schemes_opens_no_file_url(tmp_path, small_image_folder):
+    local_png = next(small_image_folder.rglob("*.png"))
+    url_list = laion_url_list(tmp_path / "urls.parquet", ["file:///etc/passwd", local_png.as_uri()])
+    (tmp_path / "user.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": "out",
+                "data": {"url_list": [str(url_list)], "url_col": "URL", "caption_col": "TEXT"},
+                "download": {"threads": 2},
+            }
+        )
+    )
+    snakemake_with(tmp_path, [tmp_path / "user.yaml"], "out/download/summary.json")
+    summary = json.loads((tmp_path / "out/download/summary.json").read_text())
+    assert summary["counts"] == {"rejected_scheme": 2}
+    (table,) = [pq.read_table(p) for p in (tmp_path / "out/shards").glob("*.parquet")]
+    for message in table.column("error_message").to_pylist():
+        assert message == "URL scheme 'file' not in download.allowed_schemes ['http', 'https']"
+    (tar,) = (tmp_path / "out/shards").glob("*.tar")
+    with tarfile.open(tar) as shard:
+        assert shard.getnames() == []  # never handed to img2dataset, never opened
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (0, "config key data.url_list: the URL list has no rows"),
+        (50, "config key rehearsal.k: 200 exceeds the 50 rows the rehearsal takes"),
+    ],
+)
+def test_a_rehearsal_that_cannot_work_stops_before_any_job(tmp_path, rows, message):
+    url_list = laion_url_list(
+        tmp_path / "urls.parquet", [f"https://x.org/{i}.jpg" for i in range(rows)]
+    )
+    result = snakemake_with(
+        tmp_path,
+        [LAION_CONFIG, REPO / "config/rehearsal.yaml"],
+        "-n",
+        "--config",
+        f"data={{url_list: [{url_list}]}}",
+        check=False,
+    )
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("unicom: error")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert not (tmp_path / "results-laion400m-rehearsal").exists()

@@ -77,6 +77,11 @@ def _read_schema_and_rows(path: Path) -> tuple[pa.Schema, int]:
     return metadata.schema.to_arrow_schema(), metadata.num_rows
 
 
+def url_list_rows(paths: Sequence[str | Path]) -> int:
+    """Rows of the URL list, from the Parquet footers only (cheap at any size)."""
+    return sum(_read_schema_and_rows(Path(path))[1] for path in paths)
+
+
 def check_url_list(
     paths: Sequence[str | Path], url_col: str, caption_col: str, extra_cols: Sequence[str]
 ) -> int:

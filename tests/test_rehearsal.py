@@ -1,0 +1,312 @@
+"""The rehearsal of config/laion400m.yaml itself, end to end on this machine.
+
+Only three things are pointed at local stand-ins (through --config, the files stay unchanged):
+data.url_list (a LAION-format Parquet whose URLs a loopback HTTP server answers with openclipart
+PNGs, 404s, a stall past the download timeout and a corrupt file), embed.open_clip.pretrained
+(a randomly initialised ViT-B-32 written to a .safetensors: this proves the path, not the
+quality) and evaluate.datasets.openclipart (a held-out Parquet). Everything else is the LAION
+config under config/rehearsal.yaml: http/https only, open_clip image+text, fuse mean, faiss
+k-means, the ViT-B/16 trainer with the partial head at r1 = 0.1, r2 = 0.5 on 2 gloo ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from unicom import formats
+from unicom.config import (
+    REHEARSAL_KEYS,
+    annotated_keys,
+    changed_keys,
+    layered_config,
+)
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+LAION_CONFIG = REPO / "config/laion400m.yaml"
+REHEARSAL_CONFIG = REPO / "config/rehearsal.yaml"
+# The URL list: more rows than the rehearsal takes, so that data.max_rows cuts it.
+MISSING, CORRUPT = 5, 3  # besides one stalling URL and one file:// URL
+LIST_ROWS = 420
+GOOD = LIST_ROWS - MISSING - CORRUPT - 2
+STALL_SECONDS = 15  # > download.timeout (10 s in config/laion400m.yaml)
+HELDOUT_PER_CATEGORY = 12
+SNAKEMAKE_TIMEOUT_S = 900
+
+
+def openclipart_pngs() -> dict[str, list[Path]]:
+    """Category -> PNG files of Debian's openclipart-png: the repository's resources/ (where
+    `make demo` puts it), the system's, or fetched with apt-get download."""
+    from unicom import demo_data
+
+    def fetch() -> dict:
+        return demo_data.fetch_sources(REPO / "resources", Path("/"), allow_download=True)
+
+    try:
+        sources = fetch()
+    except Exception:  # a fresh machine may need its package lists first
+        subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True)
+        sources = fetch()
+    by_category: dict[str, list[Path]] = {}
+    for path in sorted(Path(sources["png_root"]).rglob("*.png")):
+        if path.is_file() and not path.is_symlink():
+            by_category.setdefault(path.parent.name, []).append(path)
+    return by_category
+
+
+class Handler(BaseHTTPRequestHandler):
+    files: dict[str, bytes] = {}
+    stop = threading.Event()
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if self.path == "/stall.png":  # answers only after the client gave up
+            deadline = time.monotonic() + STALL_SECONDS
+            while time.monotonic() < deadline and not self.stop.is_set():
+                time.sleep(0.05)
+        body = self.files.get(self.path)
+        code = 200 if body is not None else 404
+        body = body if body is not None else b"not found"
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", "image/png" if code == 200 else "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    Handler.stop.set()
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=5)
+
+
+def write_inputs(root: Path, base_url: str) -> dict[str, Path]:
+    """The LAION-format URL list, the held-out Parquet and the ViT-B-32 weights."""
+    pngs = openclipart_pngs()
+    categories = sorted(c for c, files in pngs.items() if len(files) > HELDOUT_PER_CATEGORY)
+    heldout = [
+        {"path": str(p), "category": c}
+        for c in categories[:8]
+        for p in pngs[c][:HELDOUT_PER_CATEGORY]
+    ]
+    # Training rows round-robin over the categories, from files the held-out set does not use.
+    pool = [pngs[c][HELDOUT_PER_CATEGORY:] if c in categories[:8] else pngs[c] for c in categories]
+    train = [files[i] for i in range(max(map(len, pool))) for files in pool if i < len(files)]
+    urls, captions = [], []
+    for index, path in enumerate(train[:GOOD]):
+        Handler.files[f"/img/{index}.png"] = path.read_bytes()
+        urls.append(f"{base_url}/img/{index}.png")
+        captions.append(f"{path.parent.name}: {path.stem.replace('_', ' ')}")
+    for index in range(CORRUPT):
+        Handler.files[f"/corrupt{index}.png"] = b"\x89PNG\r\n\x1a\n these are not PNG chunks"
+    bad = [f"{base_url}/missing{i}.png" for i in range(MISSING)]
+    bad += [f"{base_url}/corrupt{i}.png" for i in range(CORRUPT)]
+    bad += [f"{base_url}/stall.png", "file:///etc/passwd"]
+    # Spread the bad rows over the list; all of them within the rows the rehearsal takes.
+    for offset, url in enumerate(bad):
+        position = 7 + offset * 37
+        urls.insert(position, url)
+        captions.insert(position, f"a bad row {offset}")
+    rows = len(urls)
+    assert rows == LIST_ROWS
+    url_list = root / "laion-part-00000.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "SAMPLE_ID": pa.array(range(1000, 1000 + rows), pa.int64()),
+                "URL": urls,
+                "TEXT": captions,
+                "HEIGHT": pa.array([256] * rows, pa.int32()),
+                "WIDTH": pa.array([256] * rows, pa.int32()),
+                "LICENSE": ["?"] * rows,
+                "NSFW": ["UNLIKELY"] * rows,
+                "similarity": pa.array([0.3 + (i % 10) / 100 for i in range(rows)], pa.float64()),
+            }
+        ),
+        url_list,
+    )
+    heldout_path = root / "heldout.parquet"
+    pd.DataFrame(heldout).to_parquet(heldout_path)
+    weights = root / "vit-b-32-random.safetensors"
+    write_random_clip(weights)
+    return {"url_list": url_list, "heldout": heldout_path, "weights": weights}
+
+
+def write_random_clip(path: Path) -> None:
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def local_overrides(inputs: dict[str, Path]) -> list[str]:
+    """`--config` entries: the three things pointed at local stand-ins, nothing else."""
+    return [
+        f"data={{url_list: [{inputs['url_list']}]}}",
+        f"embed={{open_clip: {{pretrained: {inputs['weights']}}}}}",
+        f"evaluate={{datasets: {{openclipart: {inputs['heldout']}}}}}",
+    ]
+
+
+def snakemake(workdir: Path, configfiles, overrides, *args) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+        "--profile", str(REPO / "profiles/local"), "--cores", "2",
+        "--configfile", *map(str, configfiles), "--config", *overrides, *args,
+    ]  # fmt: skip
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=SNAKEMAKE_TIMEOUT_S, env=env, cwd=workdir
+    )
+
+
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory, server):
+    root = tmp_path_factory.mktemp("rehearsal")
+    inputs = write_inputs(root, server)
+    overrides = local_overrides(inputs)
+    started = time.monotonic()
+    result = snakemake(root, [LAION_CONFIG, REHEARSAL_CONFIG], overrides)
+    seconds = time.monotonic() - started
+    if result.returncode != 0:
+        raise AssertionError(f"rehearsal failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    print(f"rehearsal of config/laion400m.yaml: {seconds:.0f} s", file=sys.stderr)
+    return {
+        "root": root,
+        "results": root / "results-laion400m-rehearsal",
+        **inputs,
+        "overrides": overrides,
+    }
+
+
+def test_rehearsal_runs_the_laion_config_to_the_summary(rehearsal):
+    results = rehearsal["results"]
+    summary = pd.read_csv(results / "evaluate/summary.csv")
+    assert {("base", "openclipart"), ("trained", "openclipart")} <= set(
+        zip(summary["model"], summary["dataset"], strict=True)
+    )
+    # The config it ran with is the LAION config + the rehearsal + the three local paths.
+    ran = yaml.safe_load((results / "config.yaml").read_text())
+    expected = layered_config([LAION_CONFIG, REHEARSAL_CONFIG], overrides_as_dict(rehearsal))
+    assert ran == expected
+
+
+def overrides_as_dict(rehearsal) -> dict:
+    return {
+        "data": {"url_list": [str(rehearsal["url_list"])]},
+        "embed": {"open_clip": {"pretrained": str(rehearsal["weights"])}},
+        "evaluate": {"datasets": {"openclipart": str(rehearsal["heldout"])}},
+    }
+
+
+def test_download_over_http_accounts_for_every_row(rehearsal):
+    results = rehearsal["results"]
+    manifest = json.loads((results / "parts/manifest.json").read_text())
+    # shards_per_job 10 of the LAION config: 400 rows in 10 shards, one job per stage.
+    assert len(manifest["parts"]) == 10 and manifest["rows_left_out"] == LIST_ROWS - 400
+    summary = json.loads((results / "download/summary.json").read_text())
+    counts = summary["counts"]
+    assert summary["input_rows"] == 400 and sum(counts.values()) == 400
+    assert summary["left_out_beyond_max_rows"] == LIST_ROWS - 400
+    assert counts["rejected_scheme"] == 1  # file:///etc/passwd, never opened
+    assert counts["success"] == 400 - MISSING - CORRUPT - 2
+    assert counts["failed_to_download"] == MISSING + 1  # 404s and the stall
+    assert counts["failed_to_resize"] == CORRUPT
+    tables = pd.concat(pd.read_parquet(p) for p in sorted((results / "shards").glob("*.parquet")))
+    by_url = dict(zip(tables["url"], tables["error_message"], strict=True))
+    assert "not in download.allowed_schemes" in by_url["file:///etc/passwd"]
+    missing = next(u for u in by_url if u.endswith("/missing0.png"))
+    assert "404" in by_url[missing]
+    stall = next(u for u in by_url if u.endswith("/stall.png"))
+    assert "timed out" in by_url[stall].lower() or "timeout" in by_url[stall].lower()
+
+
+def test_embeddings_are_open_clip_image_and_text_fused_by_mean(rehearsal):
+    results = rehearsal["results"]
+    fused = sorted((results / "fused").glob("*.parquet"))
+    assert len(fused) == 10
+    identity = formats.read_metadata(str(fused[0]), formats.ENCODER_METADATA_KEY)
+    assert identity["encoder"] == "open_clip" and identity["model"] == "ViT-B-32"
+    assert identity["shared_space"] is True
+    fusion = formats.read_metadata(str(fused[0]), formats.FUSION_METADATA_KEY)
+    assert fusion["mode"] == "mean"
+    kmeans = json.loads((results / "kmeans/kmeans.json").read_text())
+    assert kmeans["k"] == 200 and kmeans["options"]["max_points_per_centroid"] == 32
+    assert kmeans["options"]["init"] == "random" and kmeans["d"] == 512
+
+
+def test_training_used_the_laion_trainer_and_sampled_negatives(rehearsal):
+    results = rehearsal["results"]
+    info = json.loads((results / "train/model.json").read_text())
+    assert info["model"] == "vit_base_patch16_224" and info["image_size"] == 224
+    assert info["dim"] == 512 and info["pretrained"] is None
+    assert info["training"]["world_size"] == 2 and info["training"]["num_classes"] == 200
+    metrics = [json.loads(line) for line in (results / "train/metrics.jsonl").read_text().split()]
+    assert metrics[-1]["step"] == 4
+    # r1 = 0.1 of 100 prototypes per rank = 10 per rank, above the 8 labels of a step: the
+    # head used a strict subset of the 200 classes, negatives included.
+    assert any(0 < m["head_negatives"] and m["head_prototypes"] < 200 for m in metrics)
+    assert all(m["head_prototypes"] == 20 for m in metrics)
+
+
+def test_the_rehearsal_changes_only_its_keys():
+    plain = layered_config([LAION_CONFIG], {"data": {"url_list": ["urls.parquet"]}})
+    rehearsed = layered_config(
+        [LAION_CONFIG, REHEARSAL_CONFIG], {"data": {"url_list": ["urls.parquet"]}}
+    )
+    changed = changed_keys(plain, rehearsed)
+    scheduler = set(annotated_keys("x-scheduler"))
+    assert changed - {"rehearsal.enabled"} <= REHEARSAL_KEYS | scheduler
+    # What the rehearsal must keep: the encoders, fusion, k-means options and the trainer.
+    for key in (
+        "embed.encoder", "embed.open_clip.model", "embed.open_clip.pretrained", "fuse.mode",
+        "kmeans.max_points_per_centroid", "kmeans.init", "kmeans.niter", "train.model",
+        "train.image_size", "train.dim", "train.sample_rate", "train.feature_rate",
+        "train.margin", "train.scale", "download.allowed_schemes", "download.shards_per_job",
+    ):  # fmt: skip
+        assert key not in changed, key
+
+
+def test_rehearsal_keys_are_exactly_these():
+    assert REHEARSAL_KEYS == {
+        "output_dir", "data.max_rows", "kmeans.k", "train.steps", "train.batch_size",
+        "train.grad_accum_steps", "train.nodes", "train.nproc_per_node", "train.pretrained",
+        "train.num_workers", "embed.batch_size", "embed.num_workers", "evaluate.batch_size",
+        "evaluate.num_workers", "evaluate.max_images",
+    }  # fmt: skip
+    assert set(annotated_keys("x-scheduler")) == {
+        f"{section}.{key}"
+        for section in ("embed", "kmeans", "assign", "train", "evaluate")
+        for key in ("threads", "gpus", "mem_mb", "runtime")
+    } | {"download.mem_mb", "download.runtime", "assign.diagnostics.mem_mb",
+         "assign.diagnostics.runtime"}  # fmt: skip

@@ -1,7 +1,9 @@
 import copy
 import json
+import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import yaml
@@ -146,3 +148,19 @@ def test_sections_drop_what_only_snakemake_reads():
 def test_rehearsal_needs_k_rows():
     with pytest.raises(UnicomError, match=r"^config key rehearsal.k: 500 exceeds rehearsal.rows"):
         layered_config([REPO / "config/laion400m.yaml"], {"rehearsal": {"enabled": True, "k": 500}})
+
+
+def test_the_schema_ships_inside_the_package(tmp_path):
+    """A non-editable install must find the schema: it is package data of the wheel."""
+    source = tmp_path / "source"  # a copy: setuptools writes build/ into the tree it builds
+    shutil.copytree(REPO / "workflow", source / "workflow", ignore=shutil.ignore_patterns("*.pyc"))
+    shutil.copy(REPO / "pyproject.toml", source)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path / "dist"), str(source)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        packaged = yaml.safe_load(archive.read("unicom/schema.yaml"))
+    assert packaged == load_schema()

@@ -11,6 +11,7 @@ k-means, the ViT-B/16 trainer with the partial head at r1 = 0.1, r2 = 0.5 on 2 g
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -25,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from PIL import Image
 
 from unicom import formats
 from unicom.config import (
@@ -41,11 +43,17 @@ pytestmark = pytest.mark.slow
 LAION_CONFIG = REPO / "config/laion400m.yaml"
 REHEARSAL_CONFIG = REPO / "config/rehearsal.yaml"
 # The URL list: more rows than the rehearsal takes, so that data.max_rows cuts it.
+REHEARSAL = yaml.safe_load(REHEARSAL_CONFIG.read_text())["rehearsal"]
+ROWS = REHEARSAL["rows"]  # what the rehearsal takes of the URL list
 MISSING, CORRUPT = 5, 3  # besides one stalling URL and one file:// URL
-LIST_ROWS = 420
+LIST_ROWS = ROWS + 20  # data.max_rows leaves 20 out
 GOOD = LIST_ROWS - MISSING - CORRUPT - 2
 STALL_SECONDS = 15  # > download.timeout (10 s in config/laion400m.yaml)
-HELDOUT_PER_CATEGORY = 12
+HELDOUT_CATEGORIES, HELDOUT_PER_CATEGORY = 6, 8
+# The served PNGs are the openclipart images shrunk to this side at most: some are thousands of
+# pixels wide, and decoding those is not what the rehearsal is about.
+SERVED_SIDE = 384
+MAX_PIXELS = 16_000_000
 SNAKEMAKE_TIMEOUT_S = 900
 
 
@@ -67,6 +75,13 @@ def openclipart_pngs() -> dict[str, list[Path]]:
         if path.is_file() and not path.is_symlink():
             by_category.setdefault(path.parent.name, []).append(path)
     return by_category
+
+
+def usable(paths: list[Path]) -> list[Path]:
+    """Without the few giant PNGs (up to 13,000 px wide) the demo pool drops too."""
+    from unicom.demo_data import image_header_problem
+
+    return [path for path in paths if image_header_problem(path, MAX_PIXELS) is None]
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -111,17 +126,18 @@ def write_inputs(root: Path, base_url: str) -> dict[str, Path]:
     """The LAION-format URL list, the held-out Parquet and the ViT-B-32 weights."""
     pngs = openclipart_pngs()
     categories = sorted(c for c, files in pngs.items() if len(files) > HELDOUT_PER_CATEGORY)
+    held_out = categories[:HELDOUT_CATEGORIES]
     heldout = [
         {"path": str(p), "category": c}
-        for c in categories[:8]
-        for p in pngs[c][:HELDOUT_PER_CATEGORY]
+        for c in held_out
+        for p in usable(pngs[c][:HELDOUT_PER_CATEGORY])
     ]
     # Training rows round-robin over the categories, from files the held-out set does not use.
-    pool = [pngs[c][HELDOUT_PER_CATEGORY:] if c in categories[:8] else pngs[c] for c in categories]
+    pool = [pngs[c][HELDOUT_PER_CATEGORY:] if c in held_out else pngs[c] for c in categories]
     train = [files[i] for i in range(max(map(len, pool))) for files in pool if i < len(files)]
     urls, captions = [], []
-    for index, path in enumerate(train[:GOOD]):
-        Handler.files[f"/img/{index}.png"] = path.read_bytes()
+    for index, path in enumerate(usable(train[: 2 * GOOD])[:GOOD]):
+        Handler.files[f"/img/{index}.png"] = shrunk_png(path)
         urls.append(f"{base_url}/img/{index}.png")
         captions.append(f"{path.parent.name}: {path.stem.replace('_', ' ')}")
     for index in range(CORRUPT):
@@ -131,7 +147,7 @@ def write_inputs(root: Path, base_url: str) -> dict[str, Path]:
     bad += [f"{base_url}/stall.png", "file:///etc/passwd"]
     # Spread the bad rows over the list; all of them within the rows the rehearsal takes.
     for offset, url in enumerate(bad):
-        position = 7 + offset * 37
+        position = 7 + offset * (ROWS // len(bad))
         urls.insert(position, url)
         captions.insert(position, f"a bad row {offset}")
     rows = len(urls)
@@ -157,6 +173,14 @@ def write_inputs(root: Path, base_url: str) -> dict[str, Path]:
     weights = root / "vit-b-32-random.safetensors"
     write_random_clip(weights)
     return {"url_list": url_list, "heldout": heldout_path, "weights": weights}
+
+
+def shrunk_png(path: Path) -> bytes:
+    with Image.open(path) as image:
+        image.thumbnail((SERVED_SIDE, SERVED_SIDE))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def write_random_clip(path: Path) -> None:
@@ -232,14 +256,14 @@ def overrides_as_dict(rehearsal) -> dict:
 def test_download_over_http_accounts_for_every_row(rehearsal):
     results = rehearsal["results"]
     manifest = json.loads((results / "parts/manifest.json").read_text())
-    # shards_per_job 10 of the LAION config: 400 rows in 10 shards, one job per stage.
-    assert len(manifest["parts"]) == 10 and manifest["rows_left_out"] == LIST_ROWS - 400
+    # shards_per_job 10 of the LAION config: the rows in 10 shards, one job per stage.
+    assert len(manifest["parts"]) == 10 and manifest["rows_left_out"] == LIST_ROWS - ROWS
     summary = json.loads((results / "download/summary.json").read_text())
     counts = summary["counts"]
-    assert summary["input_rows"] == 400 and sum(counts.values()) == 400
-    assert summary["left_out_beyond_max_rows"] == LIST_ROWS - 400
+    assert summary["input_rows"] == ROWS and sum(counts.values()) == ROWS
+    assert summary["left_out_beyond_max_rows"] == LIST_ROWS - ROWS
     assert counts["rejected_scheme"] == 1  # file:///etc/passwd, never opened
-    assert counts["success"] == 400 - MISSING - CORRUPT - 2
+    assert counts["success"] == ROWS - MISSING - CORRUPT - 2
     assert counts["failed_to_download"] == MISSING + 1  # 404s and the stall
     assert counts["failed_to_resize"] == CORRUPT
     tables = pd.concat(pd.read_parquet(p) for p in sorted((results / "shards").glob("*.parquet")))
@@ -256,12 +280,14 @@ def test_embeddings_are_open_clip_image_and_text_fused_by_mean(rehearsal):
     fused = sorted((results / "fused").glob("*.parquet"))
     assert len(fused) == 10
     identity = formats.read_metadata(str(fused[0]), formats.ENCODER_METADATA_KEY)
-    assert identity["encoder"] == "open_clip" and identity["model"] == "ViT-B-32"
-    assert identity["shared_space"] is True
+    assert identity["encoder"] == "open_clip" and identity["shared_space"] is True
+    for tower in ("image", "text"):  # one CLIP model, the local weights the test wrote
+        assert identity[tower]["model"] == "ViT-B-32" and identity[tower]["dim"] == 512
+        assert identity[tower]["weights"] == f"file:{rehearsal['weights'].name}"
     fusion = formats.read_metadata(str(fused[0]), formats.FUSION_METADATA_KEY)
     assert fusion["mode"] == "mean"
     kmeans = json.loads((results / "kmeans/kmeans.json").read_text())
-    assert kmeans["k"] == 200 and kmeans["options"]["max_points_per_centroid"] == 32
+    assert kmeans["k"] == REHEARSAL["k"] and kmeans["options"]["max_points_per_centroid"] == 32
     assert kmeans["options"]["init"] == "random" and kmeans["d"] == 512
 
 
@@ -270,13 +296,18 @@ def test_training_used_the_laion_trainer_and_sampled_negatives(rehearsal):
     info = json.loads((results / "train/model.json").read_text())
     assert info["model"] == "vit_base_patch16_224" and info["image_size"] == 224
     assert info["dim"] == 512 and info["pretrained"] is None
-    assert info["training"]["world_size"] == 2 and info["training"]["num_classes"] == 200
-    metrics = [json.loads(line) for line in (results / "train/metrics.jsonl").read_text().split()]
-    assert metrics[-1]["step"] == 4
-    # r1 = 0.1 of 100 prototypes per rank = 10 per rank, above the 8 labels of a step: the
-    # head used a strict subset of the 200 classes, negatives included.
-    assert any(0 < m["head_negatives"] and m["head_prototypes"] < 200 for m in metrics)
-    assert all(m["head_prototypes"] == 20 for m in metrics)
+    k, ranks = REHEARSAL["k"], REHEARSAL["ranks"]
+    assert info["training"]["world_size"] == ranks and info["training"]["num_classes"] == k
+    metrics = [
+        json.loads(line) for line in (results / "train/metrics.jsonl").read_text().splitlines()
+    ]
+    assert metrics[-1]["step"] == REHEARSAL["steps"]
+    # r1 = 0.1 of k / ranks prototypes per rank, above the most labels a step can hold (8): the
+    # head used a strict subset of the k classes, random negatives included.
+    per_rank = round(0.1 * k / ranks)
+    assert per_rank > REHEARSAL["batch_size"] * ranks
+    assert all(m["head_prototypes"] == per_rank * ranks < k for m in metrics)
+    assert any(m["head_negatives"] > 0 for m in metrics)
 
 
 def test_the_rehearsal_changes_only_its_keys():

@@ -60,6 +60,7 @@ LOCAL_RULES = {
     "download_summary",
     "evaluate_summary",
     "report_plots",
+    "effective_config",
 }
 # Jobs (rule, part or wildcards) of each run.
 # What follows new assignments: the sizes and diagnostics, training, the trained model's
@@ -90,6 +91,7 @@ BROKEN_JOBS = Counter(
         **{(rule, part): 1 for rule in ("download", "embed", "fuse") for part in PARTS},
         ("download_summary", None): 1,
         BASE_EVAL: 1,
+        ("effective_config", None): 1,
     }
 )
 # The rerun: that shard's embed and fuse, and what follows.

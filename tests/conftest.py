@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +44,24 @@ def make_image_folder(
                 getattr(draw, shape)([x0, y0, x1, y1], fill=colour)
             image.save(folder / f"{category}_{shape}_{i:02d}.png")
     return root
+
+
+@contextlib.contextmanager
+def loopback_http(handler: type[BaseHTTPRequestHandler], stop: threading.Event) -> Iterator[str]:
+    """A threaded HTTP server on 127.0.0.1 (a free port) for ``handler``; yields its base URL.
+    ``stop`` is set before the shutdown, so that handlers that stall on purpose return."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        stop.set()
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+    assert not thread.is_alive()
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import tarfile
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pyarrow as pa
@@ -33,6 +33,8 @@ from unicom.download import (
 )
 from unicom.formats import global_key
 from unicom.io import UnicomError, run_cli
+
+from conftest import loopback_http
 
 SLOW_SECONDS = 3.0
 TIMEOUT = 1
@@ -95,16 +97,8 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    Handler.stop.set()
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)
-    assert not thread.is_alive()
+    with loopback_http(Handler, Handler.stop) as url:
+        yield url
 
 
 def write_part(path: Path, rows: list[tuple[str, str]]) -> None:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pandas as pd
@@ -36,7 +36,7 @@ from unicom.config import (
     layered_config,
 )
 
-from conftest import REPO
+from conftest import REPO, loopback_http
 
 pytestmark = pytest.mark.slow
 
@@ -111,15 +111,8 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    Handler.stop.set()
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)
+    with loopback_http(Handler, Handler.stop) as url:
+        yield url
 
 
 def write_inputs(root: Path, base_url: str) -> dict[str, Path]:

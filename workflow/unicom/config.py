@@ -65,19 +65,21 @@ REHEARSAL_INFERENCE_BATCH = 8
 
 
 @functools.cache
-def _schema_text() -> str:
-    # Package data, so that a non-editable install finds it too.
-    return importlib.resources.files("unicom").joinpath("schema.yaml").read_text()
+def _schema() -> dict:
+    """The parsed schema, read once per process (every stage and every rule reads sections);
+    package data, so that a non-editable install finds it too. Never changed: see load_schema."""
+    text = importlib.resources.files("unicom").joinpath("schema.yaml").read_text()
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def load_schema() -> dict:
     """The schema (a fresh copy: callers may change it)."""
-    return yaml.safe_load(_schema_text())
+    return copy.deepcopy(_schema())
 
 
 def subschema(name: str, schema: Mapping | None = None) -> dict:
-    """The schema of the section ``name`` (dotted: ``assign.diagnostics``)."""
-    node = load_schema() if schema is None else schema
+    """The schema of the section ``name`` (dotted: ``assign.diagnostics``); read only."""
+    node = _schema() if schema is None else schema
     for part in name.split("."):
         try:
             node = node["properties"][part]
@@ -97,7 +99,7 @@ def annotated_keys(annotation: str, schema: Mapping | None = None) -> list[str]:
                 found.append(path)
             walk(spec, path + ".")
 
-    walk(load_schema() if schema is None else schema, "")
+    walk(_schema() if schema is None else schema, "")
     return found
 
 
@@ -142,7 +144,7 @@ def validate_config(config: dict, schema: Mapping | None = None) -> dict:
 
     Raises UnicomError with one line: the key path and what is wrong with it.
     """
-    _fill_and_check(config, load_schema() if schema is None else schema)
+    _fill_and_check(config, _schema() if schema is None else schema)
     check_consistency(config)
     return config
 
@@ -227,7 +229,7 @@ def layered_config(
 ) -> dict[str, Any]:
     """The effective config: schema defaults < ``configfiles`` in order (the default file, the
     demo, when there are none) < ``overrides`` (--config); then the rehearsal, if enabled."""
-    schema = load_schema()
+    schema = _schema()
     config: dict[str, Any] = {}
     for path in list(configfiles) or [default_configfile]:
         config = merge(config, load_config_file(path))

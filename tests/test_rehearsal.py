@@ -34,6 +34,7 @@ from unicom.config import (
     annotated_keys,
     changed_keys,
     layered_config,
+    parse_overrides,
 )
 
 from conftest import REPO, loopback_http
@@ -234,16 +235,10 @@ def test_rehearsal_runs_the_laion_config_to_the_summary(rehearsal):
     )
     # The config it ran with is the LAION config + the rehearsal + the three local paths.
     ran = yaml.safe_load((results / "config.yaml").read_text())
-    expected = layered_config([LAION_CONFIG, REHEARSAL_CONFIG], overrides_as_dict(rehearsal))
-    assert ran == expected
-
-
-def overrides_as_dict(rehearsal) -> dict:
-    return {
-        "data": {"url_list": [str(rehearsal["url_list"])]},
-        "embed": {"open_clip": {"pretrained": str(rehearsal["weights"])}},
-        "evaluate": {"datasets": {"openclipart": str(rehearsal["heldout"])}},
-    }
+    # The same --config entries, read by Snakemake's own parser.
+    overrides = parse_overrides(rehearsal["overrides"])
+    assert ran == layered_config([LAION_CONFIG, REHEARSAL_CONFIG], overrides)
+    assert ran["embed"]["open_clip"]["pretrained"] == str(rehearsal["weights"])
 
 
 def test_download_over_http_accounts_for_every_row(rehearsal):

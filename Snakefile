@@ -25,7 +25,7 @@ shell.prefix(
 )
 
 from unicom.config import layered_config
-from unicom.io import UnicomError
+from unicom.errors import UnicomError
 
 # Layers: the schema's defaults < the --configfile files (config/config.yaml, the demo, only
 # when none is given) < --config. No `configfile:` directive: Snakemake would merge the demo

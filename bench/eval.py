@@ -22,7 +22,8 @@ import time
 import faiss
 import numpy as np
 
-from unicom.io import run_cli, setup_logging, write_json
+from unicom.cli import run_cli, setup_logging
+from unicom.io import write_json
 from unicom.metrics import DEFAULT_KS, ExactSearch, l2_normalize, retrieval_metrics
 
 log = logging.getLogger("unicom.bench.eval")

@@ -27,7 +27,8 @@ import time
 import psutil
 import torch
 
-from unicom.io import run_cli, setup_logging, write_json
+from unicom.cli import run_cli, setup_logging
+from unicom.io import write_json
 from unicom.partial_fc import PartialFC
 
 log = logging.getLogger("unicom.bench.partial_fc")

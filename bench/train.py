@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
+from unicom.cli import run_cli, setup_logging
 from unicom.distributed import WorldInfo
-from unicom.io import run_cli, setup_logging, write_json
+from unicom.io import write_json
 from unicom.train import Trainer, total_steps, train_options
 from unicom.train_data import (
     TrainBatches,

@@ -4,7 +4,7 @@ import random
 
 from unicom.benchmarks import FASHION_MNIST_DIR
 from unicom.config import check_rehearsal_rows, section
-from unicom.io import batch_name
+from unicom.formats import batch_name
 from unicom.split_urls import url_list_rows
 
 OUT = config["output_dir"]

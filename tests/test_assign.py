@@ -8,7 +8,8 @@ from test_kmeans import blobs, unit, write_fused
 
 from unicom import formats
 from unicom.assign import ASSIGN_METADATA_KEY, assign_file, assign_vectors, main
-from unicom.io import UnicomError, run_cli
+from unicom.cli import run_cli
+from unicom.errors import UnicomError
 from unicom.kmeans import centroids_digest, save_centroids
 
 

@@ -27,7 +27,8 @@ from unicom.benchmarks import (
     main,
     read_idx,
 )
-from unicom.io import UnicomError, write_parquet
+from unicom.errors import UnicomError
+from unicom.io import write_parquet
 
 
 def touch(root: Path, rels) -> None:

@@ -13,8 +13,8 @@ from unicom import formats
 from unicom.assign import assign_file
 from unicom.cluster_diagnostics import diagnostics, pick_clusters, pick_members, read_tar_samples
 from unicom.cluster_report import AssignmentStats, main, read_stats, size_summary
+from unicom.errors import UnicomError
 from unicom.fuse import fuse_embeddings
-from unicom.io import UnicomError
 from unicom.kmeans import cluster_files, save_centroids
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

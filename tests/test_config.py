@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from unicom.config import layered_config, load_schema, parse_overrides, section, validate_config
-from unicom.io import UnicomError
+from unicom.errors import UnicomError
 
 from conftest import REPO
 

@@ -29,7 +29,7 @@ from unicom.demo_data import (
     stratified_heldout_mask,
     words_from_stem,
 )
-from unicom.io import UnicomError
+from unicom.errors import UnicomError
 
 
 def svg_text(title: str, tags: list[str], tail: str = "<rect width='1' height='1'/></svg>") -> str:

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from unicom.cli import run_cli
 from unicom.config import section_options
 from unicom.download import (
     download_part,
@@ -31,8 +32,8 @@ from unicom.download import (
     rewrite_tar_keys,
     summarize,
 )
+from unicom.errors import UnicomError
 from unicom.formats import global_key
-from unicom.io import UnicomError, run_cli
 
 from conftest import loopback_http
 

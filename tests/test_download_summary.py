@@ -1,7 +1,7 @@
 import pytest
 
 from unicom.download_summary import combine_summaries, part_summaries, summary_table
-from unicom.io import UnicomError
+from unicom.errors import UnicomError
 
 PARTS = [
     {

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from unicom import formats
+from unicom.cli import run_cli
 from unicom.embed import (
     EmbedResult,
     TarSample,
@@ -33,7 +34,7 @@ from unicom.embed import (
     split_member_name,
 )
 from unicom.encoders import build_encoder
-from unicom.io import UnicomError, run_cli
+from unicom.errors import UnicomError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]

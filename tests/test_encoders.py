@@ -21,7 +21,7 @@ from unicom.encoders import (
     to_rgb,
     uint8_transform,
 )
-from unicom.io import UnicomError
+from unicom.errors import UnicomError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

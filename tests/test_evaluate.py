@@ -87,7 +87,7 @@ def test_base_encoder_on_a_labelled_set(tmp_path, heldout):
 
 
 def test_absent_dataset_is_one_line(tmp_path, capsys):
-    from unicom.io import run_cli
+    from unicom.cli import run_cli
 
     with pytest.raises(SystemExit):
         run_cli(
@@ -110,7 +110,7 @@ def test_absent_dataset_is_one_line(tmp_path, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_bad_device_names_evaluate_device(tmp_path, capsys):
-    from unicom.io import run_cli
+    from unicom.cli import run_cli
 
     with pytest.raises(SystemExit):
         run_cli(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from unicom.errors import UnicomError
 from unicom.faults import ENV_VAR, fail_once_if_marked, parse_marker
-from unicom.io import UnicomError
 
 
 def test_marker_names_stage_and_part():

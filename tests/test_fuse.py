@@ -4,8 +4,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from unicom import formats
+from unicom.errors import UnicomError
 from unicom.fuse import fuse_embeddings, fuse_file, main
-from unicom.io import UnicomError
 
 
 def unit(rows: np.ndarray) -> np.ndarray:
@@ -71,7 +71,7 @@ def test_fuse_file_keeps_keys_and_records_how(tmp_path):
 def test_mean_refused_for_separate_encoders_in_one_line(tmp_path, capsys):
     src = tmp_path / "e.parquet"
     write_embeddings(src, 3, shared_space=False)
-    from unicom.io import run_cli
+    from unicom.cli import run_cli
 
     with pytest.raises(SystemExit) as exit_info:
         run_cli(

@@ -2,7 +2,9 @@ import json
 
 import pytest
 
-from unicom.io import UnicomError, batch_name, check_pairs, expand_parts
+from unicom.cli import check_pairs, expand_parts
+from unicom.errors import UnicomError
+from unicom.formats import batch_name
 
 
 @pytest.fixture

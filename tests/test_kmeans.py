@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
 from unicom import formats
-from unicom.io import run_cli
+from unicom.cli import run_cli
 from unicom.kmeans import (
     allocate_subclusters,
     cluster_files,
@@ -218,7 +218,7 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, capsys, case):
 
 
 def test_unknown_option_and_missing_gpu_are_config_errors(tmp_path):
-    from unicom.io import UnicomError
+    from unicom.errors import UnicomError
 
     paths = split_files(tmp_path, blobs(2, 10, dim=4)[0], parts=1)
     with pytest.raises(UnicomError, match="config key kmeans.clusters: unknown key"):

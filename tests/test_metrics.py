@@ -10,8 +10,9 @@ import pytest
 import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
+from unicom.errors import UnicomError
 from unicom.formats import embedding_array
-from unicom.io import UnicomError, write_parquet
+from unicom.io import write_parquet
 from unicom.metrics import (
     ExactSearch,
     evaluate_dims,

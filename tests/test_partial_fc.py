@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from unicom.io import UnicomError
+from unicom.errors import UnicomError
 from unicom.partial_fc import INIT_BLOCK, PartialFC, class_range, init_prototypes
 
 NUM_CLASSES, DIM, SEED = 37, 12, 3  # 37 classes split 19 + 18 over two ranks

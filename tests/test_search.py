@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from unicom.io import run_cli
+from unicom.cli import run_cli
 from unicom.search import main
 
 EMBED = json.dumps({"encoder": "demo", "demo": {"image_size": 64}})

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from unicom.io import UnicomError
+from unicom.errors import UnicomError
 from unicom.split_urls import check_url_list, chunk_rows, part_sizes, split_url_lists
 
 

@@ -24,6 +24,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
+from unicom.cli import run_cli
 from unicom.distributed import (
     WorldInfo,
     first_hostname,
@@ -32,7 +33,7 @@ from unicom.distributed import (
     resolve_device,
     world_info_from_env,
 )
-from unicom.io import UnicomError, run_cli
+from unicom.errors import UnicomError
 from unicom.partial_fc import PartialFC
 from unicom.train import (
     EmbeddingModel,

@@ -72,8 +72,10 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from unicom.cli import run_cli, setup_logging
+from unicom.errors import UnicomError
 from unicom.images import to_rgb
-from unicom.io import UnicomError, run_cli, setup_logging, write_json
+from unicom.io import write_json
 
 log = logging.getLogger("unicom.benchmarks")
 

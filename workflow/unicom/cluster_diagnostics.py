@@ -27,18 +27,17 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from unicom import formats
-from unicom.cluster_report import check_same_centroids
-from unicom.config import section_options
-from unicom.io import (
-    UnicomError,
+from unicom.cli import (
     add_each_part_option,
-    atomic_path,
     expand_parts,
     parse_options_json,
     run_cli,
     setup_logging,
-    write_json,
 )
+from unicom.cluster_report import check_same_centroids
+from unicom.config import section_options
+from unicom.errors import UnicomError
+from unicom.io import atomic_path, write_json
 from unicom.kmeans import (
     centroid_index,
     check_finite,

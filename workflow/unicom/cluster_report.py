@@ -20,15 +20,9 @@ from tqdm import tqdm
 
 from unicom import formats
 from unicom.assign import ASSIGN_METADATA_KEY
-from unicom.io import (
-    UnicomError,
-    add_each_part_option,
-    atomic_path,
-    expand_parts,
-    run_cli,
-    setup_logging,
-    write_json,
-)
+from unicom.cli import add_each_part_option, expand_parts, run_cli, setup_logging
+from unicom.errors import UnicomError
+from unicom.io import atomic_path, write_json
 
 log = logging.getLogger("unicom.cluster_report")
 

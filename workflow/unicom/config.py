@@ -26,7 +26,9 @@ from typing import Any
 import jsonschema
 import yaml
 
-from unicom.io import UnicomError, run_cli, write_text
+from unicom.cli import run_cli
+from unicom.errors import UnicomError
+from unicom.io import write_text
 
 # The demo's config, applied when no --configfile is given (relative to the working folder,
 # which is the repository for `snakemake` and `make demo`).

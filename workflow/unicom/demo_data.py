@@ -36,8 +36,10 @@ import pyarrow as pa
 from PIL import Image
 from tqdm import tqdm
 
+from unicom.cli import run_cli, setup_logging
+from unicom.errors import UnicomError
 from unicom.formats import CAPTION_COLUMN, URL_COLUMN
-from unicom.io import UnicomError, atomic_path, run_cli, setup_logging, write_json, write_parquet
+from unicom.io import atomic_path, write_json, write_parquet
 
 log = logging.getLogger("unicom.demo_data")
 

@@ -36,17 +36,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from unicom.cli import parse_options_json, run_cli, setup_logging
 from unicom.config import section_options
+from unicom.errors import UnicomError
 from unicom.formats import CAPTION_COLUMN, URL_COLUMN, global_key
-from unicom.io import (
-    UnicomError,
-    atomic_path,
-    parse_options_json,
-    run_cli,
-    setup_logging,
-    write_json,
-    write_parquet,
-)
+from unicom.io import atomic_path, write_json, write_parquet
 
 log = logging.getLogger("unicom.download")
 

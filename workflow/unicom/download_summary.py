@@ -15,15 +15,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from unicom.io import (
-    UnicomError,
-    expand_parts,
-    read_manifest,
-    run_cli,
-    setup_logging,
-    write_json,
-    write_text,
-)
+from unicom.cli import expand_parts, run_cli, setup_logging
+from unicom.errors import UnicomError
+from unicom.formats import read_manifest
+from unicom.io import write_json, write_text
 
 log = logging.getLogger("unicom.download_summary")
 

@@ -40,18 +40,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from unicom import formats
+from unicom.cli import check_pairs, parse_options_json, run_cli, setup_logging
 from unicom.config import section_options
 from unicom.encoders import Encoder, build_encoder, resolve_device
+from unicom.errors import UnicomError
 from unicom.faults import fail_once_if_marked
-from unicom.io import (
-    UnicomError,
-    atomic_path,
-    check_pairs,
-    parse_options_json,
-    run_cli,
-    setup_logging,
-    write_parquet,
-)
+from unicom.io import atomic_path, write_parquet
 
 log = logging.getLogger("unicom.embed")
 

@@ -34,9 +34,11 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from unicom.cli import parse_options_json, run_cli, setup_logging
 from unicom.config import section_options
+from unicom.errors import UnicomError
 from unicom.images import to_rgb  # noqa: F401  (re-exported for train)
-from unicom.io import UnicomError, parse_options_json, run_cli, setup_logging, write_json
+from unicom.io import write_json
 
 log = logging.getLogger("unicom.encoders")
 

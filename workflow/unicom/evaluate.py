@@ -19,9 +19,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from unicom import benchmarks, metrics
+from unicom.cli import parse_options_json, run_cli, setup_logging
 from unicom.config import section_options
 from unicom.encoders import build_encoder, resolve_device
-from unicom.io import UnicomError, parse_options_json, run_cli, setup_logging, write_json
+from unicom.errors import UnicomError
+from unicom.io import write_json
 
 log = logging.getLogger("unicom.evaluate")
 

@@ -8,7 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from unicom.io import run_cli, setup_logging, write_text
+from unicom.cli import run_cli, setup_logging
+from unicom.io import write_text
 
 COLUMNS = (
     "model",

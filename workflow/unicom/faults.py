@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from unicom.io import UnicomError
+from unicom.errors import UnicomError
 
 ENV_VAR = "UNICOM_FAIL_ONCE"
 log = logging.getLogger("unicom.faults")

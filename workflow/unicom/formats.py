@@ -13,14 +13,16 @@ Layout under the output folder (``config['output_dir']``):
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from unicom.io import UnicomError
+from unicom.errors import UnicomError
 
 URL_COLUMN = "url"
 CAPTION_COLUMN = "caption"
@@ -78,3 +80,22 @@ def read_metadata(path: str, key: bytes) -> Any:
     metadata = pq.read_schema(path).metadata or {}
     raw = metadata.get(key)
     return None if raw is None else json.loads(raw)
+
+
+def batch_name(part: str, shards_per_job: int) -> str:
+    """The job batch of a part: its name without the last log10(shards_per_job) digits
+    (``00127`` is in batch ``0012`` with 10 shards per job, in ``00127`` with 1)."""
+    digits = len(str(shards_per_job)) - 1
+    return part[: len(part) - digits] if digits else part
+
+
+def read_manifest(parts_dir: str | os.PathLike) -> dict[str, Any]:
+    """split_urls' ``PARTS_DIR/manifest.json``, checked to list its parts."""
+    manifest_path = Path(parts_dir) / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        manifest["parts"] = list(manifest["parts"])
+        manifest["shards_per_job"] = int(manifest.get("shards_per_job", 1))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UnicomError(f"{manifest_path}: not a split_urls manifest ({err})") from None
+    return manifest

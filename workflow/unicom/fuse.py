@@ -15,15 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from unicom import formats
+from unicom.cli import check_pairs, parse_options_json, run_cli, setup_logging
 from unicom.config import section_options
-from unicom.io import (
-    UnicomError,
-    check_pairs,
-    parse_options_json,
-    run_cli,
-    setup_logging,
-    write_parquet,
-)
+from unicom.errors import UnicomError
+from unicom.io import write_parquet
 
 MODES = ("image", "text", "mean", "concat")
 log = logging.getLogger("unicom.fuse")

@@ -32,8 +32,10 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from unicom.cli import run_cli, setup_logging
+from unicom.errors import UnicomError
 from unicom.formats import column_to_numpy
-from unicom.io import UnicomError, run_cli, setup_logging, write_json
+from unicom.io import write_json
 
 log = logging.getLogger("unicom.metrics")
 

@@ -12,7 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from unicom.io import atomic_path, run_cli, setup_logging  # noqa: E402
+from unicom.cli import run_cli, setup_logging  # noqa: E402
+from unicom.io import atomic_path  # noqa: E402
 
 
 def _save(fig, path: str) -> None:

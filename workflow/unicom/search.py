@@ -18,10 +18,12 @@ import faiss
 import numpy as np
 from PIL import Image
 
+from unicom.cli import parse_options_json, run_cli, setup_logging
 from unicom.embed import iter_tar_members
 from unicom.encoders import to_rgb
+from unicom.errors import UnicomError
 from unicom.evaluate import ImageEmbedder, base_embedder, embed_items, trained_embedder
-from unicom.io import UnicomError, atomic_path, parse_options_json, run_cli, setup_logging
+from unicom.io import atomic_path
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 log = logging.getLogger("unicom.search")

@@ -22,8 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from unicom.cli import run_cli, setup_logging
+from unicom.errors import UnicomError
 from unicom.formats import CAPTION_COLUMN, URL_COLUMN, part_name
-from unicom.io import UnicomError, atomic_dir, run_cli, setup_logging, write_json
+from unicom.io import atomic_dir, write_json
 
 log = logging.getLogger("unicom.split_urls")
 

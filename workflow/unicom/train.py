@@ -57,20 +57,18 @@ from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from unicom import distributed
-from unicom.config import section_options
-from unicom.distributed import WorldInfo
-from unicom.encoders import load_lite0_state_dict, match_state_dict_in_order, to_rgb
-from unicom.io import (
-    UnicomError,
+from unicom.cli import (
     add_each_part_option,
-    atomic_path,
     expand_parts,
     parse_options_json,
     run_cli,
     setup_logging,
-    write_json,
-    write_text,
 )
+from unicom.config import section_options
+from unicom.distributed import WorldInfo
+from unicom.encoders import load_lite0_state_dict, match_state_dict_in_order, to_rgb
+from unicom.errors import UnicomError
+from unicom.io import atomic_path, write_json, write_text
 from unicom.partial_fc import PartialFC, derived_seed
 from unicom.train_data import (
     RankData,

@@ -46,7 +46,7 @@ from torchvision.transforms import functional as TF
 from unicom import distributed, formats
 from unicom.embed import IMAGE_EXTENSIONS, group_tar_members, iter_tar_members
 from unicom.encoders import to_rgb
-from unicom.io import UnicomError
+from unicom.errors import UnicomError
 
 log = logging.getLogger("unicom.train_data")
 

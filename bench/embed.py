@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-# As `python -m unicom.embed` does (see unicom/embed.py), so both measurements match the stage.
+# As `python -m unicom.embed.embed` does (see unicom/embed.py), so both measurements match the stage.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from unicom.embed import Batch, embed_shard, shard_batches
+from unicom.embed.embed import Batch, embed_shard, shard_batches
 from unicom.encoders import Encoder, build_encoder, resolve_device
 
 GOAL = 0.9

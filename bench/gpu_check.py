@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
-from unicom.partial_fc import PartialFC  # noqa: E402  (torch + numpy only)
+from unicom.train.partial_fc import PartialFC  # noqa: E402  (torch + numpy only)
 
 GB = 2**30
 

@@ -29,7 +29,7 @@ import torch
 
 from unicom.cli import run_cli, setup_logging
 from unicom.io import write_json
-from unicom.partial_fc import PartialFC
+from unicom.train.partial_fc import PartialFC
 
 log = logging.getLogger("unicom.bench.partial_fc")
 MB = 2**20

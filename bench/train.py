@@ -28,8 +28,7 @@ import torch
 from unicom.cli import run_cli, setup_logging
 from unicom.distributed import WorldInfo
 from unicom.io import write_json
-from unicom.train import Trainer, total_steps, train_options
-from unicom.train_data import (
+from unicom.train.data import (
     TrainBatches,
     TrainTransform,
     make_loader,
@@ -37,6 +36,7 @@ from unicom.train_data import (
     prepare_rank_data,
     write_synthetic_shard,
 )
+from unicom.train.train import Trainer, total_steps, train_options
 
 log = logging.getLogger("unicom.bench.train")
 SHARD_SIZE = 1000

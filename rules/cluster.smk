@@ -30,7 +30,7 @@ rule kmeans:
         options=stage_options("kmeans"),
         fused=each_part("fused/{part}.parquet"),
     shell:
-        "python -m unicom.kmeans --out-centroids {output.centroids:q} --out-stats {output.stats:q}"
+        "python -m unicom.cluster.kmeans --out-centroids {output.centroids:q} --out-stats {output.stats:q}"
         " --threads {threads} --options-json {params.options:q}"
         " --each-part {input.parts:q} {params.fused:q} 2> {log:q}"
 
@@ -55,7 +55,7 @@ rule assign:
     params:
         options=stage_options("assign"),
     shell:
-        "python -m unicom.assign --fused {input.fused:q} --centroids {input.centroids:q}"
+        "python -m unicom.cluster.assign --fused {input.fused:q} --centroids {input.centroids:q}"
         " --out {output:q} --threads {threads} --options-json {params.options:q} 2> {log:q}"
 
 
@@ -83,7 +83,7 @@ rule cluster_sizes:
         min_cluster_size=ASSIGN["min_cluster_size"],
         assignments=each_part("assign/{part}.parquet"),
     shell:
-        "python -m unicom.cluster_report --min-cluster-size {params.min_cluster_size:q}"
+        "python -m unicom.cluster.report --min-cluster-size {params.min_cluster_size:q}"
         " --out-json {output.json:q} --out-png {output.png:q}"
         " --each-part {input.parts:q} {params.assignments:q} 2> {log:q}"
 
@@ -120,7 +120,7 @@ rule cluster_diagnostics:
         kmeans=stage_options("kmeans"),
         options=stage_options("assign.diagnostics"),
     shell:
-        "python -m unicom.cluster_diagnostics --assignments {input.assignments:q}"
+        "python -m unicom.cluster.diagnostics --assignments {input.assignments:q}"
         " --shards {input.shards:q} --shard-tables {input.tables:q}"
         " --embeddings {input.embeddings:q} --kmeans-options-json {params.kmeans:q}"
         " --options-json {params.options:q} --out-grid {output.grid:q}"

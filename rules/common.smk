@@ -2,10 +2,10 @@ import glob
 import json
 import random
 
-from unicom.benchmarks import FASHION_MNIST_DIR
+from unicom.evaluate.benchmarks import FASHION_MNIST_DIR
 from unicom.config import check_rehearsal_rows, section
 from unicom.formats import batch_name
-from unicom.split_urls import url_list_rows
+from unicom.data.split_urls import url_list_rows
 
 OUT = config["output_dir"]
 
@@ -205,7 +205,7 @@ def train_launcher(wildcards, resources):
             str(int(config["train"]["nproc_per_node"])),
             "python",
             "-m",
-            "unicom.train",
+            "unicom.train.train",
         ]
     if int(config["train"]["nodes"]) > 1:
         sys.exit(
@@ -220,6 +220,6 @@ def train_launcher(wildcards, resources):
             "--nproc-per-node",
             str(nproc),
             "-m",
-            "unicom.train",
+            "unicom.train.train",
         ]
-    return ["python", "-m", "unicom.train"]
+    return ["python", "-m", "unicom.train.train"]

@@ -19,7 +19,7 @@ rule demo_fetch:
     params:
         resources_dir=lambda wildcards, output: os.path.dirname(output[0]),
     shell:
-        "python -m unicom.demo_data fetch --resources-dir {params.resources_dir:q}"
+        "python -m unicom.demo.build fetch --resources-dir {params.resources_dir:q}"
         " --out {output:q} 2> {log:q}"
 
 
@@ -43,7 +43,7 @@ rule demo_pool:
         heldout_fraction=DEMO["heldout_fraction"],
         seed=DEMO["seed"],
     shell:
-        "python -m unicom.demo_data pool {params.source:q} {params.max_images:q}"
+        "python -m unicom.demo.build pool {params.source:q} {params.max_images:q}"
         " --heldout-fraction {params.heldout_fraction:q} --seed {params.seed:q}"
         " --out-urls {output.urls:q} --out-heldout {output.heldout:q}"
         " --out-dropped {output.dropped:q} --out-summary {output.summary:q} 2> {log:q}"

@@ -41,7 +41,7 @@ checkpoint split_urls:
         extra_cols=["--extra-cols", *DATA["extra_cols"]] if DATA["extra_cols"] else [],
         max_rows=["--max-rows", DATA["max_rows"]] if DATA["max_rows"] else [],
     shell:
-        "python -m unicom.split_urls --out-dir {output:q} --shard-size {params.shard_size:q}"
+        "python -m unicom.data.split_urls --out-dir {output:q} --shard-size {params.shard_size:q}"
         " --shards-per-job {params.shards_per_job:q} {params.max_rows:q}"
         " --url-col {params.url_col:q} --caption-col {params.caption_col:q}"
         " {input:q} {params.extra_cols:q} 2> {log:q}"
@@ -70,7 +70,7 @@ rule download:
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
         options=stage_options("download"),
     shell:
-        "python -m unicom.download --part {params.parts:q} --out-dir {params.out_dir:q}"
+        "python -m unicom.data.download --part {params.parts:q} --out-dir {params.out_dir:q}"
         " --summary {output.summary:q} --options-json {params.options:q} 2> {log:q}"
 
 
@@ -90,6 +90,6 @@ rule download_summary:
     params:
         summaries=each_part("shards/{batch}.summary.json"),
     shell:
-        "python -m unicom.download_summary --parts-dir {input.manifest:q}"
+        "python -m unicom.data.summary --parts-dir {input.manifest:q}"
         " --out {output.summary:q} --out-table {output.table:q}"
         " {params.summaries:q} 2> {log:q}"

@@ -47,6 +47,6 @@ rule embed:
     params:
         options=stage_options("embed"),
     shell:
-        "python -m unicom.embed --shard {input.shards:q} --out {output.embeddings:q}"
+        "python -m unicom.embed.embed --shard {input.shards:q} --out {output.embeddings:q}"
         " --skipped {output.skipped:q} --threads {threads} --options-json {params.options:q}"
         " 2> {log:q}"

@@ -26,7 +26,7 @@ rule evaluate:
         options=stage_options("evaluate"),
         embed=stage_options("embed"),
     shell:
-        "python -m unicom.evaluate --model {params.model:q} --dataset {wildcards.dataset:q}"
+        "python -m unicom.evaluate.evaluate --model {params.model:q} --dataset {wildcards.dataset:q}"
         " --dataset-path {params.dataset_path:q} --out {output:q} --threads {threads}"
         " --options-json {params.options:q} --embed-options-json {params.embed:q} 2> {log:q}"
 
@@ -50,5 +50,5 @@ rule evaluate_summary:
     conda:
         "../envs/data.yaml"
     shell:
-        "python -m unicom.evaluate_summary {input:q} --out-csv {output.csv:q}"
+        "python -m unicom.evaluate.summary {input:q} --out-csv {output.csv:q}"
         " --out-md {output.markdown:q} 2> {log:q}"

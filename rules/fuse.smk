@@ -19,5 +19,5 @@ rule fuse:
     params:
         options=stage_options("fuse"),
     shell:
-        "python -m unicom.fuse --embeddings {input:q} --out {output:q}"
+        "python -m unicom.embed.fuse --embeddings {input:q} --out {output:q}"
         " --options-json {params.options:q} 2> {log:q}"

@@ -61,6 +61,6 @@ rule report_plots:
     params:
         out_dir=lambda wildcards, output: os.path.dirname(output.download),
     shell:
-        "python -m unicom.report_plots --download-summary {input.download:q}"
+        "python -m unicom.report.plots --download-summary {input.download:q}"
         " --kmeans-stats {input.kmeans:q} --train-metrics {input.train:q}"
         " --eval-summary {input.evaluate:q} --out-dir {params.out_dir:q} 2> {log:q}"

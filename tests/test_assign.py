@@ -7,10 +7,11 @@ import pytest
 from test_kmeans import blobs, unit, write_fused
 
 from unicom import formats
-from unicom.assign import ASSIGN_METADATA_KEY, assign_file, assign_vectors, main
 from unicom.cli import run_cli
+from unicom.cluster.assign import assign_file, assign_vectors, main
+from unicom.cluster.kmeans import centroids_digest, save_centroids
 from unicom.errors import UnicomError
-from unicom.kmeans import centroids_digest, save_centroids
+from unicom.formats import ASSIGN_METADATA_KEY
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from unicom.benchmarks import (
+from unicom.errors import UnicomError
+from unicom.evaluate.benchmarks import (
     GLDV2_DISTRACTOR,
     QUERY_GALLERY,
     SINGLE,
@@ -27,7 +28,6 @@ from unicom.benchmarks import (
     main,
     read_idx,
 )
-from unicom.errors import UnicomError
 from unicom.io import write_parquet
 
 

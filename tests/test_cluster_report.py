@@ -10,12 +10,12 @@ from PIL import Image
 from test_kmeans import blobs, unit, write_fused
 
 from unicom import formats
-from unicom.assign import assign_file
-from unicom.cluster_diagnostics import diagnostics, pick_clusters, pick_members, read_tar_samples
-from unicom.cluster_report import AssignmentStats, main, read_stats, size_summary
+from unicom.cluster.assign import assign_file
+from unicom.cluster.diagnostics import diagnostics, pick_clusters, pick_members, read_tar_samples
+from unicom.cluster.kmeans import cluster_files, save_centroids
+from unicom.cluster.report import AssignmentStats, main, read_stats, size_summary
+from unicom.embed.fuse import fuse_embeddings
 from unicom.errors import UnicomError
-from unicom.fuse import fuse_embeddings
-from unicom.kmeans import cluster_files, save_centroids
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CATEGORIES = ["boats", "cats", "trees"]
@@ -23,7 +23,7 @@ KMEANS = {"k": 3, "niter": 10, "seed": 0, "init": "kmeans++"}
 
 
 def empty_stats(k):
-    from unicom.cluster_report import MARGIN_BINS, SIM_BINS
+    from unicom.cluster.report import MARGIN_BINS, SIM_BINS
 
     return AssignmentStats(
         k,
@@ -36,7 +36,7 @@ def empty_stats(k):
 
 
 def test_size_summary_counts_small_and_empty_clusters():
-    from unicom.cluster_report import accumulate
+    from unicom.cluster.report import accumulate
 
     stats = empty_stats(5)
     labels = np.array([0] * 10 + [1] * 3 + [2] * 1 + [4] * 6)

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from unicom import demo_data
-from unicom.demo_data import (
+from unicom.demo import build as demo_data
+from unicom.demo.build import (
     build_caption,
     deb_version,
     generic_titles,
@@ -429,7 +429,7 @@ def test_fetch_falls_back_to_system_packages(tmp_path, no_apt):
 def test_fetch_without_packages_fails_with_one_line_instructions(tmp_path):
     marker = tmp_path / "sources.json"
     result = subprocess.run(
-        [sys.executable, "-m", "unicom.demo_data", "fetch"]
+        [sys.executable, "-m", "unicom.demo.build", "fetch"]
         + ["--resources-dir", str(tmp_path / "res"), "--out", str(marker)]
         + ["--system-root", str(tmp_path / "sys"), "--no-download"],
         capture_output=True,

@@ -1,4 +1,4 @@
-"""unicom.download against a loopback HTTP server, with the real img2dataset (no mocks)."""
+"""unicom.data.download against a loopback HTTP server, with the real img2dataset (no mocks)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from PIL import Image
 
 from unicom.cli import run_cli
 from unicom.config import section_options
-from unicom.download import (
+from unicom.data.download import (
     download_part,
     download_parts,
     merge_rows,
@@ -179,7 +179,7 @@ def downloaded(server, tmp_path_factory):
         part_path.parent.mkdir(exist_ok=True)
         write_part(part_path, [(url(s), "") for s, _ in spec])
         expected[part] = [status for _, status in spec]
-        command = [sys.executable, "-m", "unicom.download", "--part", str(part_path)]
+        command = [sys.executable, "-m", "unicom.data.download", "--part", str(part_path)]
         command += ["--out-dir", str(out_dir), "--options-json", json.dumps(OPTIONS)]
         # One job per part here (shards_per_job 1): the job summary is named after the part.
         command += ["--summary", str(out_dir / f"{part}.summary.json")]
@@ -370,7 +370,7 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(UnicomError, match="config key download.thread_count: unknown key"):
         section_options("download", {"thread_count": 3})
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(__import__("unicom.download").download.main, ["--part", str(tmp_path / "x.parquet"),
+        run_cli(__import__("unicom.data.download").data.download.main, ["--part", str(tmp_path / "x.parquet"),
                 "--out-dir", str(tmp_path), "--summary", str(tmp_path / "s.json"),
                 "--options-json", "{}"])  # fmt: skip
     assert exit_info.value.code == 2

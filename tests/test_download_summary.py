@@ -1,6 +1,6 @@
 import pytest
 
-from unicom.download_summary import combine_summaries, part_summaries, summary_table
+from unicom.data.summary import combine_summaries, part_summaries, summary_table
 from unicom.errors import UnicomError
 
 PARTS = [

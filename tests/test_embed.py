@@ -21,7 +21,7 @@ from PIL import Image
 
 from unicom import formats
 from unicom.cli import run_cli
-from unicom.embed import (
+from unicom.embed.embed import (
     EmbedResult,
     TarSample,
     collate_samples,
@@ -186,7 +186,7 @@ def test_cli_bad_options_are_one_line(shard, tmp_path, capsys):
 def test_cli_end_to_end(shard, tmp_path):
     path, samples = shard
     out, skipped = tmp_path / "embed" / "00000.parquet", tmp_path / "embed" / "00000.skipped.csv"
-    command = [sys.executable, "-m", "unicom.embed", "--shard", str(path), "--out", str(out)]
+    command = [sys.executable, "-m", "unicom.embed.embed", "--shard", str(path), "--out", str(out)]
     command += ["--skipped", str(skipped), "--options-json", json.dumps(DEMO_OPTIONS)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

@@ -4,9 +4,9 @@ import pandas as pd
 import pytest
 import torch
 
-from unicom import benchmarks
-from unicom.evaluate import cap_set, main, stratified_subset
-from unicom.evaluate_summary import summary_rows, to_csv, to_markdown
+from unicom.evaluate import benchmarks
+from unicom.evaluate.evaluate import cap_set, main, stratified_subset
+from unicom.evaluate.summary import summary_rows, to_csv, to_markdown
 
 EMBED = {"encoder": "demo", "demo": {"image_size": 64}}
 OPTIONS = {

@@ -4,8 +4,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from unicom import formats
+from unicom.embed.fuse import fuse_embeddings, fuse_file, main
 from unicom.errors import UnicomError
-from unicom.fuse import fuse_embeddings, fuse_file, main
 
 
 def unit(rows: np.ndarray) -> np.ndarray:

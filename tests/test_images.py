@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from unicom.encoders import SquareTransform, normalise_pixels
-from unicom.train import EvalTransform
+from unicom.train.train import EvalTransform
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -8,7 +8,7 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from unicom import formats
 from unicom.cli import run_cli
-from unicom.kmeans import (
+from unicom.cluster.kmeans import (
     allocate_subclusters,
     cluster_files,
     inspect_files,

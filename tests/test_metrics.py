@@ -11,9 +11,7 @@ import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
 from unicom.errors import UnicomError
-from unicom.formats import embedding_array
-from unicom.io import write_parquet
-from unicom.metrics import (
+from unicom.evaluate.metrics import (
     ExactSearch,
     evaluate_dims,
     main,
@@ -21,6 +19,8 @@ from unicom.metrics import (
     retrieval_metrics,
     truncate,
 )
+from unicom.formats import embedding_array
+from unicom.io import write_parquet
 
 
 def on_circle(degrees: list[float]) -> np.ndarray:

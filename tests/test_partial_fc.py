@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from unicom.errors import UnicomError
-from unicom.partial_fc import INIT_BLOCK, PartialFC, class_range, init_prototypes
+from unicom.train.partial_fc import INIT_BLOCK, PartialFC, class_range, init_prototypes
 
 NUM_CLASSES, DIM, SEED = 37, 12, 3  # 37 classes split 19 + 18 over two ranks
 RANK_ROWS = [slice(0, 5), slice(5, 8)]  # unequal local batches: 5 + 3

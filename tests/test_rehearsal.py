@@ -61,7 +61,7 @@ SNAKEMAKE_TIMEOUT_S = 900
 def openclipart_pngs() -> dict[str, list[Path]]:
     """Category -> PNG files of Debian's openclipart-png: the repository's resources/ (where
     `make demo` puts it), the system's, or fetched with apt-get download."""
-    from unicom import demo_data
+    from unicom.demo import build as demo_data
 
     def fetch() -> dict:
         return demo_data.fetch_sources(REPO / "resources", Path("/"), allow_download=True)
@@ -80,7 +80,7 @@ def openclipart_pngs() -> dict[str, list[Path]]:
 
 def usable(paths: list[Path]) -> list[Path]:
     """Without the few giant PNGs (up to 13,000 px wide) the demo pool drops too."""
-    from unicom.demo_data import image_header_problem
+    from unicom.demo.build import image_header_problem
 
     return [path for path in paths if image_header_problem(path, MAX_PIXELS) is None]
 

@@ -1,4 +1,4 @@
-"""unicom.split_urls: parts, manifest, column renaming and one-line errors for bad inputs."""
+"""unicom.data.split_urls: parts, manifest, column renaming and one-line errors for bad inputs."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from unicom.data.split_urls import check_url_list, chunk_rows, part_sizes, split_url_lists
 from unicom.errors import UnicomError
-from unicom.split_urls import check_url_list, chunk_rows, part_sizes, split_url_lists
 
 
 def laion_file(path: Path, start: int, rows: int, row_group_size: int = 4) -> Path:
@@ -64,7 +64,14 @@ def test_split_sizes_names_manifest_and_renaming(two_inputs, tmp_path):
 def test_cli_replaces_the_folder_with_either_argument_order(two_inputs, tmp_path, inputs_first):
     out = tmp_path / "parts"
     (out / "stale").mkdir(parents=True)
-    command = [sys.executable, "-m", "unicom.split_urls", "--out-dir", str(out), "--shard-size"]
+    command = [
+        sys.executable,
+        "-m",
+        "unicom.data.split_urls",
+        "--out-dir",
+        str(out),
+        "--shard-size",
+    ]
     command += ["100", "--url-col", "URL", "--caption-col", "TEXT"]
     inputs = [str(p) for p in two_inputs]
     if inputs_first:
@@ -167,7 +174,7 @@ def test_check_returns_total_rows(two_inputs):
 
 
 def test_cli_error_is_one_line_exit_2(tmp_path):
-    command = [sys.executable, "-m", "unicom.split_urls", "--out-dir", str(tmp_path / "parts")]
+    command = [sys.executable, "-m", "unicom.data.split_urls", "--out-dir", str(tmp_path / "parts")]
     command += ["--shard-size", "10", str(tmp_path / "absent.parquet")]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 2

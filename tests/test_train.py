@@ -34,18 +34,7 @@ from unicom.distributed import (
     world_info_from_env,
 )
 from unicom.errors import UnicomError
-from unicom.partial_fc import PartialFC
-from unicom.train import (
-    EmbeddingModel,
-    build_model,
-    load_trained_model,
-    lr_factor,
-    main,
-    train_options,
-    trained_transform,
-)
-from unicom.train_data import (
-    ASSIGN_METADATA_KEY,
+from unicom.train.data import (
     ShardInput,
     StreamPlan,
     TrainTransform,
@@ -56,6 +45,16 @@ from unicom.train_data import (
     read_shard_labels,
     stream_samples,
     write_synthetic_shard,
+)
+from unicom.train.partial_fc import PartialFC
+from unicom.train.train import (
+    EmbeddingModel,
+    build_model,
+    load_trained_model,
+    lr_factor,
+    main,
+    train_options,
+    trained_transform,
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -128,7 +127,7 @@ def launch(dataset, out_dir: Path, **overrides) -> subprocess.Popen:
         "--nproc-per-node",
         "2",
         "-m",
-        "unicom.train",
+        "unicom.train.train",
         *cli_args(dataset, out_dir, {**OPTIONS, **overrides}),
     ]
     log = open(out_dir.parent / f"{out_dir.name}.log", "ab")
@@ -357,11 +356,6 @@ def test_options_come_from_the_schema():
         train_options({"batch_size": 1})
 
 
-def test_assign_metadata_key_is_the_one_assign_writes():
-    assign = pytest.importorskip("unicom.assign")
-    assert assign.ASSIGN_METADATA_KEY == ASSIGN_METADATA_KEY
-
-
 # --- DDP gradient: summed, not averaged ---------------------------------------------------------
 
 
@@ -370,7 +364,7 @@ def test_assign_metadata_key_is_the_one_assign_writes():
 DDP_RANK_SCRIPT = """
 import datetime, sys, torch, torch.distributed as dist
 from unicom.distributed import sum_allreduce_hook
-from unicom.partial_fc import PartialFC
+from unicom.train.partial_fc import PartialFC
 rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 torch.set_num_threads(1)
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,

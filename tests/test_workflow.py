@@ -328,7 +328,7 @@ def test_ten_shards_per_job_make_one_job_per_stage(tmp_path, small_image_folder)
         assign={"diagnostics": {"max_shards": 4}},
     )
     dry_run = snakemake(tmp_path, "-n", "-p", "cluster_diagnostics")
-    (command,) = [c for c in shell_commands(dry_run) if "unicom.cluster_diagnostics" in c]
+    (command,) = [c for c in shell_commands(dry_run) if "unicom.cluster.diagnostics" in c]
     sampled = re.findall(r"results/assign/(\d+)\.parquet", command)
     assert len(sampled) == 4 and sampled == sorted(sampled) and set(sampled) <= set(parts)
     assert re.findall(r"results/shards/(\d+)\.tar", command) == sampled

@@ -4,7 +4,7 @@ One entry point for both launchers:
 
 - ``torchrun --nproc-per-node N -m unicom.train ...`` sets RANK, WORLD_SIZE, LOCAL_RANK,
   MASTER_ADDR and MASTER_PORT;
-- ``srun python -m unicom.train ...`` sets SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID; the
+- ``srun python -m unicom.train.train ...`` sets SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID; the
   master is the first host of SLURM_JOB_NODELIST and the port is derived from SLURM_JOB_ID,
   unless MASTER_ADDR / MASTER_PORT are set already.
 

@@ -30,6 +30,8 @@ CAPTION_COLUMN = "caption"
 # Metadata key under which embedding files record the encoder that produced them.
 ENCODER_METADATA_KEY = b"unicom.encoder"
 FUSION_METADATA_KEY = b"unicom.fusion"
+# ... and assignment files the k-means run (its centroids digest, k) that labelled them.
+ASSIGN_METADATA_KEY = b"unicom.assign"
 
 PART_WIDTH = 5
 

@@ -19,10 +19,7 @@ import pyarrow.parquet as pq
 
 from unicom import formats
 from unicom.cli import check_pairs, parse_options_json, run_cli, setup_logging
-from unicom.config import section_options
-from unicom.errors import UnicomError
-from unicom.io import write_parquet
-from unicom.kmeans import (
+from unicom.cluster.kmeans import (
     EMBEDDING_COLUMN,
     centroid_index,
     centroids_digest,
@@ -34,11 +31,11 @@ from unicom.kmeans import (
     search_centroids,
     tune_faiss,
 )
+from unicom.config import section_options
+from unicom.errors import UnicomError
+from unicom.io import write_parquet
 
-log = logging.getLogger("unicom.assign")
-
-# Metadata of each assignment file: which centroids produced it.
-ASSIGN_METADATA_KEY = b"unicom.assign"
+log = logging.getLogger("unicom.cluster.assign")
 
 
 def assign_vectors(
@@ -109,7 +106,9 @@ def assign_files(
             # How the clustered vectors were made, for reports downstream.
             "fusion": formats.read_metadata(fused_path, formats.FUSION_METADATA_KEY),
         }
-        write_parquet(out_path, formats.with_metadata(table, {ASSIGN_METADATA_KEY: identity}))
+        write_parquet(
+            out_path, formats.with_metadata(table, {formats.ASSIGN_METADATA_KEY: identity})
+        )
         log.info(
             "%s: %d rows -> %s (k=%d, %s, mean sim %.3f)",
             fused_path,
@@ -135,7 +134,7 @@ def assign_file(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m unicom.assign", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m unicom.cluster.assign", description=__doc__)
     parser.add_argument("--fused", nargs="+", required=True, help="fused Parquet per shard")
     parser.add_argument("--centroids", required=True, help="centroids.npy from unicom.kmeans")
     parser.add_argument("--out", nargs="+", required=True, help="assignment Parquet per shard")

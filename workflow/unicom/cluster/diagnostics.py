@@ -34,19 +34,19 @@ from unicom.cli import (
     run_cli,
     setup_logging,
 )
-from unicom.cluster_report import check_same_centroids
-from unicom.config import section_options
-from unicom.errors import UnicomError
-from unicom.io import atomic_path, write_json
-from unicom.kmeans import (
+from unicom.cluster.kmeans import (
     centroid_index,
     check_finite,
     cluster_files,
     l2_normalize,
     search_centroids,
 )
+from unicom.cluster.report import check_same_centroids
+from unicom.config import section_options
+from unicom.errors import UnicomError
+from unicom.io import atomic_path, write_json
 
-log = logging.getLogger("unicom.cluster_diagnostics")
+log = logging.getLogger("unicom.cluster.diagnostics")
 
 # Embedding columns of the embed stage clustered on their own for the comparison.
 MODALITY_COLUMNS = {"image": "image_emb", "text": "text_emb"}
@@ -412,7 +412,7 @@ def diagnostics(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m unicom.cluster_diagnostics",
+        prog="python -m unicom.cluster.diagnostics",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -20,7 +20,7 @@ from unicom.errors import UnicomError
 from unicom.formats import read_manifest
 from unicom.io import write_json, write_text
 
-log = logging.getLogger("unicom.download_summary")
+log = logging.getLogger("unicom.data.summary")
 
 
 def part_summaries(jobs: list[dict[str, Any]], expected_parts: list[str]) -> list[dict[str, Any]]:
@@ -79,7 +79,7 @@ def summary_table(summaries: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m unicom.download_summary", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m unicom.data.summary", description=__doc__)
     parser.add_argument(
         "summaries", nargs="+", help="download jobs' summary JSON files, or one with {batch} in it"
     )

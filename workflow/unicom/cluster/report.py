@@ -19,12 +19,11 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from unicom import formats
-from unicom.assign import ASSIGN_METADATA_KEY
 from unicom.cli import add_each_part_option, expand_parts, run_cli, setup_logging
 from unicom.errors import UnicomError
 from unicom.io import atomic_path, write_json
 
-log = logging.getLogger("unicom.cluster_report")
+log = logging.getLogger("unicom.cluster.report")
 
 # Similarities (cosines) and margins are histogrammed on fixed bins, so quantiles come out
 # to 0.001 without holding every value.
@@ -47,10 +46,10 @@ class AssignmentStats:
 
 
 def assignment_identity(path: str) -> dict[str, Any]:
-    identity = formats.read_metadata(path, ASSIGN_METADATA_KEY)
+    identity = formats.read_metadata(path, formats.ASSIGN_METADATA_KEY)
     if identity is None:
         raise UnicomError(
-            f"{path}: no '{ASSIGN_METADATA_KEY.decode()}' metadata (not an assign output)"
+            f"{path}: no '{formats.ASSIGN_METADATA_KEY.decode()}' metadata (not an assign output)"
         )
     return identity
 
@@ -186,7 +185,7 @@ def plot_sizes(stats: AssignmentStats, min_cluster_size: int, path: str | Path) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m unicom.cluster_report", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m unicom.cluster.report", description=__doc__)
     parser.add_argument("assignments", nargs="+", help="assign/{part}.parquet of every shard")
     parser.add_argument(
         "--min-cluster-size",

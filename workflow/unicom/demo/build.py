@@ -41,7 +41,7 @@ from unicom.errors import UnicomError
 from unicom.formats import CAPTION_COLUMN, URL_COLUMN
 from unicom.io import atomic_path, write_json, write_parquet
 
-log = logging.getLogger("unicom.demo_data")
+log = logging.getLogger("unicom.demo.build")
 
 CLIPART_PACKAGES = ("openclipart-png", "openclipart-svg")
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
@@ -533,7 +533,7 @@ def read_source_marker(path: Path) -> tuple[Path, Path]:
         if not value or not Path(value).is_dir():
             raise UnicomError(
                 f"source marker {path}: key {key!r} is {value!r}, not an existing folder "
-                "(run `python -m unicom.demo_data fetch` again)"
+                "(run `python -m unicom.demo.build fetch` again)"
             )
         roots.append(Path(value))
     return roots[0], roots[1]
@@ -734,7 +734,7 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser = argparse.ArgumentParser(
-        prog="python -m unicom.demo_data",
+        prog="python -m unicom.demo.build",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -21,7 +21,7 @@ from unicom.errors import UnicomError
 from unicom.io import write_parquet
 
 MODES = ("image", "text", "mean", "concat")
-log = logging.getLogger("unicom.fuse")
+log = logging.getLogger("unicom.embed.fuse")
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -89,7 +89,7 @@ def fuse_file(src: str, dst: str, options: dict[str, Any]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m unicom.fuse", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m unicom.embed.fuse", description=__doc__)
     parser.add_argument("--embeddings", nargs="+", required=True, help="embed Parquet per shard")
     parser.add_argument("--out", nargs="+", required=True, help="fused Parquet per shard")
     parser.add_argument("--options-json", required=True, help="the config's fuse section as JSON")

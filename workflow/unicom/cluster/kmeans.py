@@ -43,7 +43,7 @@ from unicom.config import section_options
 from unicom.errors import UnicomError
 from unicom.io import atomic_path, write_json
 
-log = logging.getLogger("unicom.kmeans")
+log = logging.getLogger("unicom.cluster.kmeans")
 
 EMBEDDING_COLUMN = "emb"
 # Clusters with fewer sample points than this fraction of the mean size count as tiny.
@@ -471,7 +471,7 @@ def load_centroids(path: str | Path) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m unicom.kmeans",
+        prog="python -m unicom.cluster.kmeans",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -42,7 +42,7 @@ from unicom.errors import UnicomError
 from unicom.formats import CAPTION_COLUMN, URL_COLUMN, global_key
 from unicom.io import atomic_path, write_json, write_parquet
 
-log = logging.getLogger("unicom.download")
+log = logging.getLogger("unicom.data.download")
 
 # Carried through img2dataset as an extra column so each of its rows maps back to its input row.
 ROW_COLUMN = "unicom_row"
@@ -417,7 +417,7 @@ def download_parts(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m unicom.download", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m unicom.data.download", description=__doc__)
     parser.add_argument(
         "--part", nargs="+", required=True, help="URL-list parts (split_urls output), in turn"
     )

@@ -7,10 +7,10 @@ redundant. Backbone + embedding run under DDP; the PartialFC head (``unicom.part
 model-parallel (each rank owns a class range) and is not wrapped.
 
 Launch:
-    python -m unicom.train --shards S.tar ... --assignments S.parquet ... --num-classes K \
+    python -m unicom.train.train --shards S.tar ... --assignments S.parquet ... --num-classes K \
         --out-dir results/train --options-json '{...train section...}'
     torchrun --standalone --nproc-per-node N -m unicom.train ...      (one node)
-    srun python -m unicom.train ...                                   (SLURM, any number of nodes)
+    srun python -m unicom.train.train ...                                   (SLURM, any number of nodes)
 
 Output folder:
     model.safetensors, model.json   the trained backbone + embedding; ``load_trained_model(dir)``
@@ -69,8 +69,7 @@ from unicom.distributed import WorldInfo
 from unicom.encoders import load_lite0_state_dict, match_state_dict_in_order, to_rgb
 from unicom.errors import UnicomError
 from unicom.io import atomic_path, write_json, write_text
-from unicom.partial_fc import PartialFC, derived_seed
-from unicom.train_data import (
+from unicom.train.data import (
     RankData,
     TrainBatches,
     TrainTransform,
@@ -79,8 +78,9 @@ from unicom.train_data import (
     pair_inputs,
     prepare_rank_data,
 )
+from unicom.train.partial_fc import PartialFC, derived_seed
 
-log = logging.getLogger("unicom.train")
+log = logging.getLogger("unicom.train.train")
 
 # Keys that may change between a checkpoint and its resumption; any other change is refused,
 # because the resumed run would no longer be the run that wrote the checkpoint.
@@ -906,7 +906,7 @@ def _train_on_rank(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m unicom.train",
+        prog="python -m unicom.train.train",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

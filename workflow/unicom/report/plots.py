@@ -85,7 +85,7 @@ def plot_retrieval(summary_csv: str, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m unicom.report_plots", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m unicom.report.plots", description=__doc__)
     parser.add_argument("--download-summary")
     parser.add_argument("--kmeans-stats")
     parser.add_argument("--train-metrics")

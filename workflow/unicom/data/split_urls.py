@@ -27,7 +27,7 @@ from unicom.errors import UnicomError
 from unicom.formats import CAPTION_COLUMN, URL_COLUMN, part_name
 from unicom.io import atomic_dir, write_json
 
-log = logging.getLogger("unicom.split_urls")
+log = logging.getLogger("unicom.data.split_urls")
 
 # Columns img2dataset writes itself; an extra column with one of these names would clash.
 RESERVED_COLUMNS = frozenset(
@@ -267,7 +267,7 @@ def split_url_lists(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m unicom.split_urls", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m unicom.data.split_urls", description=__doc__)
     parser.add_argument("inputs", nargs="+", help="URL-list Parquet files (globs already expanded)")
     parser.add_argument("--out-dir", required=True, help="folder receiving the parts + manifest")
     parser.add_argument("--shard-size", type=int, required=True, help="rows per part, at most")

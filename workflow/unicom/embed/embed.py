@@ -17,7 +17,7 @@ import os
 # OpenMP threads that finish a parallel region sleep instead of spinning, so the decoding
 # worker (and other jobs on the node) get the cores they need. On 2 busy cores this halved
 # the CPU time per image and doubled throughput. Read once, when torch is first imported:
-# effective for `python -m unicom.embed`; the environment can override it.
+# effective for `python -m unicom.embed.embed`; the environment can override it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
@@ -47,7 +47,7 @@ from unicom.errors import UnicomError
 from unicom.faults import fail_once_if_marked
 from unicom.io import atomic_path, write_parquet
 
-log = logging.getLogger("unicom.embed")
+log = logging.getLogger("unicom.embed.embed")
 
 # Preference order when a sample holds several images.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -398,7 +398,7 @@ def _worker_error_line(err: UnicomError) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m unicom.embed", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m unicom.embed.embed", description=__doc__)
     parser.add_argument(
         "--shard", nargs="+", required=True, help="webdataset tars written by img2dataset"
     )

@@ -37,7 +37,7 @@ from unicom.errors import UnicomError
 from unicom.formats import column_to_numpy
 from unicom.io import write_json
 
-log = logging.getLogger("unicom.metrics")
+log = logging.getLogger("unicom.evaluate.metrics")
 
 DEFAULT_KS = (1, 2, 4, 8)
 DEFAULT_DIMS: tuple[int | str, ...] = ("full", 256, 128, 64)
@@ -345,7 +345,7 @@ def _dim(text: str) -> int | str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m unicom.metrics",
+        prog="python -m unicom.evaluate.metrics",
         description="Recall@K, MAP@R and R-Precision of embeddings stored in Parquet.",
     )
     parser.add_argument("queries", type=Path, help="Parquet with embeddings and labels")

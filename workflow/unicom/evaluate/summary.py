@@ -59,7 +59,7 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m unicom.evaluate_summary", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m unicom.evaluate.summary", description=__doc__)
     parser.add_argument("metrics", nargs="+", help="metrics JSON files of unicom.evaluate")
     parser.add_argument("--out-csv", required=True)
     parser.add_argument("--out-md", required=True)

@@ -18,14 +18,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from unicom import benchmarks, metrics
 from unicom.cli import parse_options_json, run_cli, setup_logging
 from unicom.config import section_options
 from unicom.encoders import build_encoder, resolve_device
 from unicom.errors import UnicomError
+from unicom.evaluate import benchmarks, metrics
 from unicom.io import write_json
 
-log = logging.getLogger("unicom.evaluate")
+log = logging.getLogger("unicom.evaluate.evaluate")
 
 
 @dataclasses.dataclass
@@ -50,7 +50,7 @@ def base_embedder(embed_options: dict[str, Any], device: torch.device) -> ImageE
 
 def trained_embedder(model_dir: str, device: torch.device) -> ImageEmbedder:
     # torch-heavy training module: imported only when a trained model is evaluated
-    from unicom.train import load_trained_model, trained_transform
+    from unicom.train.train import load_trained_model, trained_transform
 
     model = load_trained_model(model_dir, device)
 
@@ -147,7 +147,7 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m unicom.evaluate", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m unicom.evaluate.evaluate", description=__doc__)
     parser.add_argument("--model", required=True, help="'base' or a unicom.train export folder")
     parser.add_argument("--dataset", required=True, choices=sorted(benchmarks.BENCHMARKS))
     parser.add_argument("--dataset-path", help="the benchmark's folder (or file)")

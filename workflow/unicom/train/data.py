@@ -44,14 +44,12 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from unicom import distributed, formats
-from unicom.embed import IMAGE_EXTENSIONS, group_tar_members, iter_tar_members
+from unicom.embed.embed import IMAGE_EXTENSIONS, group_tar_members, iter_tar_members
 from unicom.encoders import to_rgb
 from unicom.errors import UnicomError
 
 log = logging.getLogger("unicom.train_data")
 
-# Written by unicom.assign (not imported from there: that module loads faiss).
-ASSIGN_METADATA_KEY = b"unicom.assign"
 ASSIGNMENT_COLUMNS = ("key", "label")
 MARGIN_COLUMNS = ("sim", "sim2")
 
@@ -104,7 +102,7 @@ def inspect_assignment(path: str, num_classes: int) -> int:
     missing = [c for c in ASSIGNMENT_COLUMNS if c not in schema.names]
     if missing:
         raise UnicomError(f"{path}: missing column(s) {', '.join(missing)} (not an assign output?)")
-    identity = formats.read_metadata(path, ASSIGN_METADATA_KEY)
+    identity = formats.read_metadata(path, formats.ASSIGN_METADATA_KEY)
     if isinstance(identity, dict) and identity.get("k") not in (None, num_classes):
         raise UnicomError(
             f"{path}: labels come from k={identity['k']} centroids, but training expects "
@@ -677,5 +675,5 @@ def write_synthetic_shard(
             "sim2": pa.array(rng.uniform(0.3, 0.6, len(keys)), pa.float32()),
         }
     )
-    metadata = {ASSIGN_METADATA_KEY: {"k": num_classes, "synthetic": True}}
+    metadata = {formats.ASSIGN_METADATA_KEY: {"k": num_classes, "synthetic": True}}
     write_parquet(assignment_path, formats.with_metadata(table, metadata))

@@ -1,6 +1,6 @@
 """Image search with a trained model: index a folder (or webdataset shards), query with an image.
 
-    python -m unicom.search --model results/train --index results/shards/*.tar \\
+    python -m unicom.evaluate.search --model results/train --index results/shards/*.tar \\
         --query my.jpg --top 8 --out matches.png
 
 Prints the top matches with their cosine similarity and draws them as a PNG strip. The index is
@@ -19,14 +19,14 @@ import numpy as np
 from PIL import Image
 
 from unicom.cli import parse_options_json, run_cli, setup_logging
-from unicom.embed import iter_tar_members
+from unicom.embed.embed import iter_tar_members
 from unicom.encoders import to_rgb
 from unicom.errors import UnicomError
-from unicom.evaluate import ImageEmbedder, base_embedder, embed_items, trained_embedder
+from unicom.evaluate.evaluate import ImageEmbedder, base_embedder, embed_items, trained_embedder
 from unicom.io import atomic_path
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
-log = logging.getLogger("unicom.search")
+log = logging.getLogger("unicom.evaluate.search")
 
 
 def collect_images(sources: list[str]) -> tuple[list[str], list[Image.Image | str]]:
@@ -86,14 +86,14 @@ def _as_image(item: Image.Image | str) -> Image.Image:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m unicom.search",
+        prog="python -m unicom.evaluate.search",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--model",
         required=True,
-        help="unicom.train export folder, or 'base' (needs --embed-options-json)",
+        help="unicom.train.train export folder, or 'base' (needs --embed-options-json)",
     )
     parser.add_argument("--embed-options-json", help="embed config section, for --model base")
     parser.add_argument("--index", nargs="+", required=True, help="folders, images or .tar shards")

@@ -1,0 +1,2 @@
+"""Stage: embed each shard (image and caption encoders -> Parquet) and fuse the two sides
+into the vectors that are clustered."""

@@ -1,0 +1,1 @@
+"""Stage: the plots of the Snakemake report."""

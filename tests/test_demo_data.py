@@ -16,17 +16,20 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from unicom.demo import build as demo_data
-from unicom.demo.build import (
-    build_caption,
-    deb_version,
-    generic_titles,
+from unicom.demo.build import main
+from unicom.demo.debian import FASHION_MNIST_FILES, deb_version, fetch_sources
+from unicom.demo.pool import image_header_problem
+from unicom.demo.sampling import (
     heldout_count,
-    image_header_problem,
-    parse_svg_metadata,
     proportional_quotas,
     stratified_cap,
     stratified_heldout_mask,
+)
+from unicom.demo.svg import (
+    build_caption,
+    generic_titles,
+    parse_svg_metadata,
+    read_svg_metadata,
     words_from_stem,
 )
 from unicom.errors import UnicomError
@@ -87,13 +90,13 @@ def test_parse_svg_metadata_never_raises_on_junk(text):
 
 
 def test_read_svg_metadata_missing_file_is_empty(tmp_path):
-    assert demo_data.read_svg_metadata(tmp_path / "absent.svg") == ("", [])
+    assert read_svg_metadata(tmp_path / "absent.svg") == ("", [])
 
 
 def test_read_svg_metadata_small_chunks_match_whole_text(tmp_path):
     path = tmp_path / "a.svg"
     path.write_text(svg_text("Chemistry Flask", ["chemistry", "science"]))
-    assert demo_data.read_svg_metadata(path, chunk_size=7) == (
+    assert read_svg_metadata(path, chunk_size=7) == (
         "Chemistry Flask",
         ["chemistry", "science"],
     )
@@ -261,7 +264,7 @@ def run_pool(tmp_path: Path, source_args: list[str], *extra: str, tag: str = "ru
         "dropped": out / "dropped.csv",
         "summary": out / "pool.json",
     }
-    demo_data.main(
+    main(
         ["pool", *source_args]
         + ["--out-urls", str(paths["urls"]), "--out-heldout", str(paths["heldout"])]
         + ["--out-dropped", str(paths["dropped"]), "--out-summary", str(paths["summary"])]
@@ -389,12 +392,12 @@ def test_fetch_uses_existing_resources_dir(tmp_path, no_apt):
     png, svg = make_clipart_tree(res)
     fashion = res / "usr/share/datasets/fashion-mnist"
     fashion.mkdir(parents=True)
-    for name in demo_data.FASHION_MNIST_FILES:
+    for name in FASHION_MNIST_FILES:
         (fashion / name).write_bytes(b"")
     (res / "debs").mkdir()
     (res / "debs/openclipart-png_1%3a0.18+dfsg-19_all.deb").write_bytes(b"")
     marker = tmp_path / "out/sources.json"
-    demo_data.main(["fetch", "--resources-dir", str(res), "--out", str(marker)])
+    main(["fetch", "--resources-dir", str(res), "--out", str(marker)])
     content = json.loads(marker.read_text())
     assert content["source"] == "resources_dir"
     assert content["png_root"] == str(png.resolve()) and content["svg_root"] == str(svg.resolve())
@@ -407,7 +410,7 @@ def test_fetch_without_fashion_mnist_records_null(tmp_path, no_apt):
     res = tmp_path / "res"
     make_clipart_tree(res)
     marker = tmp_path / "sources.json"
-    demo_data.main(
+    main(
         ["fetch", "--resources-dir", str(res), "--out", str(marker)]
         + ["--system-root", str(tmp_path / "sys"), "--no-download"]
     )
@@ -418,7 +421,7 @@ def test_fetch_falls_back_to_system_packages(tmp_path, no_apt):
     system = tmp_path / "sys"
     png, _ = make_clipart_tree(system)
     marker = tmp_path / "sources.json"
-    demo_data.main(
+    main(
         ["fetch", "--resources-dir", str(tmp_path / "res"), "--out", str(marker)]
         + ["--system-root", str(system), "--no-download"]
     )
@@ -447,4 +450,4 @@ def test_fetch_without_packages_fails_with_one_line_instructions(tmp_path):
 
 def test_fetch_reports_missing_apt_get(tmp_path, no_apt):
     with pytest.raises(UnicomError, match="apt-get is not available.*demo.image_dir"):
-        demo_data.fetch_sources(tmp_path / "res", tmp_path / "sys", allow_download=True)
+        fetch_sources(tmp_path / "res", tmp_path / "sys", allow_download=True)

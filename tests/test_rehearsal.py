@@ -61,10 +61,10 @@ SNAKEMAKE_TIMEOUT_S = 900
 def openclipart_pngs() -> dict[str, list[Path]]:
     """Category -> PNG files of Debian's openclipart-png: the repository's resources/ (where
     `make demo` puts it), the system's, or fetched with apt-get download."""
-    from unicom.demo import build as demo_data
+    from unicom.demo.debian import fetch_sources
 
     def fetch() -> dict:
-        return demo_data.fetch_sources(REPO / "resources", Path("/"), allow_download=True)
+        return fetch_sources(REPO / "resources", Path("/"), allow_download=True)
 
     try:
         sources = fetch()
@@ -80,7 +80,7 @@ def openclipart_pngs() -> dict[str, list[Path]]:
 
 def usable(paths: list[Path]) -> list[Path]:
     """Without the few giant PNGs (up to 13,000 px wide) the demo pool drops too."""
-    from unicom.demo.build import image_header_problem
+    from unicom.demo.pool import image_header_problem
 
     return [path for path in paths if image_header_problem(path, MAX_PIXELS) is None]
 

@@ -1,0 +1,48 @@
+"""``python -m unicom.encoders prefetch``: fetch and cache the configured encoder's weights (run
+where there is internet, e.g. a login node, before compute jobs that have none)."""
+
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from unicom.cli import parse_options_json, run_cli, setup_logging
+from unicom.config import section_options
+from unicom.errors import UnicomError
+from unicom.images import to_rgb  # noqa: F401  (re-exported for train)
+from unicom.io import write_json
+
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m unicom.encoders", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    fetch = commands.add_parser("prefetch", help="download/cache the configured encoder weights")
+    fetch.add_argument("--options-json", required=True, help="the embed config section as JSON")
+    fetch.add_argument("--identity-out", help="write the encoder identity JSON here")
+    args = parser.parse_args(argv)
+    setup_logging()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    identity = prefetch(parse_options_json(args.options_json))
+    if args.identity_out:
+        write_json(args.identity_out, identity)
+
+
+if __name__ == "__main__":
+    run_cli(main)

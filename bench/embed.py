@@ -36,8 +36,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from unicom.devices import resolve_device
 from unicom.embed.embed import Batch, embed_shard, shard_batches
-from unicom.encoders import Encoder, build_encoder, resolve_device
+from unicom.encoders import build_encoder
+from unicom.encoders.base import Encoder
 
 GOAL = 0.9
 WORDS = (

@@ -23,8 +23,9 @@ import faiss
 import numpy as np
 
 from unicom.cli import run_cli, setup_logging
-from unicom.evaluate.metrics import DEFAULT_KS, ExactSearch, l2_normalize, retrieval_metrics
+from unicom.evaluate.metrics import DEFAULT_KS, ExactSearch, retrieval_metrics
 from unicom.io import write_json
+from unicom.vectors import l2_normalize
 
 log = logging.getLogger("unicom.bench.eval")
 

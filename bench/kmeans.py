@@ -22,7 +22,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from unicom.cluster.kmeans import centroid_index, l2_normalize, resolve_gpu, search_centroids
+from unicom.vectors import centroid_index, l2_normalize, resolve_gpu, search_centroids
 
 GOAL = 0.8
 

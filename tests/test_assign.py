@@ -9,9 +9,9 @@ from test_kmeans import blobs, unit, write_fused
 from unicom import formats
 from unicom.cli import run_cli
 from unicom.cluster.assign import assign_file, assign_vectors, main
-from unicom.cluster.kmeans import centroids_digest, save_centroids
 from unicom.errors import UnicomError
 from unicom.formats import ASSIGN_METADATA_KEY
+from unicom.vectors import centroids_digest, save_centroids
 
 
 @pytest.fixture

@@ -12,10 +12,11 @@ from test_kmeans import blobs, unit, write_fused
 from unicom import formats
 from unicom.cluster.assign import assign_file
 from unicom.cluster.diagnostics import diagnostics, pick_clusters, pick_members, read_tar_samples
-from unicom.cluster.kmeans import cluster_files, save_centroids
+from unicom.cluster.kmeans import cluster_files
 from unicom.cluster.report import AssignmentStats, main, read_stats, size_summary
 from unicom.embed.fuse import fuse_embeddings
 from unicom.errors import UnicomError
+from unicom.vectors import save_centroids
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CATEGORIES = ["boats", "cats", "trees"]
@@ -182,7 +183,7 @@ def test_read_tar_samples_names_the_tar_of_a_missing_key(tmp_path):
         add_member(tar, "00000_000000001.txt", b"a caption")
     samples = read_tar_samples(str(tar_path), ["00000_000000001"])
     assert samples["00000_000000001"][1] == "a caption"
-    with pytest.raises(UnicomError, match="00000.tar: no image member for key 00000_000000002"):
+    with pytest.raises(UnicomError, match="00000.tar: no sample with key '00000_000000002'"):
         read_tar_samples(str(tar_path), ["00000_000000002"])
 
 

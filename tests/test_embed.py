@@ -23,18 +23,16 @@ from unicom import formats
 from unicom.cli import run_cli
 from unicom.embed.embed import (
     EmbedResult,
-    TarSample,
     collate_samples,
     decode_sample,
     embed_shard,
-    group_tar_members,
     main,
     result_table,
     shard_batches,
-    split_member_name,
 )
 from unicom.encoders import build_encoder
 from unicom.errors import UnicomError
+from unicom.shards import TarSample, group_tar_members, split_member_name
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]

@@ -13,15 +13,11 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from unicom.encoders import (
-    build_encoder,
-    main,
-    match_state_dict_in_order,
-    normalise_pixels,
-    to_rgb,
-    uint8_transform,
-)
+from unicom.encoders import build_encoder
+from unicom.encoders.__main__ import main
+from unicom.encoders.base import match_state_dict_in_order, uint8_transform
 from unicom.errors import UnicomError
+from unicom.images import normalise_pixels, to_rgb
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

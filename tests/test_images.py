@@ -16,8 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from unicom.encoders import SquareTransform, normalise_pixels
-from unicom.train.train import EvalTransform
+from unicom.images import EvalTransform, SquareTransform, normalise_pixels
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -25,15 +25,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from unicom.cli import run_cli
-from unicom.distributed import (
-    WorldInfo,
-    first_hostname,
-    local_gpu_index,
-    port_from_job_id,
-    resolve_device,
-    world_info_from_env,
-)
+from unicom.devices import local_gpu_index, rank_device
+from unicom.distributed import WorldInfo, first_hostname, port_from_job_id, world_info_from_env
 from unicom.errors import UnicomError
+from unicom.models import EmbeddingModel, build_model, load_trained_model, trained_transform
 from unicom.train.data import (
     ShardInput,
     StreamPlan,
@@ -47,15 +42,7 @@ from unicom.train.data import (
     write_synthetic_shard,
 )
 from unicom.train.partial_fc import PartialFC
-from unicom.train.train import (
-    EmbeddingModel,
-    build_model,
-    load_trained_model,
-    lr_factor,
-    main,
-    train_options,
-    trained_transform,
-)
+from unicom.train.train import lr_factor, main, train_options
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -250,13 +237,13 @@ def test_auto_device_of_a_rank_bound_to_one_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     info = WorldInfo(7, 8, 3, 4, "gpu007", 24242, "slurm")
-    assert resolve_device("auto", info) == torch.device("cuda:0")
-    assert resolve_device("cuda", info) == torch.device("cuda:0")
+    assert rank_device("auto", info.local_rank) == torch.device("cuda:0")
+    assert rank_device("cuda", info.local_rank) == torch.device("cuda:0")
     assert chosen == [torch.device("cuda:0")] * 2
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_device("auto", info) == torch.device("cpu")
+    assert rank_device("auto", info.local_rank) == torch.device("cpu")
     with pytest.raises(UnicomError, match="no CUDA device is available"):
-        resolve_device("cuda", info)
+        rank_device("cuda", info.local_rank)
 
 
 @pytest.mark.parametrize(

@@ -183,50 +183,6 @@ def world_info_from_env(
     return info
 
 
-def local_gpu_index(local_rank: int, visible_gpus: int) -> int:
-    """Index of this rank's GPU among the ``visible_gpus`` GPUs its process sees.
-
-    torchrun (and srun without GPU binding) shows every rank all of the node's GPUs: local rank
-    i takes GPU i. srun with ``--ntasks-per-gpu`` or ``--gpu-bind`` sets CUDA_VISIBLE_DEVICES per
-    task, so each rank sees only its own GPU, as index 0, whatever its local rank. The remainder
-    gives the right GPU in both cases.
-    """
-    if visible_gpus < 1:
-        raise UnicomError("no CUDA device is visible to this process")
-    if local_rank < 0:
-        raise UnicomError(f"local rank {local_rank} is negative")
-    return local_rank % visible_gpus
-
-
-def resolve_device(name: str, info: WorldInfo) -> torch.device:
-    """``auto``: this rank's GPU (:func:`local_gpu_index`) when CUDA is present, else the CPU;
-    ``cuda``: this rank's GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise UnicomError("train.device is 'cuda' but no CUDA device is available")
-        visible = torch.cuda.device_count()
-        index = local_gpu_index(info.local_rank, visible)
-        if index != info.local_rank and visible > 1:
-            log.warning(
-                "local rank %d sees %d GPUs: it shares cuda:%d with another rank",
-                info.local_rank,
-                visible,
-                index,
-            )
-        name = f"cuda:{index}"
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UnicomError(f"train.device {name!r} is not a torch device ({err})") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UnicomError(f"train.device is {name!r} but no CUDA device is available")
-        torch.cuda.set_device(device)
-    return device
-
-
 def init_distributed(info: WorldInfo, device: torch.device, timeout_s: float = 600) -> None:
     """Join the process group (nccl on GPU, gloo on CPU); nothing for world size 1."""
     if not info.distributed:

@@ -26,6 +26,10 @@ from unicom.errors import UnicomError
 
 URL_COLUMN = "url"
 CAPTION_COLUMN = "caption"
+# The vector column of fused files: what k-means clusters and assign labels.
+EMBEDDING_COLUMN = "emb"
+# webdataset members that hold the image, in order of preference.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 # Metadata key under which embedding files record the encoder that produced them.
 ENCODER_METADATA_KEY = b"unicom.encoder"

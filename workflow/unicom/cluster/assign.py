@@ -19,8 +19,10 @@ import pyarrow.parquet as pq
 
 from unicom import formats
 from unicom.cli import check_pairs, parse_options_json, run_cli, setup_logging
-from unicom.cluster.kmeans import (
-    EMBEDDING_COLUMN,
+from unicom.config import section_options
+from unicom.errors import UnicomError
+from unicom.io import write_parquet
+from unicom.vectors import (
     centroid_index,
     centroids_digest,
     check_finite,
@@ -31,9 +33,6 @@ from unicom.cluster.kmeans import (
     search_centroids,
     tune_faiss,
 )
-from unicom.config import section_options
-from unicom.errors import UnicomError
-from unicom.io import write_parquet
 
 log = logging.getLogger("unicom.cluster.assign")
 
@@ -58,7 +57,9 @@ def assign_vectors(
     return labels[:, 0].astype(np.int32), sims[:, 0].copy(), sims[:, 1].copy()
 
 
-def read_vectors(path: str, column: str = EMBEDDING_COLUMN) -> tuple[pa.ChunkedArray, np.ndarray]:
+def read_vectors(
+    path: str, column: str = formats.EMBEDDING_COLUMN
+) -> tuple[pa.ChunkedArray, np.ndarray]:
     """Keys and finite unit vectors of one embedding file (errors name the file)."""
     inspect_files([path], column)
     table = pq.read_table(path, columns=["key", column])

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import io
 import logging
-import tarfile
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,23 +33,18 @@ from unicom.cli import (
     run_cli,
     setup_logging,
 )
-from unicom.cluster.kmeans import (
-    centroid_index,
-    check_finite,
-    cluster_files,
-    l2_normalize,
-    search_centroids,
-)
+from unicom.cluster.kmeans import cluster_files
 from unicom.cluster.report import check_same_centroids
 from unicom.config import section_options
 from unicom.errors import UnicomError
 from unicom.io import atomic_path, write_json
+from unicom.shards import read_samples, sample_image
+from unicom.vectors import centroid_index, check_finite, l2_normalize, search_centroids
 
 log = logging.getLogger("unicom.cluster.diagnostics")
 
 # Embedding columns of the embed stage clustered on their own for the comparison.
 MODALITY_COLUMNS = {"image": "image_emb", "text": "text_emb"}
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,20 +164,13 @@ def read_labels(
 
 def read_tar_samples(tar_path: str, keys: Sequence[str]) -> dict[str, tuple[bytes, str]]:
     """Image bytes and caption of ``keys`` from one webdataset shard."""
-    wanted = set(keys)
-    found: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(tar_path, "r") as tar:
-        for member in tar:
-            key, _, extension = member.name.partition(".")
-            if key in wanted and member.isfile():
-                found.setdefault(key, {})[extension] = tar.extractfile(member).read()
     samples = {}
-    for key in keys:
-        files = found.get(key, {})
-        image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+    for key, sample in read_samples(tar_path, keys).items():
+        image = sample_image(sample)
         if image is None:
             raise UnicomError(f"{tar_path}: no image member for key {key}")
-        samples[key] = (image, files.get("txt", b"").decode("utf-8", errors="replace"))
+        caption = sample.files.get("txt", b"").decode("utf-8", errors="replace")
+        samples[key] = (image[1], caption)
     return samples
 
 

@@ -14,21 +14,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from unicom import formats
@@ -41,11 +37,23 @@ from unicom.cli import (
 )
 from unicom.config import section_options
 from unicom.errors import UnicomError
-from unicom.io import atomic_path, write_json
+from unicom.io import write_json
+from unicom.vectors import (
+    EmbeddingFile,
+    centroid_index,
+    centroids_digest,
+    check_finite,
+    inspect_files,
+    l2_normalize,
+    read_rows,
+    resolve_gpu,
+    save_centroids,
+    search_centroids,
+    tune_faiss,
+)
 
 log = logging.getLogger("unicom.cluster.kmeans")
 
-EMBEDDING_COLUMN = "emb"
 # Clusters with fewer sample points than this fraction of the mean size count as tiny.
 TINY_FRACTION = 0.1
 INIT_METHODS = {
@@ -56,42 +64,6 @@ INIT_METHODS = {
 
 # ---------------------------------------------------------------------------------------------
 # Inputs: shape checks and the seeded sample
-
-
-@dataclass(frozen=True)
-class EmbeddingFile:
-    path: str
-    rows: int
-    dim: int
-
-
-def inspect_files(paths: Sequence[str], column: str = EMBEDDING_COLUMN) -> list[EmbeddingFile]:
-    """Row count and dimension of each file from its Parquet metadata (no data read).
-
-    Raises UnicomError naming the file for a missing or malformed column or a dimension that
-    differs from the first file's. An empty file is fine: a part whose every download failed.
-    """
-    if not paths:
-        raise UnicomError("no embedding files given")
-    files = []
-    for path in paths:
-        try:
-            schema = pq.read_schema(path)
-            rows = pq.read_metadata(path).num_rows
-        except (OSError, pa.ArrowInvalid) as err:
-            raise UnicomError(f"{path}: not a readable Parquet file ({err})") from None
-        if column not in schema.names:
-            raise UnicomError(f"{path}: no column '{column}'")
-        field_type = schema.field(column).type
-        if not pa.types.is_fixed_size_list(field_type):
-            raise UnicomError(f"{path}: column '{column}' is {field_type}, not a fixed-size list")
-        files.append(EmbeddingFile(str(path), rows, field_type.list_size))
-        if files[-1].dim != files[0].dim:
-            raise UnicomError(
-                f"{path}: column '{column}' has dimension {files[-1].dim}, but "
-                f"{files[0].path} has {files[0].dim}"
-            )
-    return files
 
 
 def check_enough_vectors(files: Sequence[EmbeddingFile], k: int) -> None:
@@ -121,40 +93,10 @@ def sample_plan(rows: Sequence[int], max_points: int, seed: int) -> list[np.ndar
     ]
 
 
-def check_finite(
-    vectors: np.ndarray, path: str, where: Callable[[int], str] = lambda i: f"row {i}"
-) -> None:
-    """NaN/inf anywhere is an error naming the file and the first bad row (``where(i)``)."""
-    bad = ~np.isfinite(vectors).all(axis=1)
-    if bad.any():
-        first = where(int(np.flatnonzero(bad)[0]))
-        raise UnicomError(
-            f"{path}: {int(bad.sum())} vector(s) with NaN/inf values (first: {first})"
-        )
-
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    # float16 storage leaves norms at 1 +- 1e-3; spherical k-means wants exact unit vectors.
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
-
-
-def read_rows(path: str, column: str, indices: np.ndarray) -> np.ndarray:
-    """Rows ``indices`` (sorted) of an embedding column, reading only the row groups needed."""
-    parquet = pq.ParquetFile(path)
-    chunks, start = [], 0
-    for group in range(parquet.num_row_groups):
-        size = parquet.metadata.row_group(group).num_rows
-        lo, hi = np.searchsorted(indices, [start, start + size])
-        if hi > lo:
-            values = parquet.read_row_group(group, columns=[column]).column(column)
-            chunks.append(formats.column_to_numpy(values.take(pa.array(indices[lo:hi] - start))))
-        start += size
-    dim = parquet.schema_arrow.field(column).type.list_size
-    return np.concatenate(chunks) if chunks else np.empty((0, dim), np.float32)
-
-
 def read_sample(
-    files: Sequence[EmbeddingFile], plan: Sequence[np.ndarray], column: str = EMBEDDING_COLUMN
+    files: Sequence[EmbeddingFile],
+    plan: Sequence[np.ndarray],
+    column: str = formats.EMBEDDING_COLUMN,
 ) -> np.ndarray:
     """The planned rows of every file as one (n, d) float32 array of unit vectors."""
     total = sum(len(p) for p in plan)
@@ -174,55 +116,6 @@ def read_sample(
 
 # ---------------------------------------------------------------------------------------------
 # faiss: device choice, search, training
-
-
-def resolve_gpu(setting: str | bool) -> bool:
-    """``auto`` -> GPU when faiss sees one; ``true`` without one is an error."""
-    setting = str(setting).lower()
-    available = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-    if setting == "auto":
-        return available
-    if setting == "true":
-        if not available:
-            raise UnicomError(
-                "config key gpu: true, but faiss sees no GPU (faiss-cpu installed, or no GPU "
-                "visible to this job); use auto or false"
-            )
-        return True
-    if setting == "false":
-        return False
-    raise UnicomError(f"config key gpu: {setting!r} is not one of auto, true, false")
-
-
-def tune_faiss(threads: int | None = None) -> None:
-    """Give faiss the job's threads (its OpenMP default is every core of the node).
-
-    faiss's own BLAS blocking is kept: larger blocks measured no faster (bench/kmeans.py).
-    """
-    if threads:
-        faiss.omp_set_num_threads(threads)
-
-
-def centroid_index(centroids: np.ndarray, gpu: bool) -> faiss.Index:
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    if gpu:
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    return index
-
-
-def search_centroids(
-    index: faiss.Index, x: np.ndarray, topk: int = 1, batch_size: int = 65536
-) -> tuple[np.ndarray, np.ndarray]:
-    """(similarities, labels), each (n, topk), best first, by inner product, in batches."""
-    sims = np.empty((len(x), topk), dtype=np.float32)
-    labels = np.empty((len(x), topk), dtype=np.int64)
-    for start in range(0, len(x), batch_size):
-        batch = np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32)
-        sims[start : start + len(batch)], labels[start : start + len(batch)] = index.search(
-            batch, topk
-        )
-    return sims, labels
 
 
 def init_arguments(init: str) -> dict[str, Any]:
@@ -393,10 +286,6 @@ def train(x: np.ndarray, options: Mapping[str, Any], gpu: bool) -> tuple[np.ndar
     return centroids.astype(np.float32), stats
 
 
-def centroids_digest(centroids: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(centroids, dtype=np.float32).tobytes()).hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------
 # Driver
 
@@ -409,7 +298,7 @@ def kmeans_options(options: Mapping[str, Any]) -> dict[str, Any]:
 def cluster_files(
     paths: Sequence[str],
     options: Mapping[str, Any],
-    column: str = EMBEDDING_COLUMN,
+    column: str = formats.EMBEDDING_COLUMN,
     threads: int | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Sample ``column`` from ``paths`` and cluster it; return (centroids, statistics)."""
@@ -450,23 +339,6 @@ def cluster_files(
         **stats,
     }
     return centroids, stats
-
-
-def save_centroids(path: str | Path, centroids: np.ndarray) -> None:
-    # A file handle, because np.save appends '.npy' to a path that lacks it (the temp name).
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.save(handle, np.ascontiguousarray(centroids, dtype=np.float32))
-
-
-def load_centroids(path: str | Path) -> np.ndarray:
-    try:
-        centroids = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise UnicomError(f"{path}: not a centroids .npy file ({err})") from None
-    if centroids.ndim != 2 or centroids.shape[0] < 1:
-        raise UnicomError(f"{path}: expected a (k, d) array of centroids, got {centroids.shape}")
-    check_finite(centroids, str(path))
-    return centroids.astype(np.float32, copy=False)
 
 
 def main(argv: list[str] | None = None) -> None:

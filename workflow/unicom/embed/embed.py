@@ -25,7 +25,6 @@ import csv
 import io
 import json
 import logging
-import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -42,96 +41,21 @@ from tqdm import tqdm
 from unicom import formats
 from unicom.cli import check_pairs, parse_options_json, run_cli, setup_logging
 from unicom.config import section_options
-from unicom.encoders import Encoder, build_encoder, resolve_device
+from unicom.devices import resolve_device
+from unicom.encoders import build_encoder
+from unicom.encoders.base import Encoder
 from unicom.errors import UnicomError
 from unicom.faults import fail_once_if_marked
 from unicom.io import atomic_path, write_parquet
+from unicom.shards import TarSample, iter_samples, sample_image, scan_tar_samples
+from unicom.workers import decoding_worker, iterate
 
 log = logging.getLogger("unicom.embed.embed")
 
-# Preference order when a sample holds several images.
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SKIPPED_COLUMNS = ("key", "reason")
-WORKER_NICENESS = 10
 
 
 # ----------------------------------------------------------------------------- tar reading
-
-
-@dataclass(frozen=True)
-class TarSample:
-    """The members of one webdataset sample: extension (lower case) -> bytes."""
-
-    key: str
-    files: dict[str, bytes]
-
-
-def split_member_name(name: str) -> tuple[str, str]:
-    """webdataset naming: ``dir/key.ext.more`` -> (``dir/key``, ``ext.more``)."""
-    folder, _, base = name.rpartition("/")
-    stem, dot, extension = base.partition(".")
-    key = f"{folder}/{stem}" if folder else stem
-    return key, extension.lower() if dot else ""
-
-
-def group_tar_members(
-    members: Iterable[tuple[str, bytes]], source: str = "tar"
-) -> Iterator[TarSample]:
-    """Group consecutive ``(member name, bytes)`` pairs sharing a key into samples.
-
-    webdataset stores a sample's files next to each other; a key that comes back later
-    would be a second sample with the same key, which downstream joins cannot tell apart.
-    """
-    seen: set[str] = set()
-    current_key: str | None = None
-    current: dict[str, bytes] = {}
-    for name, data in members:
-        key, extension = split_member_name(name)
-        if key != current_key:
-            if current_key is not None:
-                yield TarSample(current_key, current)
-            if key in seen:
-                raise UnicomError(f"{source}: key {key!r} appears twice (members not contiguous)")
-            seen.add(key)
-            current_key, current = key, {}
-        if extension in current:
-            raise UnicomError(f"{source}: sample {key!r} has two '.{extension}' members")
-        current[extension] = data
-    if current_key is not None:
-        yield TarSample(current_key, current)
-
-
-def iter_tar_members(path: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
-    """Stream ``(name, bytes)`` of the regular files of a tar, in archive order."""
-    try:
-        with tarfile.open(path, mode="r|*") as archive:
-            for member in archive:
-                if not member.isfile():
-                    continue
-                handle = archive.extractfile(member)
-                yield member.name, handle.read() if handle is not None else b""
-    except (tarfile.TarError, EOFError, OSError) as err:
-        raise UnicomError(f"{path}: not a readable tar shard ({err})") from None
-
-
-def scan_tar_samples(path: str | os.PathLike) -> int | None:
-    """Count the samples of an uncompressed tar from its headers alone (seeks, no data read).
-
-    Run before the workers start: a truncated or corrupt shard fails here, with one clear
-    error, instead of inside a worker. Returns None for a compressed tar (not scanned).
-    """
-    try:
-        archive = tarfile.open(path, mode="r:")
-    except (tarfile.TarError, EOFError):
-        return None  # compressed, or not a tar at all: iter_tar_members reports the latter
-    except OSError as err:
-        raise UnicomError(f"{path}: cannot read the shard ({err})") from None
-    try:
-        with archive:
-            names = [member.name for member in archive if member.isfile()]
-    except (tarfile.TarError, EOFError, OSError) as err:
-        raise UnicomError(f"{path}: not a readable tar shard ({err})") from None
-    return sum(1 for _ in group_tar_members(((name, b"") for name in names), str(path)))
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -169,11 +93,12 @@ def decode_sample(
     url = meta.get(formats.URL_COLUMN)
     url = None if url is None else str(url)
 
-    extension = next((ext for ext in IMAGE_EXTENSIONS if ext in sample.files), None)
-    if extension is None:
+    image_member = sample_image(sample)
+    if image_member is None:
         return DecodedSample(sample.key, caption, url, None, "no image member")
+    extension, data = image_member
     try:
-        with Image.open(io.BytesIO(sample.files[extension])) as image:
+        with Image.open(io.BytesIO(data)) as image:
             image.load()
             tensor = transform(image)
     except Exception as err:  # PIL raises many types for corrupt data; all mean "skip it"
@@ -245,7 +170,7 @@ class ShardDataset(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         chunk: list[TarSample] = []
         index = 0
-        for sample in group_tar_members(iter_tar_members(self.shard), self.shard):
+        for sample in iter_samples(self.shard):
             chunk.append(sample)
             if len(chunk) == self.batch_size:
                 if index % workers == worker:
@@ -253,14 +178,6 @@ class ShardDataset(IterableDataset):
                 chunk, index = [], index + 1
         if chunk and index % workers == worker:
             yield [decode_sample(s, self.transform) for s in chunk]
-
-
-def _single_thread_worker(_: int) -> None:
-    # Decoding workers share the cores with the encoder's threads: one thread each, and a
-    # lower priority so they fill the gaps the encoder leaves (tokenising, Python glue)
-    # rather than stall its threads; when the encoder waits for data they run at full speed.
-    torch.set_num_threads(1)
-    os.nice(WORKER_NICENESS)
 
 
 def shard_batches(
@@ -276,18 +193,10 @@ def shard_batches(
         batch_size=None,  # the dataset yields whole batches already
         collate_fn=collate_samples,
         num_workers=num_workers,
-        worker_init_fn=_single_thread_worker if num_workers else None,
+        worker_init_fn=decoding_worker if num_workers else None,
         pin_memory=pin_memory,
     )
-    iterator = iter(loader)
-    try:
-        yield from iterator
-    finally:
-        # Stop the workers now: left to garbage collection after an error, the DataLoader
-        # waits 5 s for them. (No public API; the method is a no-op without workers.)
-        shutdown = getattr(iterator, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+    yield from iterate(loader)
 
 
 # ----------------------------------------------------------------------------- embedding
@@ -383,18 +292,7 @@ def embed_shard(
     with tqdm(
         total=total, unit="img", desc=f"embed {Path(shard).name}", disable=not show_progress
     ) as progress:
-        try:
-            return embed_batches(batches, encoder, progress)
-        except UnicomError as err:
-            raise UnicomError(_worker_error_line(err)) from None
-
-
-def _worker_error_line(err: UnicomError) -> str:
-    """A worker's UnicomError comes back wrapped in a traceback; keep its own one line."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    last = lines[-1] if lines else ""
-    prefix = f"{UnicomError.__module__}.{UnicomError.__name__}: "
-    return last.removeprefix(prefix)
+        return embed_batches(batches, encoder, progress)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,13 +19,10 @@ from unicom.cli import check_pairs, parse_options_json, run_cli, setup_logging
 from unicom.config import section_options
 from unicom.errors import UnicomError
 from unicom.io import write_parquet
+from unicom.vectors import l2_normalize
 
 MODES = ("image", "text", "mean", "concat")
 log = logging.getLogger("unicom.embed.fuse")
-
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
 
 
 def fuse_embeddings(

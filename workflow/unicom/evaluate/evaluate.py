@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from unicom.cli import parse_options_json, run_cli, setup_logging
 from unicom.config import section_options
-from unicom.encoders import build_encoder, resolve_device
+from unicom.devices import resolve_device
+from unicom.encoders import build_encoder
 from unicom.errors import UnicomError
 from unicom.evaluate import benchmarks, metrics
 from unicom.io import write_json
@@ -50,7 +51,7 @@ def base_embedder(embed_options: dict[str, Any], device: torch.device) -> ImageE
 
 def trained_embedder(model_dir: str, device: torch.device) -> ImageEmbedder:
     # torch-heavy training module: imported only when a trained model is evaluated
-    from unicom.train.train import load_trained_model, trained_transform
+    from unicom.models import load_trained_model, trained_transform
 
     model = load_trained_model(model_dir, device)
 

@@ -36,6 +36,7 @@ from unicom.cli import run_cli, setup_logging
 from unicom.errors import UnicomError
 from unicom.formats import column_to_numpy
 from unicom.io import write_json
+from unicom.vectors import l2_normalize
 
 log = logging.getLogger("unicom.evaluate.metrics")
 
@@ -52,15 +53,14 @@ GPU_MAX_K = 2048
 # --------------------------------------------------------------------------- inputs
 
 
-def l2_normalize(embeddings: np.ndarray, name: str = "embeddings") -> np.ndarray:
+def unit_rows(embeddings: np.ndarray, name: str = "embeddings") -> np.ndarray:
     """(n, d) -> float32 rows of unit length; zero rows stay zero (similarity 0 to all)."""
     array = np.asarray(embeddings, dtype=np.float32)
     if array.ndim != 2:
         raise UnicomError(f"{name}: expected a 2-D array (n, dim), got shape {array.shape}")
     if not np.isfinite(array).all():
         raise UnicomError(f"{name}: contains NaN or infinite values")
-    norms = np.linalg.norm(array, axis=1, keepdims=True)
-    return np.ascontiguousarray(array / np.maximum(norms, 1e-12), dtype=np.float32)
+    return np.ascontiguousarray(l2_normalize(array), dtype=np.float32)
 
 
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
@@ -217,7 +217,7 @@ def retrieval_metrics(
     ``protocol``.
     """
     ks = _check_ks(ks)
-    queries = l2_normalize(query_emb, "query embeddings")
+    queries = unit_rows(query_emb, "query embeddings")
     q_labels = _check_labels(query_labels, len(queries), "query labels")
     single = gallery_emb is None
     if single:
@@ -228,7 +228,7 @@ def retrieval_metrics(
     else:
         if gallery_labels is None:
             raise UnicomError("gallery embeddings given without gallery labels")
-        gallery = l2_normalize(gallery_emb, "gallery embeddings")
+        gallery = unit_rows(gallery_emb, "gallery embeddings")
         g_labels = _check_labels(gallery_labels, len(gallery), "gallery labels")
         if gallery.shape[1] != queries.shape[1]:
             raise UnicomError(
@@ -273,7 +273,7 @@ def retrieval_metrics(
 
 def truncate(embeddings: np.ndarray, dim: int) -> np.ndarray:
     """The first ``dim`` coordinates, re-normalised (compactness of a Matryoshka-style prefix)."""
-    return l2_normalize(np.asarray(embeddings)[:, :dim])
+    return unit_rows(np.asarray(embeddings)[:, :dim])
 
 
 def evaluate_dims(

@@ -19,11 +19,11 @@ import numpy as np
 from PIL import Image
 
 from unicom.cli import parse_options_json, run_cli, setup_logging
-from unicom.embed.embed import iter_tar_members
-from unicom.encoders import to_rgb
 from unicom.errors import UnicomError
 from unicom.evaluate.evaluate import ImageEmbedder, base_embedder, embed_items, trained_embedder
+from unicom.images import to_rgb
 from unicom.io import atomic_path
+from unicom.shards import iter_tar_members
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 log = logging.getLogger("unicom.evaluate.search")

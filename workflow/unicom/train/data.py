@@ -44,9 +44,10 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from unicom import distributed, formats
-from unicom.embed.embed import IMAGE_EXTENSIONS, group_tar_members, iter_tar_members
-from unicom.encoders import to_rgb
 from unicom.errors import UnicomError
+from unicom.images import to_rgb
+from unicom.shards import iter_samples, sample_image
+from unicom.workers import iterate, training_worker
 
 log = logging.getLogger("unicom.train_data")
 
@@ -354,16 +355,16 @@ def read_shard_images(shard: ShardLabels) -> ShardImages:
     rows = {key: row for row, key in enumerate(shard.keys.to_pylist())}
     images: list[bytes | None] = [None] * len(rows)
     tar_samples = unlabelled = 0
-    for sample in group_tar_members(iter_tar_members(shard.shard), shard.shard):
+    for sample in iter_samples(shard.shard):
         tar_samples += 1
         row = rows.get(sample.key)
         if row is None:
             unlabelled += 1
             continue
-        extension = next((ext for ext in IMAGE_EXTENSIONS if ext in sample.files), None)
-        if extension is None:
+        image = sample_image(sample)
+        if image is None:
             raise UnicomError(f"{shard.shard}: labelled sample {sample.key!r} has no image")
-        images[row] = sample.files[extension]
+        images[row] = image[1]
     missing = [row for row, data in enumerate(images) if data is None]
     if missing:
         raise UnicomError(
@@ -490,24 +491,6 @@ class TrainBatches(IterableDataset):
             batch += workers
 
 
-def _worker_init(_: int) -> None:
-    import signal
-
-    # Decoding workers share the cores with the model: one thread each. The training process
-    # handles SIGTERM/SIGUSR1 (checkpoint, then exit); a worker killed by them would take the
-    # step down with it, so workers ignore them (they exit with their parent).
-    torch.set_num_threads(1)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-
-
-def worker_error_line(err: BaseException) -> str:
-    """A worker's UnicomError comes back inside a traceback; keep its own last line."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    last = lines[-1] if lines else str(err)
-    return last.removeprefix(f"{UnicomError.__module__}.{UnicomError.__name__}: ")
-
-
 def make_loader(
     dataset: TrainBatches, num_workers: int, pin_memory: bool = False
 ) -> Iterator[dict[str, Any]]:
@@ -523,25 +506,14 @@ def make_loader(
         dataset,
         batch_size=None,
         num_workers=workers,
-        worker_init_fn=_worker_init if workers else None,
+        worker_init_fn=training_worker if workers else None,
         pin_memory=pin_memory,
         prefetch_factor=2 if workers else None,
         # The loader draws its workers' base seed from this generator, not from the global
         # one, which must advance exactly as in an uninterrupted run (dropout draws from it).
         generator=torch.Generator().manual_seed(dataset.seed),
     )
-    iterator = iter(loader)
-    try:
-        while True:
-            try:
-                batch = next(iterator)
-            except UnicomError as err:  # from a worker it carries the worker's traceback
-                raise UnicomError(worker_error_line(err)) from None
-            yield batch
-    finally:
-        shutdown = getattr(iterator, "_shutdown_workers", None)  # no-op without workers
-        if shutdown is not None:
-            shutdown()
+    yield from iterate(loader)
 
 
 # ----------------------------------------------------------------------------- per rank

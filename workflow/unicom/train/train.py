@@ -49,11 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from unicom import distributed
@@ -65,10 +62,12 @@ from unicom.cli import (
     setup_logging,
 )
 from unicom.config import section_options
+from unicom.devices import rank_device
 from unicom.distributed import WorldInfo
-from unicom.encoders import load_lite0_state_dict, match_state_dict_in_order, to_rgb
 from unicom.errors import UnicomError
+from unicom.images import normalise_pixels
 from unicom.io import atomic_path, write_json, write_text
+from unicom.models import MODEL_FORMAT, build_model, export_model, preprocessing
 from unicom.train.data import (
     RankData,
     TrainBatches,
@@ -95,10 +94,7 @@ RESUMABLE_KEYS = frozenset(
         "nodes",
     }
 )
-PRETRAINED_TIMM = "timm"
-PRETRAINED_LITE0 = "efficientnet-lite0-package"
 CHECKPOINT_FORMAT = 1
-MODEL_FORMAT = "unicom-trained-model/1"
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
 LIVE_METRICS = "metrics.partial.jsonl"
@@ -140,96 +136,6 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
 
 
 # ----------------------------------------------------------------------------- model
-
-
-class EmbeddingModel(nn.Module):
-    """timm backbone (pooled) -> Linear(num_features, dim, bias=False) -> BatchNorm1d(dim)."""
-
-    def __init__(self, backbone: nn.Module, dim: int):
-        super().__init__()
-        self.backbone = backbone
-        self.embedding = nn.Linear(backbone.num_features, dim, bias=False)
-        self.norm = nn.BatchNorm1d(dim)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.embedding(self.backbone(images)))
-
-    @torch.inference_mode()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised embeddings (eval mode expected), float32."""
-        return nn.functional.normalize(self(images).float(), dim=-1)
-
-
-def create_backbone(name: str, model_kwargs: Mapping[str, Any], timm_weights: bool) -> nn.Module:
-    import timm
-
-    try:
-        return timm.create_model(name, pretrained=timm_weights, num_classes=0, **model_kwargs)
-    except (RuntimeError, TypeError, ValueError, OSError) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        what = "timm's pretrained weights of " if timm_weights else ""
-        raise UnicomError(f"train.model: cannot create {what}{name!r}: {first}") from None
-
-
-def _classifier_prefixes(backbone: nn.Module) -> tuple[str, ...]:
-    classifier = getattr(backbone, "pretrained_cfg", {}).get("classifier") or ()
-    names = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    return tuple(f"{name}." for name in names)
-
-
-def load_backbone_file(backbone: nn.Module, path: str) -> None:
-    """Weights from a local .safetensors (a timm checkpoint, or a model.safetensors of ours)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not Path(path).is_file():
-        raise UnicomError(
-            f"train.pretrained {path!r}: no such file (nor null, {PRETRAINED_TIMM} or "
-            f"{PRETRAINED_LITE0})"
-        )
-    if not path.endswith(".safetensors"):
-        raise UnicomError(f"train.pretrained {path!r}: a local weights file must be .safetensors")
-    try:
-        state = load_file(path)
-    except (SafetensorError, OSError) as err:
-        raise UnicomError(f"train.pretrained {path}: unreadable safetensors ({err})") from None
-    if any(key.startswith("backbone.") for key in state):
-        prefix = "backbone."  # a model.safetensors of ours: keep the backbone
-        state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-    expected = backbone.state_dict()
-    classifier = _classifier_prefixes(backbone)
-    state = {k: v for k, v in state.items() if k in expected or not k.startswith(classifier)}
-    try:
-        backbone.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        first = " ".join(str(err).split())[:300]
-        raise UnicomError(f"train.pretrained {path} does not fit the model: {first}") from None
-
-
-def build_model(options: Mapping[str, Any]) -> EmbeddingModel:
-    """Backbone with the configured weights + embedding layer; random parts seeded."""
-    pretrained = options["pretrained"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(options["seed"])
-        backbone = create_backbone(
-            options["model"], options["model_kwargs"], pretrained == PRETRAINED_TIMM
-        )
-        if pretrained == PRETRAINED_LITE0:
-            source = {k: v for k, v in load_lite0_state_dict().items() if not k.startswith("_fc.")}
-            shapes = {k: tuple(v.shape) for k, v in backbone.state_dict().items()}
-            renamed = match_state_dict_in_order(source, shapes, f"train.model {options['model']}")
-            backbone.load_state_dict(renamed, strict=True)
-        elif pretrained not in (None, PRETRAINED_TIMM):
-            load_backbone_file(backbone, str(pretrained))
-        return EmbeddingModel(backbone, options["dim"])
-
-
-def preprocessing(model: EmbeddingModel) -> dict[str, Any]:
-    cfg = getattr(model.backbone, "pretrained_cfg", {}) or {}
-    return {
-        "mean": [float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))],
-        "std": [float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))],
-    }
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -338,15 +244,14 @@ class Trainer:
             for opt in (self.optimizer, self.head_optimizer)
         ]
         pixels = preprocessing(self.model)
-        self.mean = torch.tensor(pixels["mean"], device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(pixels["std"], device=device).view(1, -1, 1, 1)
+        self.mean, self.std = tuple(pixels["mean"]), tuple(pixels["std"])
         precision = options["precision"]
         self.autocast = precision == "bf16" or (precision == "auto" and device.type == "cuda")
         self.step = 0
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, S, S) from the loader (a quarter of float32's bytes to move) -> float."""
-        return images.float().div_(255.0).sub_(self.mean).div_(self.std)
+        return normalise_pixels(images, self.mean, self.std)
 
     def train_step(self, micro_batches: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, Any]:
         """One optimizer step; returns the loss (mean over micro-batches) and gradient norm."""
@@ -573,60 +478,6 @@ class TrainingInterrupted(Exception):
 # ----------------------------------------------------------------------------- export
 
 
-def export_model(out_dir: Path, model: EmbeddingModel, info: Mapping[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(out_dir / "model.safetensors", suffix=".safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"format": MODEL_FORMAT})
-    write_json(out_dir / "model.json", dict(info))
-
-
-def load_trained_model(directory: str | os.PathLike, device: str = "cpu") -> EmbeddingModel:
-    """The trained backbone + embedding of a ``unicom.train`` output folder, in eval mode.
-
-    ``model.info`` holds model.json; ``trained_transform(model.info)`` is its preprocessing;
-    ``model.encode(images)`` gives L2-normalised embeddings. No weights are downloaded.
-    """
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    try:
-        info = json.loads((directory / "model.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UnicomError(f"{directory / 'model.json'}: cannot read ({err})") from None
-    if info.get("format") != MODEL_FORMAT:
-        raise UnicomError(f"{directory / 'model.json'}: not a {MODEL_FORMAT} description")
-    backbone = create_backbone(info["model"], info.get("model_kwargs") or {}, timm_weights=False)
-    model = EmbeddingModel(backbone, int(info["dim"]))
-    try:
-        model.load_state_dict(load_file(str(directory / info["weights"])), strict=True)
-    except (RuntimeError, OSError) as err:
-        first = " ".join(str(err).split())[:300]
-        raise UnicomError(
-            f"{directory / info['weights']}: does not fit model.json ({first})"
-        ) from None
-    model.info = info
-    return model.to(device).eval()
-
-
-class EvalTransform:
-    """Evaluation preprocessing: shorter side to ``size`` (bicubic), centre crop, normalise."""
-
-    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]):
-        self.size, self.mean, self.std = size, list(mean), list(std)
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = TF.resize(to_rgb(image), self.size, interpolation=InterpolationMode.BICUBIC)
-        image = TF.center_crop(image, [self.size, self.size])
-        return TF.normalize(TF.pil_to_tensor(image).float().div_(255.0), self.mean, self.std)
-
-
-def trained_transform(info: Mapping[str, Any]) -> EvalTransform:
-    """The preprocessing of a trained model (``model.info``): PIL image -> float tensor."""
-    return EvalTransform(int(info["image_size"]), info["mean"], info["std"])
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -698,7 +549,7 @@ def train(
     options = train_options(options)
     info = info or distributed.world_info_from_env()
     out_dir = Path(out_dir)
-    device = distributed.resolve_device(str(options["device"]), info)
+    device = rank_device(str(options["device"]), info.local_rank)
     if threads:
         torch.set_num_threads(compute_threads(threads, info, options["num_workers"], device))
     if num_classes < 2:
@@ -886,7 +737,7 @@ def _train_on_rank(
             "interpolation": "bicubic",
             **preprocessing(trainer.model),
             "weights": "model.safetensors",
-            "rebuild": "from unicom.train import load_trained_model; load_trained_model(dir)",
+            "rebuild": "from unicom.models import load_trained_model; load_trained_model(dir)",
             "training": {
                 "steps": steps,
                 "num_classes": num_classes,

@@ -22,12 +22,10 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import io
 import json
 import resource
 import statistics
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +38,7 @@ from unicom.devices import resolve_device
 from unicom.embed.embed import Batch, embed_shard, shard_batches
 from unicom.encoders import build_encoder
 from unicom.encoders.base import Encoder
+from unicom.synthetic import image_bytes, sample_members, write_tar
 
 GOAL = 0.9
 WORDS = (
@@ -51,28 +50,20 @@ WORDS = (
 def write_synthetic_shard(path: Path, count: int, size: int = 128, seed: int = 0) -> Path:
     """An img2dataset-like shard: ``{key}.jpg``, ``{key}.txt``, ``{key}.json`` per sample."""
     rng = np.random.default_rng(seed)
-    with tarfile.open(path, "w") as archive:
-        for i in range(count):
-            key = f"00000_{i:09d}"
-            image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 256, 3)))
-            draw = ImageDraw.Draw(image)
-            for _ in range(4):
-                x0, y0 = (int(v) for v in rng.integers(0, size // 2, 2))
-                x1, y1 = (int(v) for v in rng.integers(size // 2, size, 2))
-                colour = tuple(int(v) for v in rng.integers(0, 256, 3))
-                draw.ellipse([x0, y0, x1, y1], fill=colour)
-            jpeg = io.BytesIO()
-            image.save(jpeg, format="JPEG", quality=95)
-            caption = " ".join(rng.choice(WORDS, size=int(rng.integers(6, 16))))
-            meta = {"url": f"https://example.org/{i}.jpg", "caption": caption, "key": key}
-            for extension, data in (
-                ("jpg", jpeg.getvalue()),
-                ("txt", caption.encode()),
-                ("json", json.dumps(meta).encode()),
-            ):
-                info = tarfile.TarInfo(f"{key}.{extension}")
-                info.size = len(data)
-                archive.addfile(info, io.BytesIO(data))
+    members = []
+    for i in range(count):
+        key = f"00000_{i:09d}"
+        image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 256, 3)))
+        draw = ImageDraw.Draw(image)
+        for _ in range(4):
+            x0, y0 = (int(v) for v in rng.integers(0, size // 2, 2))
+            x1, y1 = (int(v) for v in rng.integers(size // 2, size, 2))
+            colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+            draw.ellipse([x0, y0, x1, y1], fill=colour)
+        caption = " ".join(rng.choice(WORDS, size=int(rng.integers(6, 16))))
+        meta = {"url": f"https://example.org/{i}.jpg", "caption": caption, "key": key}
+        members += sample_members(key, image_bytes(image, quality=95), caption, meta)
+    write_tar(path, members)
     return path
 
 

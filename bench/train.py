@@ -28,15 +28,13 @@ import torch
 from unicom.cli import run_cli, setup_logging
 from unicom.distributed import WorldInfo
 from unicom.io import write_json
-from unicom.train.data import (
-    TrainBatches,
-    TrainTransform,
-    make_loader,
-    pair_inputs,
-    prepare_rank_data,
-    write_synthetic_shard,
-)
-from unicom.train.train import Trainer, total_steps, train_options
+from unicom.synthetic import write_synthetic_shard
+from unicom.train.augment import TrainTransform
+from unicom.train.data import pair_inputs, prepare_rank_data
+from unicom.train.loader import TrainBatches, make_loader
+from unicom.train.optim import total_steps
+from unicom.train.train import train_options
+from unicom.train.trainer import Trainer
 
 log = logging.getLogger("unicom.bench.train")
 SHARD_SIZE = 1000

@@ -1,12 +1,9 @@
-import io
 import json
-import tarfile
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 from test_kmeans import blobs, unit, write_fused
 
 from unicom import formats
@@ -16,6 +13,7 @@ from unicom.cluster.kmeans import cluster_files
 from unicom.cluster.report import AssignmentStats, main, read_stats, size_summary
 from unicom.embed.fuse import fuse_embeddings
 from unicom.errors import UnicomError
+from unicom.synthetic import image_bytes, sample_members, write_tar
 from unicom.vectors import save_centroids
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -70,18 +68,6 @@ def test_pick_clusters_and_members_are_seeded_and_skip_empty_clusters():
 # A tiny end-to-end dataset: shards (tar + table), embeddings, fused, centroids, assignments.
 
 
-def jpeg(colour) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (24, 24), colour).save(buffer, format="JPEG")
-    return buffer.getvalue()
-
-
-def add_member(tar, name, payload: bytes):
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    tar.addfile(info, io.BytesIO(payload))
-
-
 def make_run(root, with_labels=True):
     """2 shards x 12 samples of 3 categories; images cluster by category, captions do not."""
     image, truth = blobs(3, 8, dim=16, noise=0.01, seed=1)
@@ -94,10 +80,11 @@ def make_run(root, with_labels=True):
         labels = [CATEGORIES[t] for t in truth[rows]]
         tar_path = root / f"shards/{part}.tar"
         tar_path.parent.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(tar_path, "w") as tar:
-            for key, label, t in zip(keys, labels, truth[rows], strict=True):
-                add_member(tar, f"{key}.jpg", jpeg(colours[t]))
-                add_member(tar, f"{key}.txt", f"a picture of {label} number {key[-2:]}".encode())
+        members = []
+        for key, label, t in zip(keys, labels, truth[rows], strict=True):
+            caption = f"a picture of {label} number {key[-2:]}"
+            members += sample_members(key, image_bytes(colours[t], size=(24, 24)), caption)
+        write_tar(tar_path, members)
         failed = formats.global_key(part, "000000012")  # a row that never downloaded
         columns = {"key": keys + [failed], "status": ["success"] * 12 + ["failed_to_download"]}
         if with_labels:
@@ -178,9 +165,7 @@ def test_diagnostics_without_labels_writes_a_note(tmp_path):
 
 def test_read_tar_samples_names_the_tar_of_a_missing_key(tmp_path):
     tar_path = tmp_path / "00000.tar"
-    with tarfile.open(tar_path, "w") as tar:
-        add_member(tar, "00000_000000001.jpg", jpeg((1, 2, 3)))
-        add_member(tar, "00000_000000001.txt", b"a caption")
+    write_tar(tar_path, sample_members("00000_000000001", image_bytes((1, 2, 3)), "a caption"))
     samples = read_tar_samples(str(tar_path), ["00000_000000001"])
     assert samples["00000_000000001"][1] == "a caption"
     with pytest.raises(UnicomError, match="00000.tar: no sample with key '00000_000000002'"):

@@ -34,6 +34,7 @@ from unicom.data.download import (
 )
 from unicom.errors import UnicomError
 from unicom.formats import global_key
+from unicom.synthetic import write_tar
 
 from conftest import loopback_http
 
@@ -329,11 +330,7 @@ def test_summarize_and_merge_refuse_to_lose_rows():
 
 def test_rewrite_tar_keys(tmp_path):
     src = tmp_path / "src.tar"
-    with tarfile.open(src, "w") as tar:
-        for name, payload in [("000.jpg", b"img"), ("000.json", b'{"key": "000", "x": 1}')]:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
+    write_tar(src, [("000.jpg", b"img"), ("000.json", b'{"key": "000", "x": 1}')])
     keys = rewrite_tar_keys(src, tmp_path / "dst.tar", {"000": "p_007"}, ["x"])
     assert keys == {"p_007"}
     members = read_tar(tmp_path / "dst.tar")
@@ -347,12 +344,7 @@ def test_rewrite_tar_keys_writes_samples_in_row_order(tmp_path):
     on that order (the embeddings, the k-means sample and the training follow it)."""
     src = tmp_path / "src.tar"
     finished = [("002", "txt"), ("000", "jpg"), ("002", "jpg"), ("001", "jpg"), ("000", "txt")]
-    with tarfile.open(src, "w") as tar:
-        for key, extension in finished:
-            payload = f"{key}.{extension}".encode()
-            info = tarfile.TarInfo(f"{key}.{extension}")
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
+    write_tar(src, [(f"{key}.{ext}", f"{key}.{ext}".encode()) for key, ext in finished])
     new_keys = {"000": "p_000000000", "001": "p_000000001", "002": "p_000000002"}
     rewrite_tar_keys(src, tmp_path / "dst.tar", new_keys)
     members = read_tar(tmp_path / "dst.tar")

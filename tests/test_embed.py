@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,7 @@ from unicom.embed.embed import (
 from unicom.encoders import build_encoder
 from unicom.errors import UnicomError
 from unicom.shards import TarSample, group_tar_members, split_member_name
+from unicom.synthetic import image_bytes, sample_members, write_tar
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -48,38 +47,23 @@ DEMO_OPTIONS = {
 }
 
 
-def image_bytes(colour: tuple[int, int, int], fmt: str = "JPEG", mode: str = "RGB") -> bytes:
-    buffer = io.BytesIO()
-    fill = colour + (128,) if mode == "RGBA" else colour
-    Image.new(mode, (48, 40), fill).save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    archive.addfile(info, io.BytesIO(data))
-
-
 def write_shard(path: Path, count: int = 6, corrupt: str | None = CORRUPT_KEY) -> list[dict]:
     """img2dataset-like shard; sample ``corrupt`` has bytes that are not an image."""
-    samples = []
-    with tarfile.open(path, "w") as archive:
-        for i in range(count):
-            key = f"00000_{i:09d}"
-            caption = f"sample number {i} in colour {i * 40}"
-            url = f"https://example.org/{i}.jpg"
-            if key == corrupt:
-                data, ext = b"\xff\xd8 this is not really a jpeg", "jpg"
-            elif i == 1:
-                data, ext = image_bytes((i * 40, 90, 200), "PNG", "RGBA"), "png"
-            else:
-                data, ext = image_bytes((i * 40, 90, 200)), "jpg"
-            add_member(archive, f"{key}.{ext}", data)
-            add_member(archive, f"{key}.txt", caption.encode())
-            meta = {"url": url, "caption": caption, "key": key, "status": "success"}
-            add_member(archive, f"{key}.json", json.dumps(meta).encode())
-            samples.append({"key": key, "caption": caption, "url": url})
+    samples, members = [], []
+    for i in range(count):
+        key = f"00000_{i:09d}"
+        caption = f"sample number {i} in colour {i * 40}"
+        url = f"https://example.org/{i}.jpg"
+        if key == corrupt:
+            data, ext = b"\xff\xd8 this is not really a jpeg", "jpg"
+        elif i == 1:
+            data, ext = image_bytes((i * 40, 90, 200, 128), "PNG", mode="RGBA"), "png"
+        else:
+            data, ext = image_bytes((i * 40, 90, 200)), "jpg"
+        meta = {"url": url, "caption": caption, "key": key, "status": "success"}
+        members += sample_members(key, data, caption, meta, extension=ext)
+        samples.append({"key": key, "caption": caption, "url": url})
+    write_tar(path, members)
     return samples
 
 

@@ -29,20 +29,13 @@ from unicom.devices import local_gpu_index, rank_device
 from unicom.distributed import WorldInfo, first_hostname, port_from_job_id, world_info_from_env
 from unicom.errors import UnicomError
 from unicom.models import EmbeddingModel, build_model, load_trained_model, trained_transform
-from unicom.train.data import (
-    ShardInput,
-    StreamPlan,
-    TrainTransform,
-    batches_before,
-    crop_box,
-    epoch_shard_order,
-    partition_shards,
-    read_shard_labels,
-    stream_samples,
-    write_synthetic_shard,
-)
+from unicom.synthetic import write_synthetic_shard
+from unicom.train.augment import TrainTransform, crop_box
+from unicom.train.data import ShardInput, partition_shards, read_shard_labels
+from unicom.train.optim import lr_factor
 from unicom.train.partial_fc import PartialFC
-from unicom.train.train import lr_factor, main, train_options
+from unicom.train.streams import StreamPlan, batches_before, epoch_shard_order, stream_samples
+from unicom.train.train import main, train_options
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]

@@ -1,0 +1,108 @@
+"""Small real shards for tests and benchmarks: webdataset tars written the way img2dataset writes
+them (``{key}.jpg`` / ``.txt`` / ``.json`` members), with images a model can learn."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageDraw
+
+from unicom import formats
+from unicom.io import atomic_path, write_parquet
+
+
+def image_bytes(
+    image: Image.Image | tuple[int, ...],
+    fmt: str = "JPEG",
+    size: tuple[int, int] = (48, 40),
+    mode: str = "RGB",
+    quality: int = 90,
+) -> bytes:
+    """An encoded image: ``image`` itself, or a plain one of colour ``image``."""
+    if not isinstance(image, Image.Image):
+        image = Image.new(mode, size, tuple(image))
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def sample_members(
+    key: str,
+    image: bytes | None,
+    caption: str,
+    meta: Mapping[str, object] | None = None,
+    extension: str = "jpg",
+) -> list[tuple[str, bytes]]:
+    """The members of one img2dataset sample: image, ``.txt`` caption, ``.json`` metadata."""
+    members = [] if image is None else [(f"{key}.{extension}", image)]
+    members.append((f"{key}.txt", caption.encode()))
+    if meta is not None:
+        members.append((f"{key}.json", json.dumps(dict(meta)).encode()))
+    return members
+
+
+def write_tar(path: str | os.PathLike, members: Iterable[tuple[str, bytes]]) -> None:
+    """A tar of ``(name, bytes)`` members in the given order (written atomically)."""
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w") as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+def striped_image(label: int, size: int, rng: np.random.Generator) -> Image.Image:
+    """Colour and stripe orientation depend on ``label`` (with noise): a model can learn them."""
+    hue = np.array([(97 * label) % 256, (57 * label + 80) % 256, (31 * label + 160) % 256])
+    colour = np.clip(hue + rng.integers(-25, 25, 3), 0, 255)
+    image = Image.new("RGB", (size, size), tuple(int(v) for v in colour))
+    draw = ImageDraw.Draw(image)
+    step = max(2, size // (2 + label % 4))
+    for offset in range(0, 2 * size, step):
+        line = [(offset, 0), (0, offset)] if label % 2 else [(offset, 0), (offset, size)]
+        draw.line(line, fill=(255, 255, 255), width=max(1, size // 16))
+    return image
+
+
+def write_synthetic_shard(
+    shard_path: str | os.PathLike,
+    assignment_path: str | os.PathLike,
+    part: str,
+    samples: int,
+    num_classes: int,
+    size: int = 32,
+    unlabelled: int = 0,
+    seed: int = 0,
+) -> None:
+    """A shard + assignment pair for training: ``samples`` labelled striped JPEGs; the last
+    ``unlabelled`` samples of the tar get no assignment row."""
+    rng = np.random.default_rng([seed, int(part)])
+    keys, labels, members = [], [], []
+    for i in range(samples + unlabelled):
+        key = formats.global_key(part, f"{i:09d}")
+        label = int(rng.integers(num_classes))
+        jpeg = image_bytes(striped_image(label, size, rng))
+        caption, meta = (
+            f"synthetic sample {i} of class {label}",
+            {"key": key, "caption": f"class {label}"},
+        )
+        members += sample_members(key, jpeg, caption, meta)
+        if i < samples:
+            keys.append(key)
+            labels.append(label)
+    write_tar(shard_path, members)
+    table = pa.table(
+        {
+            "key": pa.array(keys, pa.string()),
+            "label": pa.array(labels, pa.int32()),
+            "sim": pa.array(rng.uniform(0.6, 0.9, len(keys)), pa.float32()),
+            "sim2": pa.array(rng.uniform(0.3, 0.6, len(keys)), pa.float32()),
+        }
+    )
+    metadata = {formats.ASSIGN_METADATA_KEY: {"k": num_classes, "synthetic": True}}
+    write_parquet(assignment_path, formats.with_metadata(table, metadata))

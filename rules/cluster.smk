@@ -3,9 +3,15 @@
 # then cluster sizes and diagnostics. Params carry only the kmeans/assign options, so a change
 # of kmeans.k (or of fuse.*, through the fused files) reruns this stage and nothing upstream.
 
+import functools
+
 KMEANS = config["kmeans"]
 ASSIGN = config["assign"]
 DIAGNOSTICS = ASSIGN["diagnostics"]
+# The shards the diagnostics read: all, or a seeded sample of assign.diagnostics.max_shards.
+DIAGNOSTIC_SAMPLE = functools.partial(
+    planning.diagnostic_parts, diagnostics=DIAGNOSTICS
+)
 
 
 rule kmeans:
@@ -90,10 +96,10 @@ rule cluster_sizes:
 
 rule cluster_diagnostics:
     input:
-        assignments=diagnostic_files("assign/{part}.parquet"),
-        shards=diagnostic_files("shards/{part}.tar"),
-        tables=diagnostic_files("shards/{part}.parquet"),
-        embeddings=diagnostic_files("embed/{part}.parquet"),
+        assignments=all_parts("assign/{part}.parquet", DIAGNOSTIC_SAMPLE),
+        shards=all_parts("shards/{part}.tar", DIAGNOSTIC_SAMPLE),
+        tables=all_parts("shards/{part}.parquet", DIAGNOSTIC_SAMPLE),
+        embeddings=all_parts("embed/{part}.parquet", DIAGNOSTIC_SAMPLE),
     output:
         grid=report(
             out("clusters/grid.png"),

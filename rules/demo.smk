@@ -38,7 +38,11 @@ rule demo_pool:
     conda:
         "../envs/data.yaml"
     params:
-        source=demo_source_args,
+        source=lambda wildcards, input: (
+            ["--image-dir", DEMO["image_dir"]]
+            if DEMO["image_dir"]
+            else ["--source", input.source]
+        ),
         max_images=["--max-images", DEMO["max_images"]] if DEMO["max_images"] else [],
         heldout_fraction=DEMO["heldout_fraction"],
         seed=DEMO["seed"],

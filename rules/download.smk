@@ -2,13 +2,22 @@
 # download.shards_per_job parts (each part its own shard); every input row is counted in
 # its part's summary.
 
+from unicom.rehearsal import check_rehearsal_rows
+from unicom.data.split_urls import url_list_rows
+
 DOWNLOAD = config["download"]
 DATA = config["data"]
+# The URL-list Parquet files: the expanded data.url_list patterns, or the demo's.
+URL_LIST_FILES = (
+    planned(planning.url_list_files, DATA["url_list"])
+    if DATA["url_list"]
+    else [out("demo/urls.parquet")]
+)
 
 # A rehearsal stops here, before any job, when the URL list cannot give k-means its k rows.
 if config["rehearsal"]["enabled"] and DATA["url_list"]:
     try:
-        check_rehearsal_rows(config, url_list_rows(url_list_files()))
+        check_rehearsal_rows(config, url_list_rows(URL_LIST_FILES))
     except UnicomError as err:
         sys.exit(f"unicom: error: {err}")
 
@@ -21,7 +30,7 @@ localrules:
 
 checkpoint split_urls:
     input:
-        url_list_files(),
+        URL_LIST_FILES,
     output:
         directory(out("parts")),
     log:
@@ -66,7 +75,11 @@ rule download:
         mem_mb=DOWNLOAD["mem_mb"],
         runtime=DOWNLOAD["runtime"],
     params:
-        parts=lambda wildcards, input: batch_parts(input[0], wildcards.batch),
+        # The batch's part files.
+        parts=lambda wildcards, input: [
+            os.path.join(input[0], f"{wildcards.batch}{suffix}.parquet")
+            for suffix in PART_SUFFIXES
+        ],
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
         options=stage_options("download"),
     shell:
@@ -78,7 +91,8 @@ rule download_summary:
     input:
         manifest=out("parts"),
         summaries=lambda wildcards: expand(
-            out("shards/{batch}.summary.json"), batch=batch_names()
+            out("shards/{batch}.summary.json"),
+            batch=planning.batch_names(part_names(), SHARDS_PER_JOB),
         ),
     output:
         summary=out("download/summary.json"),

@@ -1,12 +1,32 @@
 # Retrieval benchmarks: every model x every available dataset, then one summary table.
 
 EVALUATE = config["evaluate"]
-EVALUATION_DATASETS = evaluation_datasets()
+# Model name -> what `unicom.evaluate --model` takes.
+EVALUATION_MODELS = planning.evaluation_models(EVALUATE, out("train"))
+# Dataset name -> path, for the benchmarks that are configured (auto = the demo's). Those with
+# no path (null, or an "auto" with nothing to point at) are left out silently: nothing prints
+# at parse time but errors, and dry runs and every cluster job parse this too.
+EVALUATION_DATASETS, _ = planned(
+    planning.evaluation_datasets, config, out("demo/heldout.parquet")
+)
+
+# What an evaluate job waits for: the model export (for base, the encoder's weights, fetched
+# on the login node) and, for a demo set, what its producer writes.
+MODEL_INPUTS = {
+    "trained": {"model": out("train/model.safetensors")},
+    "base": {"encoder": out("embed/encoder.json")},
+}
+DATASET_INPUTS = planning.evaluation_dataset_inputs(
+    EVALUATION_DATASETS, out("demo/heldout.parquet"), rules.demo_fetch.output[0]
+)
 
 
 rule evaluate:
     input:
-        unpack(evaluate_inputs),
+        unpack(
+            lambda wildcards: MODEL_INPUTS.get(wildcards.model, {})
+            | DATASET_INPUTS[wildcards.dataset]
+        ),
     output:
         out("evaluate/{model}/{dataset}.json"),
     log:
@@ -21,7 +41,7 @@ rule evaluate:
         runtime=EVALUATE["runtime"],
         gpu=EVALUATE["gpus"],
     params:
-        model=lambda wildcards: evaluation_models()[wildcards.model],
+        model=lambda wildcards: EVALUATION_MODELS[wildcards.model],
         dataset_path=lambda wildcards: EVALUATION_DATASETS[wildcards.dataset],
         options=stage_options("evaluate"),
         embed=stage_options("embed"),
@@ -37,7 +57,11 @@ localrules:
 
 rule evaluate_summary:
     input:
-        evaluation_targets(),
+        expand(
+            out("evaluate/{model}/{dataset}.json"),
+            model=list(EVALUATION_MODELS),
+            dataset=list(EVALUATION_DATASETS),
+        ),
     output:
         csv=report(
             out("evaluate/summary.csv"),

@@ -1,6 +1,6 @@
 # Training on the pseudo-labels: one job over all shards, train.nodes x train.nproc_per_node ranks.
-# Launch (train_launcher): srun under a SLURM profile (`mpi: srun`), else torchrun --standalone
-# when train.nproc_per_node > 1 (one node only), else a single process.
+# Launch (unicom.planning.train_launcher): srun under a SLURM profile (`mpi: srun`), else
+# torchrun --standalone when train.nproc_per_node > 1 (one node only), else a single process.
 # A failed or timed-out job resumes from out("train/checkpoints") when rerun; the checkpoints are
 # not declared outputs, so Snakemake leaves them in place.
 
@@ -35,7 +35,9 @@ rule train:
     params:
         shards=each_part("shards/{part}.tar"),
         assignments=each_part("assign/{part}.parquet"),
-        launcher=train_launcher,
+        launcher=lambda wildcards, resources: planned(
+            planning.train_launcher, TRAIN, dict(resources.items())
+        ),
         out_dir=lambda wildcards, output: os.path.dirname(output.model),
         k=config["kmeans"]["k"],
         options=stage_options("train"),

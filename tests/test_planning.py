@@ -1,0 +1,294 @@
+"""unicom.planning: what the Snakefile decides at parse time, without Snakemake."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from unicom import planning
+from unicom.config import layered_config
+from unicom.errors import UnicomError
+from unicom.formats import batch_name, part_name
+
+from conftest import REPO
+
+HELDOUT = "results/demo/heldout.parquet"
+
+
+def demo_config() -> dict:
+    """The demo run's effective config: the schema's defaults + config/config.yaml."""
+    return layered_config([], {}, default_configfile=REPO / "config/config.yaml")
+
+
+def config_with(demo_enabled=True, url_list=(), image_dir=None, resources_dir="res", **datasets):
+    return {
+        "demo": {"enabled": demo_enabled, "image_dir": image_dir, "resources_dir": resources_dir},
+        "data": {"url_list": list(url_list)},
+        "evaluate": {"datasets": datasets, "extra_models": []},
+    }
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@pytest.mark.parametrize(
+    ("shards_per_job", "expected"),
+    [
+        (1, [""]),
+        (10, [str(i) for i in range(10)]),
+        (100, [f"{i:02d}" for i in range(100)]),
+    ],
+)
+def test_part_suffixes_complete_a_batch_name_to_its_parts(shards_per_job, expected):
+    suffixes = planning.part_suffixes(shards_per_job)
+    assert suffixes == expected
+    # batch + suffix = part, for every part of the batch, and nothing else is in it.
+    parts = [part_name(i) for i in range(300)]
+    for batch in planning.batch_names(parts, shards_per_job):
+        members = [part for part in parts if batch_name(part, shards_per_job) == batch]
+        assert [batch + suffix for suffix in suffixes] == members
+
+
+@pytest.mark.parametrize(
+    ("shards_per_job", "expected"),
+    [(1, ["00007", "00012", "00013"]), (10, ["0000", "0001"]), (100, ["000"])],
+)
+def test_batch_names_are_sorted_and_unique(shards_per_job, expected):
+    parts = ["00013", "00007", "00012"]
+    assert planning.batch_names(parts, shards_per_job) == expected
+
+
+def test_no_parts_make_no_batches():
+    assert planning.batch_names([], 10) == []
+
+
+# --------------------------------------------------------------------------- URL lists
+
+
+def test_url_list_files_sort_each_pattern_in_the_patterns_order(tmp_path):
+    for name in ("b/2.parquet", "b/1.parquet", "a/9.parquet", "a/10.parquet", "a/x.csv"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).touch()
+    files = planning.url_list_files([str(tmp_path / "b/*.parquet"), str(tmp_path / "a/*.parquet")])
+    names = [os.path.relpath(path, tmp_path) for path in files]
+    assert names == ["b/1.parquet", "b/2.parquet", "a/10.parquet", "a/9.parquet"]
+
+
+def test_a_url_list_pattern_without_match_names_the_key_and_pattern(tmp_path):
+    (tmp_path / "1.parquet").touch()
+    missing = str(tmp_path / "none-*.parquet")
+    with pytest.raises(UnicomError) as error:
+        planning.url_list_files([str(tmp_path / "*.parquet"), missing])
+    assert str(error.value) == f"config key data.url_list: no file matches {missing!r}"
+
+
+def test_no_url_list_patterns_are_no_files():
+    assert planning.url_list_files([]) == []
+
+
+@pytest.mark.parametrize(
+    ("enabled", "url_list", "expected"),
+    [(True, [], True), (True, ["urls.parquet"], False), (False, [], False)],
+)
+def test_the_demo_pool_is_built_only_without_a_url_list(enabled, url_list, expected):
+    assert planning.uses_demo_pool(config_with(enabled, url_list)) is expected
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+
+def test_diagnostics_read_every_shard_up_to_max_shards():
+    parts = ["00002", "00000", "00001"]
+    assert planning.diagnostic_parts(parts, {"max_shards": 3, "seed": 0}) == sorted(parts)
+
+
+def test_the_diagnostic_sample_is_a_stable_sorted_subset():
+    parts = [part_name(i) for i in range(50)]
+    options = {"max_shards": 7, "seed": 3}
+    sample = planning.diagnostic_parts(parts, options)
+    assert len(sample) == 7 == len(set(sample)) and set(sample) <= set(parts)
+    assert sample == sorted(sample)
+    # The same for the same seed, whatever order the parts come in; another seed, another one.
+    assert planning.diagnostic_parts(list(reversed(parts)), options) == sample
+    assert planning.diagnostic_parts(parts, {"max_shards": 7, "seed": 4}) != sample
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def test_evaluation_models_add_extra_models_by_folder_name():
+    evaluate = {"extra_models": ["/runs/a/train/", "/runs/b/export"]}
+    assert planning.evaluation_models(evaluate, "results/train") == {
+        "base": "base",
+        "trained": "results/train",
+        "train": "/runs/a/train/",
+        "export": "/runs/b/export",
+    }
+    assert planning.evaluation_models({"extra_models": []}, "out/train") == {
+        "base": "base",
+        "trained": "out/train",
+    }
+
+
+def test_auto_openclipart_is_the_demo_heldout_split_only_in_a_demo_run():
+    demo = config_with(openclipart="auto")
+    assert planning.evaluation_datasets(demo, HELDOUT) == ({"openclipart": HELDOUT}, [])
+    real = config_with(url_list=["urls.parquet"], openclipart="auto")
+    assert planning.evaluation_datasets(real, HELDOUT) == ({}, ["openclipart"])
+
+
+def test_auto_fashion_mnist_prefers_the_system_package(tmp_path):
+    system = tmp_path / "system"
+    system.mkdir()
+    config = config_with(resources_dir=str(tmp_path / "res"), **{"fashion-mnist": "auto"})
+    datasets, skipped = planning.evaluation_datasets(config, HELDOUT, system)
+    assert datasets == {"fashion-mnist": str(system)} and skipped == []
+
+
+def test_auto_fashion_mnist_falls_back_to_the_demo_fetched_copy(tmp_path):
+    system = tmp_path / "absent"
+    fetched = os.path.join(tmp_path / "res", "usr/share/datasets/fashion-mnist")
+    auto = {"fashion-mnist": "auto"}
+    # An openclipart demo run fetches the copy (demo_fetch), so it is planned before it exists.
+    demo = config_with(resources_dir=str(tmp_path / "res"), **auto)
+    assert planning.evaluation_datasets(demo, HELDOUT, system) == ({"fashion-mnist": fetched}, [])
+    # A run that fetches nothing: the copy only if a former run left it there.
+    real = config_with(url_list=["u.parquet"], resources_dir=str(tmp_path / "res"), **auto)
+    folder = config_with(image_dir="images", resources_dir=str(tmp_path / "res"), **auto)
+    for config in (real, folder):
+        assert planning.evaluation_datasets(config, HELDOUT, system) == ({}, ["fashion-mnist"])
+    os.makedirs(fetched)
+    for config in (real, folder):
+        assert planning.evaluation_datasets(config, HELDOUT, system)[0] == {
+            "fashion-mnist": fetched
+        }
+
+
+def test_null_datasets_are_skipped_and_explicit_paths_kept_in_order(tmp_path):
+    config = config_with(cub=None, sop="/data/sop", cars="relative/cars", gldv2=None)
+    datasets, skipped = planning.evaluation_datasets(config, HELDOUT, tmp_path / "absent")
+    assert list(datasets.items()) == [("sop", "/data/sop"), ("cars", "relative/cars")]
+    assert skipped == ["cub", "gldv2"]
+
+
+def test_auto_for_another_dataset_names_the_key():
+    with pytest.raises(UnicomError) as error:
+        planning.evaluation_datasets(config_with(cub="auto"), HELDOUT)
+    assert str(error.value) == "config key evaluate.datasets.cub: 'auto' only for the demo sets"
+
+
+def test_the_demo_config_evaluates_its_two_demo_sets(tmp_path):
+    config = demo_config()
+    config["evaluate"]["datasets"] = {"openclipart": "auto", "fashion-mnist": "auto", "cub": None}
+    config["demo"]["resources_dir"] = str(tmp_path)
+    datasets, skipped = planning.evaluation_datasets(config, HELDOUT, tmp_path / "absent")
+    assert datasets == {
+        "openclipart": HELDOUT,
+        "fashion-mnist": planning.fetched_fashion_mnist(tmp_path),
+    }
+    assert skipped == ["cub"]
+
+
+def test_demo_sets_wait_for_their_producers(tmp_path):
+    fetched = str(tmp_path / "res/usr/share/datasets/fashion-mnist")
+    datasets = {"openclipart": HELDOUT, "fashion-mnist": fetched, "cub": str(tmp_path / "cub")}
+    sources = str(tmp_path / "res/demo_sources.json")
+    assert planning.evaluation_dataset_inputs(datasets, HELDOUT, sources) == {
+        "openclipart": {"dataset": HELDOUT},
+        "fashion-mnist": {"fetched": sources},
+        "cub": {},
+    }
+    # Once there (the system package, or a copy a former run fetched), it waits for nothing.
+    os.makedirs(fetched)
+    assert planning.evaluation_dataset_inputs(datasets, HELDOUT, sources)["fashion-mnist"] == {}
+
+
+def test_the_fetched_copy_mirrors_the_system_path():
+    assert planning.fetched_fashion_mnist("resources") == os.path.join(
+        "resources", "usr/share/datasets/fashion-mnist"
+    )
+    assert str(planning.FASHION_MNIST_DIR) == "/usr/share/datasets/fashion-mnist"
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_one_local_rank_is_a_plain_python_process():
+    train = {"nodes": 1, "nproc_per_node": 1}
+    assert planning.train_launcher(train, {"nodes": 1, "tasks": 1}) == [
+        "python",
+        "-m",
+        "unicom.train.train",
+    ]
+
+
+def test_local_ranks_on_one_node_start_under_torchrun():
+    train = {"nodes": 1, "nproc_per_node": 4}
+    assert planning.train_launcher(train, {"nodes": 1, "tasks": 4, "mpi": None}) == [
+        "torchrun",
+        "--standalone",
+        "--nproc-per-node",
+        "4",
+        "-m",
+        "unicom.train.train",
+    ]
+
+
+def test_srun_gets_explicit_node_and_task_counts():
+    train = {"nodes": 8, "nproc_per_node": 8}
+    resources = {"mpi": "srun", "nodes": 8, "tasks": 64}
+    assert planning.train_launcher(train, resources) == [
+        "srun",
+        "--nodes",
+        "8",
+        "--ntasks",
+        "64",
+        "--ntasks-per-node",
+        "8",
+        "python",
+        "-m",
+        "unicom.train.train",
+    ]
+
+
+def test_srun_starts_even_one_rank():
+    command = planning.train_launcher(
+        {"nodes": 1, "nproc_per_node": 1}, {"mpi": "srun", "nodes": 1, "tasks": 1}
+    )
+    assert command[:2] == ["srun", "--nodes"] and command[-3:] == [
+        "python",
+        "-m",
+        "unicom.train.train",
+    ]
+
+
+def test_several_nodes_without_srun_name_the_key():
+    config = demo_config()
+    config["train"].update(nodes=2, nproc_per_node=1)
+    with pytest.raises(UnicomError) as error:
+        planning.train_launcher(config["train"], {"nodes": 2, "tasks": 2})
+    message = str(error.value)
+    assert message.startswith("config key train.nodes: above 1 needs a SLURM profile")
+    assert "mpi: srun" in message and "\n" not in message
+
+
+# --------------------------------------------------------------------------- layering
+
+
+def test_planning_loads_no_stage_package():
+    """Library layer: the Snakefile imports it at parse time, and so may every stage."""
+    stages = ("data", "embed", "cluster", "train", "evaluate", "demo", "report")
+    code = (
+        "import sys, unicom.planning; "
+        f"print(sorted(m for m in sys.modules if m.split('.')[:2][-1] in {stages!r}"
+        " and m.startswith('unicom.')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "workflow")},
+    )
+    assert result.stdout.strip() == "[]"

@@ -1,0 +1,139 @@
+"""What a retrieval benchmark is once loaded: items (image paths or in-memory images) with string
+labels, and the protocol the metrics use (``unicom.evaluate.metrics.retrieval_metrics``):
+
+- ``single``: every image queries all the others;
+- ``query_gallery``: queries search a separate gallery.
+"""
+
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from unicom.cli import run_cli, setup_logging
+from unicom.errors import UnicomError
+from unicom.images import to_rgb
+from unicom.io import write_json
+from unicom.planning import FASHION_MNIST_DIR
+
+
+SINGLE = "single"
+
+
+QUERY_GALLERY = "query_gallery"
+
+
+# An item is an image file path or an image already in memory.
+Item = str | Image.Image
+
+
+@dataclass(frozen=True)
+class RetrievalSet:
+    """An evaluation split: ``items``/``labels`` hold the queries first, then the gallery.
+
+    For ``protocol == "single"`` every item is a query and the gallery is the same set
+    (``num_queries == len(items)``). Embed ``items`` once, in order, then pass
+    ``metric_inputs(embeddings)`` to ``unicom.metrics.retrieval_metrics``.
+    """
+
+    name: str
+    protocol: str
+    split: str
+    items: tuple[Item, ...]
+    labels: tuple[str, ...]
+    num_queries: int
+    root: str
+
+    @property
+    def query_items(self) -> tuple[Item, ...]:
+        return self.items[: self.num_queries]
+
+    @property
+    def query_labels(self) -> tuple[str, ...]:
+        return self.labels[: self.num_queries]
+
+    @property
+    def gallery_items(self) -> tuple[Item, ...]:
+        return self.items if self.protocol == SINGLE else self.items[self.num_queries :]
+
+    @property
+    def gallery_labels(self) -> tuple[str, ...]:
+        return self.labels if self.protocol == SINGLE else self.labels[self.num_queries :]
+
+    def metric_inputs(self, embeddings: np.ndarray) -> dict[str, Any]:
+        """Keyword arguments of ``retrieval_metrics`` for embeddings of ``items``, in order."""
+        if len(embeddings) != len(self.items):
+            raise UnicomError(
+                f"{self.name}: {len(embeddings)} embeddings for {len(self.items)} items"
+            )
+        if self.protocol == SINGLE:
+            return {"query_emb": embeddings, "query_labels": list(self.labels)}
+        return {
+            "query_emb": embeddings[: self.num_queries],
+            "query_labels": list(self.query_labels),
+            "gallery_emb": embeddings[self.num_queries :],
+            "gallery_labels": list(self.gallery_labels),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        summary = {
+            "name": self.name,
+            "protocol": self.protocol,
+            "split": self.split,
+            "root": self.root,
+            "items": len(self.items),
+            "classes": len(set(self.labels)),
+        }
+        if self.protocol == QUERY_GALLERY:
+            summary["queries"] = self.num_queries
+            summary["gallery"] = len(self.items) - self.num_queries
+        return summary
+
+
+def single_set(
+    name: str, split: str, items: Sequence[Item], labels: Sequence[str], root: Path
+) -> RetrievalSet:
+    return RetrievalSet(name, SINGLE, split, tuple(items), tuple(labels), len(items), str(root))
+
+
+def query_gallery_set(
+    name: str,
+    split: str,
+    queries: Sequence[Item],
+    query_labels: Sequence[str],
+    gallery: Sequence[Item],
+    gallery_labels: Sequence[str],
+    root: Path,
+) -> RetrievalSet:
+    return RetrievalSet(
+        name,
+        QUERY_GALLERY,
+        split,
+        tuple(queries) + tuple(gallery),
+        tuple(query_labels) + tuple(gallery_labels),
+        len(queries),
+        str(root),
+    )
+
+
+def load_image(item: Item) -> Image.Image:
+    """An item as an RGB image (grayscale Fashion-MNIST is replicated to three channels)."""
+    if isinstance(item, Image.Image):
+        return to_rgb(item)
+    with Image.open(item) as image:
+        image.load()  # the file closes on leaving the block; an RGB image is returned as is
+        rgb = to_rgb(image)
+        return rgb.copy() if rgb is image else rgb

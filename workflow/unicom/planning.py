@@ -1,0 +1,188 @@
+"""Planning: what the Snakefile decides at parse time, as plain functions of the config.
+
+The rule files call these with ``config`` values, paths and part names and turn a
+:class:`~unicom.errors.UnicomError` into one ``unicom: error: ...`` line before any job. Nothing
+here prints or exits, and nothing knows Snakemake's objects. Library layer: it imports only
+``unicom.errors``, ``unicom.formats`` and the standard library, never a stage package.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from unicom.errors import UnicomError
+from unicom.formats import batch_name
+
+# Where Debian's dataset-fashion-mnist installs the Fashion-MNIST files; demo_fetch unpacks
+# the same package under demo.resources_dir, at this path relative to the root.
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# The trainer the launcher starts on every rank.
+TRAIN_MODULE = "unicom.train.train"
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def part_suffixes(shards_per_job: int) -> list[str]:
+    """The last digits that tell the parts of one batch apart: batch + suffix = part.
+
+    One batch job takes ``shards_per_job`` parts whose names differ only in the digits that
+    :func:`unicom.formats.batch_name` drops (``[""]`` for 1, ``"0"``-``"9"`` for 10, ...).
+    """
+    # A name longer than the dropped digits: what batch_name removes from it is their count.
+    probe = "0" * len(str(shards_per_job))
+    digits = len(probe) - len(batch_name(probe, shards_per_job))
+    if not digits:
+        return [""]
+    return [f"{i:0{digits}d}" for i in range(shards_per_job)]
+
+
+def batch_names(parts: Sequence[str], shards_per_job: int) -> list[str]:
+    """The per-shard jobs' batches: part names without their last digits, sorted."""
+    return sorted({batch_name(part, shards_per_job) for part in parts})
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def url_list_files(patterns: Sequence[str]) -> list[str]:
+    """The files data.url_list's glob patterns name: each pattern's matches sorted, in the
+    patterns' order. A pattern that matches nothing is an error (a typo, an unmounted disk)."""
+    files = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern))
+        if not matches:
+            raise UnicomError(f"config key data.url_list: no file matches {pattern!r}")
+        files.extend(matches)
+    return files
+
+
+def uses_demo_pool(config: Mapping[str, Any]) -> bool:
+    """Whether the run builds the offline demo pool: demo.enabled and no data.url_list."""
+    return bool(config["demo"]["enabled"] and not config["data"]["url_list"])
+
+
+def diagnostic_parts(parts: Sequence[str], diagnostics: Mapping[str, Any]) -> list[str]:
+    """The shards the cluster diagnostics read (assign.diagnostics): all of them, or a sample
+    of max_shards drawn with its seed, the same for the same parts, in the parts' order."""
+    parts = sorted(parts)
+    if len(parts) <= diagnostics["max_shards"]:
+        return parts
+    return sorted(random.Random(diagnostics["seed"]).sample(parts, diagnostics["max_shards"]))
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluation_models(evaluate: Mapping[str, Any], trained: str) -> dict[str, str]:
+    """Model name -> what ``unicom.evaluate --model`` takes: the base encoder, the trained
+    export folder ``trained``, and each of evaluate.extra_models under its folder's name."""
+    models = {"base": "base", "trained": trained}
+    for path in evaluate["extra_models"]:
+        models[os.path.basename(os.path.normpath(path))] = path
+    return models
+
+
+def evaluation_datasets(
+    config: Mapping[str, Any],
+    demo_heldout: str,
+    system_fashion_mnist: str | os.PathLike = FASHION_MNIST_DIR,
+) -> tuple[dict[str, str], list[str]]:
+    """The benchmarks to evaluate: (name -> path, names skipped).
+
+    evaluate.datasets.<name> is a path, null (skipped), or "auto" for the demo sets:
+    openclipart = ``demo_heldout`` when the run builds the demo pool; fashion-mnist = the
+    Debian package's folder ``system_fashion_mnist``, else the copy demo_fetch unpacks under
+    demo.resources_dir (there already, or to be fetched by an openclipart demo run). An "auto"
+    that resolves to nothing is skipped like null.
+    """
+    datasets: dict[str, str] = {}
+    skipped: list[str] = []
+    for name, path in config["evaluate"]["datasets"].items():
+        if path == "auto" and name == "openclipart":
+            path = demo_heldout if uses_demo_pool(config) else None
+        elif path == "auto" and name == "fashion-mnist":
+            path = _auto_fashion_mnist(config, system_fashion_mnist)
+        if path is None:
+            skipped.append(name)
+        elif path == "auto":
+            raise UnicomError(f"config key evaluate.datasets.{name}: 'auto' only for the demo sets")
+        else:
+            datasets[name] = str(path)
+    return datasets, skipped
+
+
+def evaluation_dataset_inputs(
+    datasets: Mapping[str, str], demo_heldout: str, demo_sources: str
+) -> dict[str, dict[str, str]]:
+    """Dataset name -> the files its evaluate jobs wait for, as ``unpack`` takes them: the
+    demo's held-out split ``demo_heldout``, or for a fashion-mnist folder that is not there yet,
+    ``demo_sources`` (what demo_fetch writes once it has unpacked it). Other paths are read
+    as they are, and none of their files is declared."""
+    inputs: dict[str, dict[str, str]] = {}
+    for name, path in datasets.items():
+        if path == demo_heldout:
+            inputs[name] = {"dataset": path}
+        elif name == "fashion-mnist" and not os.path.isdir(path):
+            inputs[name] = {"fetched": demo_sources}
+        else:
+            inputs[name] = {}
+    return inputs
+
+
+def fetched_fashion_mnist(resources_dir: str | os.PathLike) -> str:
+    """Where demo_fetch unpacks dataset-fashion-mnist under demo.resources_dir."""
+    return os.path.join(resources_dir, FASHION_MNIST_DIR.relative_to(FASHION_MNIST_DIR.anchor))
+
+
+def _auto_fashion_mnist(config: Mapping[str, Any], system: str | os.PathLike) -> str | None:
+    """The system package, else the copy demo_fetch unpacks (openclipart demo only)."""
+    if os.path.isdir(system):
+        return str(system)
+    fetched = fetched_fashion_mnist(config["demo"]["resources_dir"])
+    if os.path.isdir(fetched) or (uses_demo_pool(config) and not config["demo"]["image_dir"]):
+        return fetched
+    return None
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_launcher(train: Mapping[str, Any], resources: Mapping[str, Any]) -> list[str]:
+    """The command that starts the training ranks, as an argument list.
+
+    ``train`` is the config's train section, ``resources`` the train job's resources (the
+    rule's nodes and tasks, and the profile's ``mpi``).
+    """
+    nproc = int(train["nproc_per_node"])
+    if resources.get("mpi"):
+        # SLURM profiles set `mpi: srun`; the rule sets `nodes` and `tasks` (= nodes x
+        # nproc_per_node): srun starts one rank per task, nproc_per_node on each node, and
+        # SLURM's pre-timeout signal reaches every rank (torchrun would not forward SIGUSR1).
+        # The counts must be explicit: the plugin drops the allocation's SLURM_NNODES and
+        # SLURM_NTASKS from the command's environment, and a bare srun would start one rank.
+        return [
+            str(resources["mpi"]),
+            "--nodes",
+            str(resources["nodes"]),
+            "--ntasks",
+            str(resources["tasks"]),
+            "--ntasks-per-node",
+            str(nproc),
+            "python",
+            "-m",
+            TRAIN_MODULE,
+        ]
+    if int(train["nodes"]) > 1:
+        raise UnicomError(
+            "config key train.nodes: above 1 needs a SLURM profile that sets "
+            "mpi: srun for train (torchrun --standalone runs on one node)"
+        )
+    if nproc > 1:
+        return ["torchrun", "--standalone", "--nproc-per-node", str(nproc), "-m", TRAIN_MODULE]
+    return ["python", "-m", TRAIN_MODULE]

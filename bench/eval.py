@@ -2,8 +2,8 @@
 
 Measures, on the same data:
 
-- search: faiss exact top-K search alone (``unicom.metrics.ExactSearch``, K = max of --ks);
-- metrics: ``unicom.metrics.retrieval_metrics`` end to end (query -> gallery protocol:
+- search: faiss exact top-K search alone (``unicom.evaluate.metrics.ExactSearch``, K = max of --ks);
+- metrics: ``unicom.evaluate.metrics.retrieval_metrics`` end to end (query -> gallery protocol:
   normalisation, chunked search of max(K, R) neighbours, tie handling, Recall@K, MAP@R,
   R-Precision), with labels giving about --per-class gallery items per class (R).
 

@@ -18,16 +18,9 @@ import scipy.io
 from PIL import Image
 
 from unicom.errors import UnicomError
-from unicom.evaluate.benchmarks import (
-    GLDV2_DISTRACTOR,
-    QUERY_GALLERY,
-    SINGLE,
-    available,
-    load,
-    load_image,
-    main,
-    read_idx,
-)
+from unicom.evaluate.benchmarks import available, load, main
+from unicom.evaluate.loaders import GLDV2_DISTRACTOR, read_idx
+from unicom.evaluate.sets import QUERY_GALLERY, SINGLE, load_image
 from unicom.io import write_parquet
 
 

@@ -29,9 +29,9 @@ from unicom.data.download import (
     partition_by_scheme,
     prepare_work_dir,
     rejection_reason,
-    rewrite_tar_keys,
     summarize,
 )
+from unicom.data.rekey import rewrite_tar_keys
 from unicom.errors import UnicomError
 from unicom.formats import global_key
 from unicom.synthetic import write_tar

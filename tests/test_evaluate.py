@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from unicom.evaluate import benchmarks
+from unicom.evaluate import sets
 from unicom.evaluate.evaluate import cap_set, main, stratified_subset
 from unicom.evaluate.summary import summary_rows, to_csv, to_markdown
 
@@ -33,9 +33,9 @@ def test_stratified_subset_keeps_every_label_in_proportion():
 
 
 def test_cap_keeps_the_gallery_of_a_query_gallery_set():
-    dataset = benchmarks.RetrievalSet(
+    dataset = sets.RetrievalSet(
         "x",
-        benchmarks.QUERY_GALLERY,
+        sets.QUERY_GALLERY,
         "test",
         items=tuple(range(30)),
         labels=tuple("ab" * 15),

@@ -29,13 +29,8 @@ import yaml
 from PIL import Image
 
 from unicom import formats
-from unicom.config import (
-    REHEARSAL_KEYS,
-    annotated_keys,
-    changed_keys,
-    layered_config,
-    parse_overrides,
-)
+from unicom.config import annotated_keys, layered_config, parse_overrides
+from unicom.rehearsal import REHEARSAL_KEYS, changed_keys
 
 from conftest import REPO, loopback_http
 

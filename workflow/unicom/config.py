@@ -17,7 +17,6 @@ import copy
 import functools
 import importlib.resources
 import json
-import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ import yaml
 from unicom.cli import run_cli
 from unicom.errors import UnicomError
 from unicom.io import write_text
+from unicom.rehearsal import rehearse
 
 # The demo's config, applied when no --configfile is given (relative to the working folder,
 # which is the repository for `snakemake` and `make demo`).
@@ -36,30 +36,6 @@ DEFAULT_CONFIGFILE = Path("config/config.yaml")
 # Schema annotations: who reads a key besides (or instead of) the section's stage.
 SCHEDULER = "x-scheduler"  # a job resource; Snakemake reads it, the stage never sees it
 PLANNING = "x-planning"  # Snakemake plans the DAG with it, or another rule reads it
-# train.pretrained values that fetch weights from a hub at run time.
-HUB_PRETRAINED = frozenset({"timm"})
-# What the rehearsal may change, beyond every x-scheduler key (tests/test_config.py pins it).
-REHEARSAL_KEYS = frozenset(
-    {
-        "output_dir",
-        "data.max_rows",
-        "kmeans.k",
-        "train.steps",
-        "train.batch_size",
-        "train.grad_accum_steps",
-        "train.nodes",
-        "train.nproc_per_node",
-        "train.pretrained",
-        "train.num_workers",
-        "embed.batch_size",
-        "embed.num_workers",
-        "evaluate.batch_size",
-        "evaluate.num_workers",
-        "evaluate.max_images",
-    }
-)
-# The rehearsal's forward passes (embed, evaluate) take this many times its training batch.
-REHEARSAL_INFERENCE_BATCH = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +213,7 @@ def layered_config(
         config = merge(config, load_config_file(path))
     config = validate_config(merge(config, typed_overrides(overrides or {}, schema)))
     if config["rehearsal"]["enabled"]:
-        config = validate_config(rehearse(config))
+        config = validate_config(rehearse(config, annotated_keys(SCHEDULER)))
     return in_schema_order(config, schema)
 
 
@@ -281,93 +257,6 @@ def in_schema_order(config: Mapping[str, Any], schema: Mapping[str, Any]) -> dic
                 value = in_schema_order(value, properties[key])
             ordered[key] = value
     return ordered
-
-
-# ---------------------------------------------------------------------------------------------
-# Rehearsal
-
-
-def _set(config: dict, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = config
-    for part in parents:
-        node = node[part]
-    node[leaf] = value
-
-
-def _get(config: Mapping, dotted: str) -> Any:
-    node: Any = config
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
-def rehearse(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``config`` (validated, defaults filled) sized for a small machine by its ``rehearsal``
-    section. Only the keys of REHEARSAL_KEYS and the x-scheduler keys change."""
-    plan = config["rehearsal"]
-    if plan["k"] > plan["rows"]:
-        raise UnicomError(
-            f"config key rehearsal.k: {plan['k']} exceeds rehearsal.rows ({plan['rows']}): "
-            "k-means needs at least k downloaded images"
-        )
-    rehearsed = copy.deepcopy(dict(config))
-    for key in annotated_keys(SCHEDULER):
-        _set(rehearsed, key, plan[key.rsplit(".", 1)[1]])
-    rehearsed["output_dir"] = config["output_dir"] + plan["output_suffix"]
-    max_rows = config["data"]["max_rows"]
-    rehearsed["data"]["max_rows"] = min(plan["rows"], max_rows or math.inf)
-    rehearsed["kmeans"]["k"] = plan["k"]
-    train = rehearsed["train"]
-    train.update(
-        steps=plan["steps"],
-        batch_size=plan["batch_size"],
-        grad_accum_steps=1,
-        nodes=1,
-        nproc_per_node=plan["ranks"],
-    )
-    if train["pretrained"] in HUB_PRETRAINED:
-        train["pretrained"] = None  # seeded random init: the rehearsal proves the path offline
-    inference_batch = REHEARSAL_INFERENCE_BATCH * plan["batch_size"]
-    for name in ("embed", "train", "evaluate"):
-        part = rehearsed[name]
-        part["num_workers"] = min(part["num_workers"], max(0, plan["threads"] - 1))
-        if name != "train":
-            part["batch_size"] = min(part["batch_size"], inference_batch)
-    cap = config["evaluate"]["max_images"]
-    rehearsed["evaluate"]["max_images"] = min(plan["evaluate_images"], cap or math.inf)
-    return rehearsed
-
-
-def changed_keys(before: Mapping[str, Any], after: Mapping[str, Any], prefix: str = "") -> set:
-    """Dotted paths of the leaves that differ between two configs (a mapping counts as a
-    branch, anything else as a leaf)."""
-    changed = set()
-    for key in set(before) | set(after):
-        path = f"{prefix}{key}"
-        old, new = before.get(key), after.get(key)
-        if isinstance(old, Mapping) and isinstance(new, Mapping):
-            changed |= changed_keys(old, new, path + ".")
-        elif old != new:
-            changed.add(path)
-    return changed
-
-
-def check_rehearsal_rows(config: Mapping[str, Any], url_list_rows: int) -> None:
-    """A rehearsal must find rows in the URL list, and at least k of them."""
-    if url_list_rows == 0:
-        raise UnicomError("config key data.url_list: the URL list has no rows")
-    rows = min(url_list_rows, config["data"]["max_rows"] or url_list_rows)
-    k = config["kmeans"]["k"]
-    if config["rehearsal"]["enabled"] and k > rows:
-        raise UnicomError(
-            f"config key rehearsal.k: {k} exceeds the {rows} rows the rehearsal takes from "
-            "data.url_list: k-means needs at least k downloaded images"
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
 
 
 def parse_overrides(entries: Iterable[str]) -> dict[str, Any]:

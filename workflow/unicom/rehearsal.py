@@ -11,7 +11,6 @@ from typing import Any
 
 from unicom.errors import UnicomError
 
-
 # train.pretrained values that fetch weights from a hub at run time.
 HUB_PRETRAINED = frozenset({"timm"})
 

@@ -137,7 +137,9 @@ def assign_file(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m unicom.cluster.assign", description=__doc__)
     parser.add_argument("--fused", nargs="+", required=True, help="fused Parquet per shard")
-    parser.add_argument("--centroids", required=True, help="centroids.npy from unicom.kmeans")
+    parser.add_argument(
+        "--centroids", required=True, help="centroids.npy from unicom.cluster.kmeans"
+    )
     parser.add_argument("--out", nargs="+", required=True, help="assignment Parquet per shard")
     parser.add_argument("--options-json", default="{}", help="the config's assign options as JSON")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for faiss")

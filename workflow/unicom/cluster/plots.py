@@ -33,7 +33,6 @@ def plot_grid(
     rows: Sequence[tuple[int, int, Sequence[tuple[bytes, str]]]], columns: int, path: str | Path
 ) -> None:
     """One row per cluster: (cluster, size, [(image bytes, caption), ...])."""
-    from PIL import Image
 
     plt = _pyplot()
     n_rows = max(len(rows), 1)

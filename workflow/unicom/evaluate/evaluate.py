@@ -23,7 +23,7 @@ from unicom.config import section_options
 from unicom.devices import resolve_device
 from unicom.encoders import build_encoder
 from unicom.errors import UnicomError
-from unicom.evaluate import benchmarks, metrics
+from unicom.evaluate import benchmarks, metrics, sets
 from unicom.io import write_json
 
 log = logging.getLogger("unicom.evaluate.evaluate")
@@ -71,7 +71,7 @@ class _Images(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self.transform(benchmarks.load_image(self.items[index]))
+        return self.transform(sets.load_image(self.items[index]))
 
 
 def embed_items(
@@ -106,11 +106,11 @@ def stratified_subset(labels: Sequence[str], limit: int, seed: int) -> np.ndarra
     return np.sort(np.concatenate(keep))
 
 
-def cap_set(dataset: benchmarks.RetrievalSet, limit: int | None, seed: int):
+def cap_set(dataset: sets.RetrievalSet, limit: int | None, seed: int):
     """Subsample a benchmark for quick runs: all items (single set) or the queries only."""
     if limit is None:
         return dataset
-    if dataset.protocol == benchmarks.SINGLE:
+    if dataset.protocol == sets.SINGLE:
         idx = stratified_subset(dataset.labels, limit, seed)
         return dataclasses.replace(
             dataset,
@@ -128,7 +128,7 @@ def cap_set(dataset: benchmarks.RetrievalSet, limit: int | None, seed: int):
 
 
 def evaluate(
-    embedder: ImageEmbedder, dataset: benchmarks.RetrievalSet, options: dict[str, Any]
+    embedder: ImageEmbedder, dataset: sets.RetrievalSet, options: dict[str, Any]
 ) -> dict[str, Any]:
     start = time.perf_counter()
     embeddings = embed_items(embedder, dataset.items, options["batch_size"], options["num_workers"])

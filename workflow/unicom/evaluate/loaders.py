@@ -49,14 +49,10 @@ fashion-mnist   ``ROOT/t10k-images-idx3-ubyte.gz`` and ``ROOT/t10k-labels-idx1-u
 
 from __future__ import annotations
 
-import argparse
 import csv
 import gzip
-import logging
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +60,9 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from unicom.cli import run_cli, setup_logging
 from unicom.errors import UnicomError
-from unicom.images import to_rgb
-from unicom.io import write_json
+from unicom.evaluate.sets import RetrievalSet, query_gallery_set, single_set
 from unicom.planning import FASHION_MNIST_DIR
-
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
@@ -332,7 +325,7 @@ def load_gldv2(root: Path, check_files: bool = True) -> RetrievalSet:
 
 
 def load_openclipart(path: Path, check_files: bool = True) -> RetrievalSet:
-    """The demo's held-out openclipart images (Parquet from ``unicom.demo_data``), as one set.
+    """The demo's held-out openclipart images (Parquet from ``unicom.demo.build``), as one set.
 
     Relative paths are taken relative to the Parquet file's folder.
     """

@@ -5,30 +5,18 @@ labels, and the protocol the metrics use (``unicom.evaluate.metrics.retrieval_me
 - ``query_gallery``: queries search a separate gallery.
 """
 
-
 from __future__ import annotations
 
-import argparse
-import csv
-import gzip
-import logging
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image
 
-from unicom.cli import run_cli, setup_logging
 from unicom.errors import UnicomError
 from unicom.images import to_rgb
-from unicom.io import write_json
-from unicom.planning import FASHION_MNIST_DIR
-
 
 SINGLE = "single"
 
@@ -46,7 +34,7 @@ class RetrievalSet:
 
     For ``protocol == "single"`` every item is a query and the gallery is the same set
     (``num_queries == len(items)``). Embed ``items`` once, in order, then pass
-    ``metric_inputs(embeddings)`` to ``unicom.metrics.retrieval_metrics``.
+    ``metric_inputs(embeddings)`` to ``unicom.evaluate.metrics.retrieval_metrics``.
     """
 
     name: str

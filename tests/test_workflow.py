@@ -297,8 +297,8 @@ def test_gather_commands_do_not_list_every_shard(demo_run):
     shard get the parts folder and a {part} pattern instead of 10,000s of file names."""
     result = snakemake(demo_run, "-n", "-p", "--forcerun", "kmeans", "download_summary")
     commands = shell_commands(result)
-    for stage in ("kmeans", "cluster_report", "download_summary", "train"):
-        (command,) = [c for c in commands if c.startswith(f"python -m unicom.{stage} ")]
+    for module in ("cluster.kmeans", "cluster.report", "data.summary", "train.train"):
+        (command,) = [c for c in commands if c.startswith(f"python -m unicom.{module} ")]
         assert "--each-part results/parts" in command or "--parts-dir results/parts" in command
         assert "00001" not in command, command
 

@@ -1,0 +1,120 @@
+"""The torch k-means backend against faiss on the same data and initialisation, and on 2 real
+gloo ranks against 1."""
+
+from __future__ import annotations
+
+import datetime
+import time
+
+import faiss
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_partial_fc import free_port
+
+from unicom.cluster.torch_kmeans import (
+    gather_rows,
+    kmeans,
+    nearest_centroids,
+    random_init,
+    split_empty,
+)
+from unicom.vectors import l2_normalize
+
+K, DIM, N, NITER, SEED = 40, 32, 4000, 8, 3
+
+
+def blobs() -> np.ndarray:
+    """Unit vectors around K random directions (some overlap, so assignments move)."""
+    rng = np.random.default_rng(0)
+    centres = l2_normalize(rng.standard_normal((K, DIM)).astype(np.float32))
+    labels = rng.integers(K, size=N)
+    return l2_normalize(centres[labels] + 0.35 * rng.standard_normal((N, DIM)).astype(np.float32))
+
+
+X = blobs()
+INIT_ROWS = random_init(N, K, SEED)
+
+
+def faiss_kmeans(x: np.ndarray, init: np.ndarray) -> tuple[np.ndarray, list[float]]:
+    km = faiss.Kmeans(DIM, K, niter=NITER, spherical=True, max_points_per_centroid=10**6, seed=SEED)
+    km.train(x, init_centroids=init)
+    return km.centroids, [float(it["obj"]) for it in km.iteration_stats]
+
+
+def test_objective_within_one_percent_of_faiss_on_the_same_initialisation():
+    torch.set_num_threads(1)
+    init = X[INIT_ROWS]
+    _, faiss_objectives = faiss_kmeans(X, init.copy())
+    result = kmeans(torch.from_numpy(X), torch.from_numpy(init), NITER, SEED, chunk=1000)
+    ours = [it["obj"] for it in result.iterations]
+    assert ours[0] == pytest.approx(faiss_objectives[0], rel=1e-5)  # same first assignment
+    assert ours[-1] == pytest.approx(faiss_objectives[-1], rel=0.01)
+    assert ours[-1] > ours[0]  # it learned something
+
+
+def test_assignment_agrees_with_faiss_on_nearly_every_row():
+    centroids, _ = faiss_kmeans(X, X[INIT_ROWS].copy())
+    index = faiss.IndexFlatIP(DIM)
+    index.add(centroids)
+    faiss_sims, faiss_labels = index.search(X, 2)
+    for precision in ("fp32", "bf16"):
+        sims, labels = nearest_centroids(
+            torch.from_numpy(X), torch.from_numpy(centroids), 2, 512, precision
+        )
+        agree = (labels.numpy()[:, 0] == faiss_labels[:, 0]).mean()
+        assert agree >= 0.999, (precision, agree)
+        np.testing.assert_allclose(sims.numpy(), faiss_sims, atol=1e-5)
+
+
+def test_an_empty_cluster_is_split_from_a_populated_one_deterministically():
+    centroids = torch.eye(3, 4)
+    counts = torch.tensor([5, 0, 1])
+    first = centroids.clone()
+    assert split_empty(first, counts, np.random.default_rng(1)) == 1
+    second = centroids.clone()
+    split_empty(second, counts, np.random.default_rng(1))
+    torch.testing.assert_close(first, second)
+    # Cluster 0 is the only one with points to spare: the empty cluster 1 becomes its twin.
+    assert torch.allclose(first[1] / first[1].norm(), first[0] / first[0].norm(), atol=1e-2)
+    assert not torch.equal(first[1], first[0])
+
+
+def _rank(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+
+    def reduce(tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor)
+        return tensor
+
+    bounds = np.linspace(0, N, world + 1).astype(int)
+    local = torch.from_numpy(X[bounds[rank] : bounds[rank + 1]])
+    init = gather_rows(local, int(bounds[rank]), INIT_ROWS, reduce)
+    result = kmeans(local, init, NITER, SEED, reduce, chunk=700)
+    torch.save({"centroids": result.centroids, "iterations": result.iterations}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_give_the_centroids_of_one(tmp_path):
+    context = mp.spawn(_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("k-means ranks did not finish in 120 s")
+    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
+    torch.testing.assert_close(ranks[0]["centroids"], ranks[1]["centroids"], rtol=0, atol=0)
+    single = kmeans(torch.from_numpy(X), torch.from_numpy(X[INIT_ROWS]), NITER, SEED, chunk=1000)
+    torch.testing.assert_close(ranks[0]["centroids"], single.centroids, rtol=1e-5, atol=1e-5)
+    objectives = [it["obj"] for it in ranks[0]["iterations"]]
+    assert objectives == pytest.approx([it["obj"] for it in single.iterations], rel=1e-6)

@@ -187,25 +187,40 @@ def check_training_rate(device: torch.device, sizes: dict) -> None:
     )
 
 
-def check_embedding_rate(device: torch.device, sizes: dict) -> None:
-    """Images/s of a ViT-B/32 image tower forward (timm, bf16): the embed stage's model-only rate
-    (open_clip is not on a lent machine; the towers have the same shape)."""
-    import timm
+def embedding_model(sizes: dict, device: torch.device) -> tuple[str, Callable, int]:
+    """open_clip ViT-B-32's image tower (random init) as the embed stage runs it, when open_clip
+    is installed (carried as a wheel, see gpu_check.sh); else timm's ViT-B/32 of the same shape."""
+    size = sizes["image_size"]
+    try:
+        import open_clip
+    except ImportError:
+        import timm
 
-    batch, size = sizes["embed_batch"], sizes["image_size"]
-    model = timm.create_model(sizes["embed_model"], pretrained=False, num_classes=0, img_size=size)
-    model = model.to(device).eval()
+        name = sizes["embed_model"]
+        model = timm.create_model(name, pretrained=False, num_classes=0, img_size=size)
+        return f"timm {name} (no open_clip here)", model.to(device).eval(), size
+    name = sizes["open_clip_model"]
+    model = open_clip.create_model(name, pretrained=None, device=device).eval()
+    image_size = model.visual.image_size
+    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
+    return f"open_clip {name}", model.encode_image, int(image_size)
+
+
+def check_embedding_rate(device: torch.device, sizes: dict) -> None:
+    """Images/s of the embed stage's image model forward, bf16 autocast on a GPU."""
+    batch = sizes["embed_batch"]
+    name, encode, size = embedding_model(sizes, device)
     images = torch.randn(batch, 3, size, size, device=device)
     autocast = device.type == "cuda"
 
     @torch.no_grad()
     def forward() -> None:
         with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
-            F.normalize(model(images), dim=1)
+            F.normalize(encode(images), dim=1)
 
     seconds = timed(forward, device, repeats=sizes["repeats"])
     print(
-        f"embed {sizes['embed_model']} batch {batch}: {batch / seconds:.0f} img/s "
+        f"embed {name} batch {batch}: {batch / seconds:.0f} img/s "
         f"-> 400M images: {400e6 / (batch / seconds) / 3600:.0f} GPU-h (image tower only)"
     )
 
@@ -231,6 +246,29 @@ def check_gemm_rate(device: torch.device, sizes: dict) -> None:
         f"{kmeans_units * ns_per_unit / 1e9 / 3600:.1f} GPU-h, assignment "
         f"{assign_units * ns_per_unit / 1e9 / 3600:.1f} GPU-h"
     )
+
+
+def check_torch_kmeans(device: torch.device, sizes: dict) -> None:
+    """The kmeans.backend: torch iteration (unicom.cluster.torch_kmeans, one rank) against a
+    bare torch.matmul of the same shapes: how much of the GEMM rate k-means keeps."""
+    from unicom.cluster.torch_kmeans import kmeans
+
+    n, k, d, niter = sizes["kmeans_n"], sizes["kmeans_k"], 512, sizes["kmeans_niter"]
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = F.normalize(torch.randn(n, d, device=device, generator=generator), dim=1)
+    init = x[torch.randperm(n, device=device, generator=generator)[:k]]
+    flops = 2 * n * d * k
+    chunk = sizes["kmeans_chunk"]
+    block = x[:chunk]
+    matmul = timed(lambda: block @ init.T, device, repeats=5) * (n / chunk)
+    for precision in ("fp32", "bf16"):
+        result = kmeans(x, init, niter, seed=0, chunk=chunk, precision=precision)
+        best = min(it["time"] for it in result.iterations)
+        print(
+            f"torch k-means n {n} k {k} d {d} {precision}: {flops / best / 1e9:.0f} GFLOP/s per "
+            f"iteration vs torch.matmul fp32 {flops / matmul / 1e9:.0f} (ratio {matmul / best:.2f}); "
+            f"objective {result.iterations[0]['obj']:.0f} -> {result.iterations[-1]['obj']:.0f}"
+        )
 
 
 def check_nccl(device: torch.device, sizes: dict) -> None:
@@ -260,19 +298,25 @@ CHECKS = (
     check_training_rate,
     check_embedding_rate,
     check_gemm_rate,
+    check_torch_kmeans,
     check_nccl,
 )
 SIZES = {
     "check_classes": 10_000,
     "classes": 1_000_000,
-    "head_batch": 1024,
+    "head_batch": 256,
     "train_model": "vit_base_patch16_224",
     "embed_model": "vit_base_patch32_224",
+    "open_clip_model": "ViT-B-32",
     "image_size": 224,
     "train_batch": 128,
-    "embed_batch": 512,
+    "embed_batch": 256,
     "gemm_n": 65_536,
     "gemm_k": 100_000,
+    "kmeans_n": 4_000_000,
+    "kmeans_k": 100_000,
+    "kmeans_niter": 3,
+    "kmeans_chunk": 16_384,
     "repeats": 10,
 }
 QUICK = {
@@ -287,6 +331,10 @@ QUICK = {
     "embed_batch": 4,
     "gemm_n": 1024,
     "gemm_k": 2048,
+    "kmeans_n": 4096,
+    "kmeans_k": 256,
+    "kmeans_niter": 2,
+    "kmeans_chunk": 1024,
     "repeats": 2,
 }
 

@@ -8,6 +8,8 @@ import functools
 KMEANS = config["kmeans"]
 ASSIGN = config["assign"]
 DIAGNOSTICS = ASSIGN["diagnostics"]
+# A backend asked for what it cannot do stops here, before any job.
+planned(planning.check_kmeans_backend, KMEANS)
 # The shards the diagnostics read: all, or a seeded sample of assign.diagnostics.max_shards.
 DIAGNOSTIC_SAMPLE = functools.partial(
     planning.diagnostic_parts, diagnostics=DIAGNOSTICS
@@ -32,11 +34,17 @@ rule kmeans:
         mem_mb=KMEANS["mem_mb"],
         runtime=KMEANS["runtime"],
         gpu=KMEANS["gpus"],
+        # torch backend: kmeans.nodes x kmeans.nproc_per_node ranks, launched like training.
+        nodes=KMEANS["nodes"],
+        tasks=KMEANS["nodes"] * KMEANS["nproc_per_node"],
     params:
+        launcher=lambda wildcards, resources: planned(
+            planning.kmeans_launcher, KMEANS, dict(resources.items())
+        ),
         options=stage_options("kmeans"),
         fused=each_part("fused/{part}.parquet"),
     shell:
-        "python -m unicom.cluster.kmeans --out-centroids {output.centroids:q} --out-stats {output.stats:q}"
+        "{params.launcher:q} --out-centroids {output.centroids:q} --out-stats {output.stats:q}"
         " --threads {threads} --options-json {params.options:q}"
         " --each-part {input.parts:q} {params.fused:q} 2> {log:q}"
 
@@ -60,9 +68,11 @@ rule assign:
         gpu=ASSIGN["gpus"],
     params:
         options=stage_options("assign"),
+        kmeans=stage_options("kmeans"),
     shell:
         "python -m unicom.cluster.assign --fused {input.fused:q} --centroids {input.centroids:q}"
-        " --out {output:q} --threads {threads} --options-json {params.options:q} 2> {log:q}"
+        " --out {output:q} --threads {threads} --options-json {params.options:q}"
+        " --kmeans-options-json {params.kmeans:q} 2> {log:q}"
 
 
 rule cluster_sizes:

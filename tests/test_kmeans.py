@@ -8,7 +8,8 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from unicom import formats
 from unicom.cli import run_cli
-from unicom.cluster.kmeans import allocate_subclusters, cluster_files, main, sample_plan
+from unicom.cluster.kmeans import allocate_subclusters, cluster_files, main
+from unicom.cluster.sample import sample_plan
 from unicom.vectors import inspect_files, read_rows
 
 

@@ -292,3 +292,43 @@ def test_planning_loads_no_stage_package():
         env={**os.environ, "PYTHONPATH": str(REPO / "workflow")},
     )
     assert result.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- k-means
+
+
+def kmeans_section(**changes) -> dict:
+    section = demo_config()["kmeans"]
+    section.update({"init": "random", "two_level": False, **changes})  # the demo: kmeans++
+    return section
+
+
+def test_faiss_kmeans_is_one_plain_process_even_under_a_slurm_profile():
+    command = planning.kmeans_launcher(kmeans_section(), {"mpi": "srun", "nodes": 1, "tasks": 1})
+    assert command == ["python", "-m", "unicom.cluster.kmeans"]
+
+
+def test_torch_kmeans_ranks_start_like_training():
+    two = kmeans_section(backend="torch", nproc_per_node=2)
+    assert planning.kmeans_launcher(two, {"nodes": 1, "tasks": 2}) == [
+        "torchrun", "--standalone", "--nproc-per-node", "2", "-m", "unicom.cluster.kmeans"
+    ]  # fmt: skip
+    many = kmeans_section(backend="torch", nodes=4, nproc_per_node=8)
+    command = planning.kmeans_launcher(many, {"mpi": "srun", "nodes": 4, "tasks": 32})
+    assert command[:7] == ["srun", "--nodes", "4", "--ntasks", "32", "--ntasks-per-node", "8"]
+    with pytest.raises(UnicomError, match="^config key kmeans.nodes: above 1 needs a SLURM"):
+        planning.kmeans_launcher(many, {"nodes": 4, "tasks": 32})
+
+
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"backend": "faiss", "nproc_per_node": 2}, "kmeans.nodes"),
+        ({"backend": "faiss", "nodes": 2}, "kmeans.nodes"),
+        ({"backend": "torch", "init": "kmeans++"}, "kmeans.init"),
+        ({"backend": "torch", "two_level": True}, "kmeans.two_level"),
+    ],
+)
+def test_what_a_kmeans_backend_cannot_do_names_the_key(changes, key):
+    with pytest.raises(UnicomError, match=f"^config key {key}: "):
+        planning.check_kmeans_backend(kmeans_section(**changes))

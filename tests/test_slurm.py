@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -474,3 +475,27 @@ def test_sigusr1_checkpoints_and_the_rerun_resumes(demo_runs, small_image_folder
     info = json.loads((out_dir / "model.json").read_text())
     assert info["training"]["steps"] == steps and info["training"]["world_size"] == 2
     print(f"\nSIGUSR1 after step {step} of {steps}; resumed there in SLURM job {resumed_id}")
+
+
+# Last in the module: it changes the kmeans settings of the demo run's folder.
+def test_torch_kmeans_runs_two_srun_ranks_in_one_slurm_job(demo_runs):
+    """kmeans.backend: torch with 2 ranks: one SLURM job in which srun starts both (the
+    `mpi: srun` a profile sets for kmeans when it runs more than one rank)."""
+    workdir = demo_runs.workdir
+    kmeans = "kmeans={backend: torch, nproc_per_node: 2, init: random, threads: 1, device: cpu}"
+    run = snakemake_slurm(
+        workdir, "torch-kmeans", "--forcerun", "kmeans", "--config", kmeans,
+        "--set-resources", "kmeans:mpi=srun", "kmeans:tasks_per_gpu=1",
+        targets=("results/kmeans/centroids.npy",),
+    )  # fmt: skip
+    assert run.returncode == 0, tail(run)
+    assert run.jobs() == Counter({("kmeans", None): 1}), sorted(run.jobs().items())
+    job_id = only_submission(run, "rule_kmeans")
+    assert slurm_states([job_id]) == {job_id: "COMPLETED"}
+    log = (workdir / "results/logs/kmeans.log").read_text()
+    for rank in (0, 1):
+        assert re.search(rf"rank {rank}/2 \(slurm\): gloo rendezvous at ", log), log[-3000:]
+    stats = json.loads((workdir / "results/kmeans/kmeans.json").read_text())
+    assert stats["backend"] == "torch" and stats["ranks"] == 2 and stats["sample_size"] == 36
+    centroids = np.load(workdir / "results/kmeans/centroids.npy")
+    assert centroids.shape[0] == 4 and np.isfinite(centroids).all()

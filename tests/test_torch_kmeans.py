@@ -4,6 +4,9 @@ gloo ranks against 1."""
 from __future__ import annotations
 
 import datetime
+import json
+import subprocess
+import sys
 import time
 
 import faiss
@@ -12,8 +15,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_kmeans import blobs as kmeans_blobs
+from test_kmeans import split_files, write_fused
 from test_partial_fc import free_port
 
+from unicom.cluster.assign import assign_file
 from unicom.cluster.torch_kmeans import (
     gather_rows,
     kmeans,
@@ -21,7 +27,7 @@ from unicom.cluster.torch_kmeans import (
     random_init,
     split_empty,
 )
-from unicom.vectors import l2_normalize
+from unicom.vectors import l2_normalize, save_centroids
 
 K, DIM, N, NITER, SEED = 40, 32, 4000, 8, 3
 
@@ -118,3 +124,81 @@ def test_two_gloo_ranks_give_the_centroids_of_one(tmp_path):
     torch.testing.assert_close(ranks[0]["centroids"], single.centroids, rtol=1e-5, atol=1e-5)
     objectives = [it["obj"] for it in ranks[0]["iterations"]]
     assert objectives == pytest.approx([it["obj"] for it in single.iterations], rel=1e-6)
+
+
+# --- the kmeans stage with kmeans.backend: torch -------------------------------------------------
+
+
+def run_stage(tmp_path, name: str, paths: list[str], launcher: list[str], **options) -> dict:
+    out = tmp_path / name
+    options = {"k": 12, "niter": 6, "backend": "torch", "device": "cpu", **options}
+    command = [*launcher, "-m", "unicom.cluster.kmeans", *paths, "--threads", "2",
+               "--out-centroids", str(out / "centroids.npy"), "--out-stats", str(out / "stats.json"),
+               "--options-json", json.dumps(options)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {
+        "centroids": np.load(out / "centroids.npy"),
+        "stats": json.loads((out / "stats.json").read_text()),
+        "stderr": result.stderr,
+    }
+
+
+def test_the_stage_on_two_torchrun_ranks_writes_the_centroids_of_one(tmp_path):
+    vectors, _ = kmeans_blobs(12, 60, dim=16, noise=0.2, seed=4)
+    paths = split_files(tmp_path, vectors, parts=5)
+    one = run_stage(tmp_path, "one", paths, [sys.executable])
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+    ]
+    two = run_stage(tmp_path, "two", paths, torchrun)
+    assert two["stats"]["ranks"] == 2 and one["stats"]["ranks"] == 1
+    assert two["stats"]["sample_size"] == one["stats"]["sample_size"] == 720
+    np.testing.assert_allclose(two["centroids"], one["centroids"], atol=1e-5)
+    first = [it["objective"] for it in one["stats"]["iterations"]]
+    assert [it["objective"] for it in two["stats"]["iterations"]] == pytest.approx(first, rel=1e-6)
+    assert first[-1] > first[0]
+    assert two["stats"]["backend"] == "torch" and len(two["centroids"]) == 12
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"init": "kmeans++"}, "config key kmeans.init: 'kmeans++' is faiss-only"),
+        ({"two_level": True}, "config key kmeans.two_level: faiss-only"),
+        ({"backend": "cuml"}, "kmeans.backend"),
+    ],
+)
+def test_what_the_torch_backend_does_not_do_is_a_one_line_config_error(tmp_path, options, message):
+    path = tmp_path / "00000.parquet"
+    write_fused(path, X[:100])
+    command = [sys.executable, "-m", "unicom.cluster.kmeans", str(path), "--out-centroids",
+               str(tmp_path / "c.npy"), "--out-stats", str(tmp_path / "s.json"), "--options-json",
+               json.dumps({"k": 4, "backend": "torch", **options})]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("unicom: error: ") and message in line
+
+
+def test_assign_with_the_torch_backend_agrees_with_faiss(tmp_path):
+    fused = tmp_path / "00000.parquet"
+    write_fused(fused, X)
+    centroids, _ = faiss_kmeans(X, X[INIT_ROWS].copy())
+    save_centroids(tmp_path / "centroids.npy", centroids)
+    tables = {}
+    for backend in ("faiss", "torch"):
+        kmeans_section = {"k": K, "backend": backend, "device": "cpu", "chunk": 999}
+        tables[backend] = assign_file(
+            str(fused), str(tmp_path / "centroids.npy"), str(tmp_path / f"{backend}.parquet"),
+            {}, kmeans=kmeans_section,
+        ).to_pydict()  # fmt: skip
+    labels = {b: np.array(t["label"]) for b, t in tables.items()}
+    assert (labels["torch"] == labels["faiss"]).mean() >= 0.999
+    for column in ("sim", "sim2"):
+        np.testing.assert_allclose(tables["torch"][column], tables["faiss"][column], atol=1e-5)

@@ -23,6 +23,7 @@ from unicom.formats import batch_name
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 # The trainer the launcher starts on every rank.
 TRAIN_MODULE = "unicom.train.train"
+KMEANS_MODULE = "unicom.cluster.kmeans"
 
 
 # --------------------------------------------------------------------------- batches
@@ -153,13 +154,13 @@ def _auto_fashion_mnist(config: Mapping[str, Any], system: str | os.PathLike) ->
 # --------------------------------------------------------------------------- training
 
 
-def train_launcher(train: Mapping[str, Any], resources: Mapping[str, Any]) -> list[str]:
-    """The command that starts the training ranks, as an argument list.
-
-    ``train`` is the config's train section, ``resources`` the train job's resources (the
-    rule's nodes and tasks, and the profile's ``mpi``).
-    """
-    nproc = int(train["nproc_per_node"])
+def rank_launcher(
+    key: str, section: Mapping[str, Any], resources: Mapping[str, Any], module: str
+) -> list[str]:
+    """The command that starts the ranks of a rank-parallel stage (``key``: train, kmeans), as
+    an argument list. ``section`` is its config section, ``resources`` the job's resources
+    (the rule's nodes and tasks, and the profile's ``mpi``)."""
+    nproc = int(section["nproc_per_node"])
     if resources.get("mpi"):
         # SLURM profiles set `mpi: srun`; the rule sets `nodes` and `tasks` (= nodes x
         # nproc_per_node): srun starts one rank per task, nproc_per_node on each node, and
@@ -176,13 +177,45 @@ def train_launcher(train: Mapping[str, Any], resources: Mapping[str, Any]) -> li
             str(nproc),
             "python",
             "-m",
-            TRAIN_MODULE,
+            module,
         ]
-    if int(train["nodes"]) > 1:
+    if int(section["nodes"]) > 1:
         raise UnicomError(
-            "config key train.nodes: above 1 needs a SLURM profile that sets "
-            "mpi: srun for train (torchrun --standalone runs on one node)"
+            f"config key {key}.nodes: above 1 needs a SLURM profile that sets "
+            f"mpi: srun for {key} (torchrun --standalone runs on one node)"
         )
     if nproc > 1:
-        return ["torchrun", "--standalone", "--nproc-per-node", str(nproc), "-m", TRAIN_MODULE]
-    return ["python", "-m", TRAIN_MODULE]
+        return ["torchrun", "--standalone", "--nproc-per-node", str(nproc), "-m", module]
+    return ["python", "-m", module]
+
+
+def train_launcher(train: Mapping[str, Any], resources: Mapping[str, Any]) -> list[str]:
+    """The command that starts the training ranks (see ``rank_launcher``)."""
+    return rank_launcher("train", train, resources, TRAIN_MODULE)
+
+
+def check_kmeans_backend(kmeans: Mapping[str, Any]) -> None:
+    """What each k-means backend can do: faiss runs in one process; the torch backend is flat
+    k-means from seeded random rows."""
+    if kmeans["backend"] == "faiss":
+        if int(kmeans["nodes"]) * int(kmeans["nproc_per_node"]) > 1:
+            raise UnicomError(
+                "config key kmeans.nodes: more than one rank needs kmeans.backend: torch "
+                "(faiss runs in one process, on all the GPUs it sees)"
+            )
+        return
+    if kmeans["init"] != "random":
+        raise UnicomError(
+            f"config key kmeans.init: '{kmeans['init']}' is faiss-only; the torch backend "
+            "starts from seeded random sample rows (use random)"
+        )
+    if kmeans["two_level"]:
+        raise UnicomError("config key kmeans.two_level: faiss-only; the torch backend is flat")
+
+
+def kmeans_launcher(kmeans: Mapping[str, Any], resources: Mapping[str, Any]) -> list[str]:
+    """The k-means job's command: one process for faiss, the ranks for the torch backend."""
+    check_kmeans_backend(kmeans)
+    if kmeans["backend"] == "faiss":
+        return ["python", "-m", KMEANS_MODULE]
+    return rank_launcher("kmeans", kmeans, resources, KMEANS_MODULE)

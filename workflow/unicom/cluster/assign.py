@@ -52,9 +52,42 @@ def assign_vectors(
         raise UnicomError(
             f"need at least 2 centroids for a second-best similarity, got {len(centroids)}"
         )
-    index = index if index is not None else centroid_index(centroids, gpu)
-    sims, labels = search_centroids(index, vectors, 2, batch_size)
+    if isinstance(index, TorchSearch):
+        sims, labels = index.search(vectors)
+    else:
+        index = index if index is not None else centroid_index(centroids, gpu)
+        sims, labels = search_centroids(index, vectors, 2, batch_size)
     return labels[:, 0].astype(np.int32), sims[:, 0].copy(), sims[:, 1].copy()
+
+
+class TorchSearch:
+    """The two nearest centroids by chunked matmul on ``device`` (kmeans.backend: torch)."""
+
+    def __init__(self, centroids: np.ndarray, kmeans: Mapping[str, Any]):
+        import torch
+
+        from unicom.devices import resolve_device
+
+        self.torch = torch
+        self.device = resolve_device(str(kmeans["device"]), "kmeans.device")
+        self.centroids = torch.from_numpy(centroids).to(self.device)
+        self.chunk, self.precision = kmeans["chunk"], kmeans["precision"]
+
+    def search(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from unicom.cluster.torch_kmeans import nearest_centroids
+
+        x = self.torch.from_numpy(np.ascontiguousarray(vectors)).to(self.device)
+        sims, labels = nearest_centroids(x, self.centroids, 2, self.chunk, self.precision)
+        return sims.cpu().numpy(), labels.cpu().numpy()
+
+
+def centroid_search(centroids: np.ndarray, gpu: bool, kmeans: Mapping[str, Any] | None) -> Any:
+    """What labels the rows: faiss's flat index, or the torch search of kmeans.backend: torch."""
+    if len(centroids) < 2:
+        return None  # assign_vectors explains
+    if kmeans is not None and kmeans["backend"] == "torch":
+        return TorchSearch(centroids, kmeans)
+    return centroid_index(centroids, gpu)
 
 
 def read_vectors(
@@ -74,14 +107,17 @@ def assign_files(
     out_paths: Sequence[str],
     options: Mapping[str, Any],
     threads: int | None = None,
+    kmeans: Mapping[str, Any] | None = None,
 ) -> list[pa.Table]:
-    """Label every row of each fused file (centroids loaded once); write and return the tables."""
+    """Label every row of each fused file (centroids loaded once); write and return the tables.
+    ``kmeans`` (the kmeans section) chooses the backend; faiss without it."""
     check_pairs("--fused", fused_paths, "--out", out_paths)
     options = section_options("assign", options)
+    kmeans = None if kmeans is None else section_options("kmeans", kmeans)
     tune_faiss(threads)
     gpu = resolve_gpu(options["gpu"])
     centroids = load_centroids(centroids_path)
-    index = centroid_index(centroids, gpu) if len(centroids) >= 2 else None
+    index = centroid_search(centroids, gpu, kmeans)
     digest = centroids_digest(centroids)
     tables = []
     for fused_path, out_path in zip(fused_paths, out_paths, strict=True):
@@ -129,9 +165,10 @@ def assign_file(
     out_path: str,
     options: Mapping[str, Any],
     threads: int | None = None,
+    kmeans: Mapping[str, Any] | None = None,
 ) -> pa.Table:
     """Label every row of one fused file; write and return the assignment table."""
-    return assign_files([fused_path], centroids_path, [out_path], options, threads)[0]
+    return assign_files([fused_path], centroids_path, [out_path], options, threads, kmeans)[0]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,10 +180,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", nargs="+", required=True, help="assignment Parquet per shard")
     parser.add_argument("--options-json", default="{}", help="the config's assign options as JSON")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for faiss")
+    parser.add_argument(
+        "--kmeans-options-json", help="the kmeans section: its backend labels the rows too"
+    )
     args = parser.parse_args(argv)
     setup_logging()
+    kmeans = parse_options_json(args.kmeans_options_json) if args.kmeans_options_json else None
+    if args.threads and kmeans is not None and kmeans.get("backend") == "torch":
+        import torch
+
+        torch.set_num_threads(args.threads)
     assign_files(
-        args.fused, args.centroids, args.out, parse_options_json(args.options_json), args.threads
+        args.fused,
+        args.centroids,
+        args.out,
+        parse_options_json(args.options_json),
+        args.threads,
+        kmeans,
     )
 
 

@@ -1,4 +1,5 @@
-"""Spherical k-means (faiss) over the fused embeddings of all shards: the pseudo-classes.
+"""Spherical k-means over the fused embeddings of all shards: the pseudo-classes. faiss by
+default; ``kmeans.backend: torch`` runs ``unicom.cluster.torch_kmeans`` on every rank instead.
 
 Training reads a seeded sample of at most ``k * max_points_per_centroid`` vectors, streamed
 from the shard Parquet files row group by row group, so the full corpus is never in memory.
@@ -35,17 +36,22 @@ from unicom.cli import (
     run_cli,
     setup_logging,
 )
+from unicom.cluster import torch_kmeans
+from unicom.cluster.sample import (
+    check_enough_vectors,
+    cluster_size_summary,
+    read_sample,
+    sample_plan,
+)
 from unicom.config import section_options
 from unicom.errors import UnicomError
 from unicom.io import write_json
+from unicom.planning import check_kmeans_backend
 from unicom.vectors import (
-    EmbeddingFile,
     centroid_index,
     centroids_digest,
-    check_finite,
     inspect_files,
     l2_normalize,
-    read_rows,
     resolve_gpu,
     save_centroids,
     search_centroids,
@@ -54,8 +60,6 @@ from unicom.vectors import (
 
 log = logging.getLogger("unicom.cluster.kmeans")
 
-# Clusters with fewer sample points than this fraction of the mean size count as tiny.
-TINY_FRACTION = 0.1
 INIT_METHODS = {
     "kmeans++": "ClusteringInitMethod_KMEANS_PLUS_PLUS",
     "afkmc2": "ClusteringInitMethod_AFK_MC2",
@@ -64,54 +68,6 @@ INIT_METHODS = {
 
 # ---------------------------------------------------------------------------------------------
 # Inputs: shape checks and the seeded sample
-
-
-def check_enough_vectors(files: Sequence[EmbeddingFile], k: int) -> None:
-    total = sum(f.rows for f in files)
-    if k > total:
-        where = files[0].path if len(files) == 1 else f"{files[0].path} .. {files[-1].path}"
-        raise UnicomError(
-            f"kmeans.k = {k} exceeds the {total} vectors in {len(files)} file(s) ({where})"
-        )
-
-
-def sample_plan(rows: Sequence[int], max_points: int, seed: int) -> list[np.ndarray]:
-    """Sorted row indices to read from each file: a seeded uniform sample of ``max_points``.
-
-    Equivalent to drawing ``max_points`` distinct global indices, but in memory proportional
-    to the sample: a multivariate hypergeometric draw splits the sample among the files, then
-    each file draws its own rows. Every row is taken when the total fits.
-    """
-    rows = np.asarray(rows, dtype=np.int64)
-    if rows.sum() <= max_points:
-        return [np.arange(n, dtype=np.int64) for n in rows]
-    rng = np.random.default_rng(seed)
-    per_file = rng.multivariate_hypergeometric(rows, max_points, method="marginals")
-    return [
-        np.sort(rng.choice(n, size=m, replace=False)).astype(np.int64)
-        for n, m in zip(rows, per_file, strict=True)
-    ]
-
-
-def read_sample(
-    files: Sequence[EmbeddingFile],
-    plan: Sequence[np.ndarray],
-    column: str = formats.EMBEDDING_COLUMN,
-) -> np.ndarray:
-    """The planned rows of every file as one (n, d) float32 array of unit vectors."""
-    total = sum(len(p) for p in plan)
-    sample = np.empty((total, files[0].dim), dtype=np.float32)
-    offset = 0
-    for file, indices in tqdm(
-        list(zip(files, plan, strict=True)), desc="read sample", unit="file", mininterval=5
-    ):
-        if len(indices) == 0:
-            continue
-        vectors = read_rows(file.path, column, indices)
-        check_finite(vectors, file.path, lambda i, rows=indices: f"row {rows[i]}")
-        sample[offset : offset + len(vectors)] = l2_normalize(vectors)
-        offset += len(vectors)
-    return sample
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,18 +193,6 @@ def stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def cluster_size_summary(sizes: np.ndarray) -> dict[str, Any]:
-    tiny_below = max(1, math.ceil(TINY_FRACTION * sizes.mean()))
-    return {
-        "min": int(sizes.min()),
-        "median": float(np.median(sizes)),
-        "max": int(sizes.max()),
-        "empty": int((sizes == 0).sum()),
-        "tiny": int(((sizes > 0) & (sizes < tiny_below)).sum()),
-        "tiny_means_fewer_than": tiny_below,
-    }
-
-
 def train(x: np.ndarray, options: Mapping[str, Any], gpu: bool) -> tuple[np.ndarray, dict]:
     """Cluster the sample ``x`` (unit rows); return (centroids, statistics)."""
     k = options["k"]
@@ -292,7 +236,9 @@ def train(x: np.ndarray, options: Mapping[str, Any], gpu: bool) -> tuple[np.ndar
 
 def kmeans_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """The kmeans section with the schema's defaults, checked (k >= 2 among them)."""
-    return section_options("kmeans", options)
+    options = section_options("kmeans", options)
+    check_kmeans_backend(options)  # the same check the Snakefile makes before any job
+    return options
 
 
 def cluster_files(
@@ -356,9 +302,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging()
     fused = expand_parts(args.fused, args.each_part)
-    centroids, stats = cluster_files(
-        fused, parse_options_json(args.options_json), threads=args.threads
-    )
+    options = kmeans_options(parse_options_json(args.options_json))
+    if options["backend"] == "torch":
+        result = torch_kmeans.cluster_files(fused, options, threads=args.threads)
+        if result is None:
+            return  # ranks other than 0 write nothing
+        centroids, stats = result
+    else:
+        centroids, stats = cluster_files(fused, options, threads=args.threads)
     save_centroids(args.out_centroids, centroids)
     write_json(args.out_stats, stats)
     log.info(

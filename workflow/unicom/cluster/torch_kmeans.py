@@ -19,11 +19,16 @@ a process group too.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+from unicom import distributed, formats
+from unicom.devices import rank_device
 
 # faiss's split perturbation (Clustering.cpp: EPS = 1 / 1024).
 SPLIT_EPS = 1.0 / 1024
@@ -47,7 +52,7 @@ def nearest_centroids(
     x: torch.Tensor,
     centroids: torch.Tensor,
     topk: int = 1,
-    chunk: int = 65536,
+    chunk: int = 4096,
     precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(similarities, labels), each (n, topk), best first, by inner product, ``chunk`` rows at
@@ -122,7 +127,7 @@ def kmeans(
     niter: int,
     seed: int,
     reduce: Reduce = no_reduce,
-    chunk: int = 65536,
+    chunk: int = 4096,
     precision: str = "fp32",
 ) -> TorchKmeansResult:
     """``niter`` iterations from ``init_centroids`` (k x d) over this rank's unit rows ``x``."""
@@ -178,3 +183,99 @@ def gather_rows(
         local = torch.as_tensor(rows[mine] - offset, device=x.device)
         out[torch.as_tensor(np.flatnonzero(mine), device=x.device)] = x[local]
     return reduce(out)
+
+
+# --------------------------------------------------------------------------- the stage, per rank
+
+
+def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over the ranks (in place); a no-op without a process group."""
+    if distributed.is_distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def rank_files(planned: Sequence[int], world: int) -> list[tuple[int, int]]:
+    """Contiguous file ranges [first, last) per rank with about equal planned rows (a rank gets
+    none when there are fewer files than ranks)."""
+    starts = np.cumsum([0, *planned])  # rows planned before each file
+    cuts = [int(np.searchsorted(starts, starts[-1] * r / world)) for r in range(world)]
+    bounds = [min(cut, len(planned)) for cut in cuts] + [len(planned)]
+    return [(bounds[r], bounds[r + 1]) for r in range(world)]
+
+
+def cluster_files(
+    paths: Sequence[str],
+    options: Mapping[str, Any],
+    column: str = formats.EMBEDDING_COLUMN,
+    threads: int | None = None,
+) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """The kmeans stage on this rank (call it on every rank): the same seeded sample as the
+    faiss backend, each rank reading a contiguous slice of it. Rank 0 gets (centroids,
+    statistics), the other ranks None."""
+    info = distributed.world_info_from_env()
+    device = rank_device(str(options["device"]), info.local_rank, "kmeans.device")
+    if threads:
+        torch.set_num_threads(max(1, threads // max(1, info.local_world_size)))
+    distributed.init_distributed(info, device)
+    try:
+        return _cluster_on_rank(paths, options, column, info, device)
+    finally:
+        distributed.shutdown()
+
+
+def _cluster_on_rank(paths, options, column, info, device) -> tuple[np.ndarray, dict] | None:
+    # Here, not at the top: the core above needs torch alone (bench/gpu_check.py imports it on
+    # a machine without faiss).
+    from unicom.cluster.sample import (
+        check_enough_vectors,
+        cluster_size_summary,
+        read_sample,
+        sample_plan,
+    )
+    from unicom.vectors import centroids_digest, inspect_files
+
+    k, seed = options["k"], options["seed"]
+    files = inspect_files(paths, column)
+    check_enough_vectors(files, k)
+    plan = sample_plan([f.rows for f in files], k * options["max_points_per_centroid"], seed)
+    planned = [len(p) for p in plan]
+    first, last = rank_files(planned, info.world_size)[info.rank]
+    offset = int(sum(planned[:first]))
+    started = time.monotonic()
+    local = read_sample(files[first:last], plan[first:last], column) if last > first else None
+    x = torch.from_numpy(local if local is not None else np.zeros((0, files[0].dim), np.float32))
+    x = x.to(device)
+    read_seconds = time.monotonic() - started
+    total = int(sum(planned))
+    init = gather_rows(x, offset, random_init(total, k, seed), all_reduce)
+    started = time.monotonic()
+    result = kmeans(
+        x, init, options["niter"], seed, all_reduce, options["chunk"], options["precision"]
+    )
+    train_seconds = time.monotonic() - started
+    sims, labels = nearest_centroids(x, result.centroids, 1, options["chunk"], options["precision"])
+    objective = all_reduce(sims.sum(dtype=torch.float64).reshape(1))
+    sizes = all_reduce(torch.bincount(labels[:, 0], minlength=k))
+    if info.rank != 0:
+        return None
+    centroids = result.centroids.cpu().numpy().astype(np.float32)
+    stats = {
+        "k": k, "d": files[0].dim, "column": column, "files": len(files),
+        "vectors": sum(f.rows for f in files), "sample_size": total,
+        "sample_cap": k * options["max_points_per_centroid"], "options": dict(options),
+        "backend": "torch", "torch_version": torch.__version__, "device": str(device),
+        "ranks": info.world_size, "read_seconds": round(read_seconds, 3),
+        "train_seconds": round(train_seconds, 3), "centroids_sha256": centroids_digest(centroids),
+        "objective_meaning": "sum over the sample of the cosine to the nearest centroid (higher is better)",
+        "iterations": [
+            {"objective": it["obj"], "seconds": round(it["time"], 3),
+             "search_seconds": round(it["time_search"], 3),
+             "imbalance_factor": round(it["imbalance_factor"], 4), "split_clusters": it["nsplit"]}
+            for it in result.iterations
+        ],
+        "final_objective": float(objective.item()),
+        "mean_cosine_to_centroid": float(objective.item()) / total,
+        "sample_cluster_sizes": cluster_size_summary(sizes.cpu().numpy()),
+    }  # fmt: skip
+    return centroids, stats

@@ -1,0 +1,80 @@
+"""The k-means training sample: a seeded uniform sample of at most ``k x max_points_per_centroid``
+rows of the fused files, read row group by row group (the corpus is never in memory at once).
+Both backends draw the same sample; the torch backend's ranks each read a contiguous slice."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from unicom import formats
+from unicom.errors import UnicomError
+from unicom.vectors import EmbeddingFile, check_finite, l2_normalize, read_rows
+
+
+def check_enough_vectors(files: Sequence[EmbeddingFile], k: int) -> None:
+    total = sum(f.rows for f in files)
+    if k > total:
+        where = files[0].path if len(files) == 1 else f"{files[0].path} .. {files[-1].path}"
+        raise UnicomError(
+            f"kmeans.k = {k} exceeds the {total} vectors in {len(files)} file(s) ({where})"
+        )
+
+
+def sample_plan(rows: Sequence[int], max_points: int, seed: int) -> list[np.ndarray]:
+    """Sorted row indices to read from each file: a seeded uniform sample of ``max_points``.
+
+    Equivalent to drawing ``max_points`` distinct global indices, but in memory proportional
+    to the sample: a multivariate hypergeometric draw splits the sample among the files, then
+    each file draws its own rows. Every row is taken when the total fits.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.sum() <= max_points:
+        return [np.arange(n, dtype=np.int64) for n in rows]
+    rng = np.random.default_rng(seed)
+    per_file = rng.multivariate_hypergeometric(rows, max_points, method="marginals")
+    return [
+        np.sort(rng.choice(n, size=m, replace=False)).astype(np.int64)
+        for n, m in zip(rows, per_file, strict=True)
+    ]
+
+
+def read_sample(
+    files: Sequence[EmbeddingFile],
+    plan: Sequence[np.ndarray],
+    column: str = formats.EMBEDDING_COLUMN,
+) -> np.ndarray:
+    """The planned rows of every file as one (n, d) float32 array of unit vectors."""
+    total = sum(len(p) for p in plan)
+    sample = np.empty((total, files[0].dim), dtype=np.float32)
+    offset = 0
+    for file, indices in tqdm(
+        list(zip(files, plan, strict=True)), desc="read sample", unit="file", mininterval=5
+    ):
+        if len(indices) == 0:
+            continue
+        vectors = read_rows(file.path, column, indices)
+        check_finite(vectors, file.path, lambda i, rows=indices: f"row {rows[i]}")
+        sample[offset : offset + len(vectors)] = l2_normalize(vectors)
+        offset += len(vectors)
+    return sample
+
+
+# Clusters with fewer sample points than this fraction of the mean size count as tiny.
+TINY_FRACTION = 0.1
+
+
+def cluster_size_summary(sizes: np.ndarray) -> dict[str, Any]:
+    tiny_below = max(1, math.ceil(TINY_FRACTION * sizes.mean()))
+    return {
+        "min": int(sizes.min()),
+        "median": float(np.median(sizes)),
+        "max": int(sizes.max()),
+        "empty": int((sizes == 0).sum()),
+        "tiny": int(((sizes > 0) & (sizes < tiny_below)).sum()),
+        "tiny_means_fewer_than": tiny_below,
+    }

@@ -8,8 +8,10 @@ import functools
 KMEANS = config["kmeans"]
 ASSIGN = config["assign"]
 DIAGNOSTICS = ASSIGN["diagnostics"]
-# A backend asked for what it cannot do stops here, before any job.
+# A backend asked for what it cannot do, or ranks on several nodes without srun, stop here,
+# before any job.
 planned(planning.check_kmeans_backend, KMEANS)
+planned(planning.check_multi_node, "kmeans", KMEANS, profile_resource("kmeans", "mpi"))
 # The shards the diagnostics read: all, or a seeded sample of assign.diagnostics.max_shards.
 DIAGNOSTIC_SAMPLE = functools.partial(
     planning.diagnostic_parts, diagnostics=DIAGNOSTICS

@@ -26,6 +26,11 @@ def planned(function, *args):
         sys.exit(f"unicom: error: {err}")
 
 
+def profile_resource(rule, name):
+    """A resource the profile (or --set-resources) sets for `rule`; spawned jobs get the same."""
+    return workflow.resource_settings.overwrite_resources.get(rule, {}).get(name)
+
+
 def as_json(value):
     """A config section as one JSON string for `--options-json {params.options:q}`."""
     return json.dumps(value, sort_keys=True)

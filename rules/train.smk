@@ -5,6 +5,8 @@
 # not declared outputs, so Snakemake leaves them in place.
 
 TRAIN = config["train"]
+# Ranks on several nodes need the profile's srun: stop before any job otherwise.
+planned(planning.check_multi_node, "train", TRAIN, profile_resource("train", "mpi"))
 
 
 rule train:

@@ -332,3 +332,11 @@ def test_torch_kmeans_ranks_start_like_training():
 def test_what_a_kmeans_backend_cannot_do_names_the_key(changes, key):
     with pytest.raises(UnicomError, match=f"^config key {key}: "):
         planning.check_kmeans_backend(kmeans_section(**changes))
+
+
+def test_several_nodes_need_the_profiles_srun_before_any_job():
+    section = kmeans_section(backend="torch", nodes=2)
+    with pytest.raises(UnicomError, match="^config key kmeans.nodes: above 1 needs a SLURM"):
+        planning.check_multi_node("kmeans", section, None)
+    planning.check_multi_node("kmeans", section, "srun")
+    planning.check_multi_node("kmeans", kmeans_section(backend="torch", nproc_per_node=8), None)

@@ -347,6 +347,12 @@ def test_ten_shards_per_job_make_one_job_per_stage(tmp_path, small_image_folder)
         ({"demo": {"colour": 1}}, "config key demo.colour: unknown key"),
         # torchrun --standalone is single-node: more nodes only through a SLURM profile's srun
         ({"train": {"nodes": 2}}, "config key train.nodes: above 1 needs a SLURM profile"),
+        (
+            {"kmeans": {"backend": "torch", "init": "random", "nodes": 2}},
+            "config key kmeans.nodes: above 1 needs a SLURM profile",
+        ),
+        ({"kmeans": {"backend": "torch"}}, "config key kmeans.init: 'kmeans++' is faiss-only"),
+        ({"kmeans": {"backend": "cuml"}}, "config key kmeans.backend: 'cuml' is not one of"),
     ],
 )
 def test_bad_config_fails_with_one_line_before_any_job(
@@ -395,6 +401,9 @@ def test_the_laion_config_sees_no_demo_value(tmp_path):
         "results-laion400m/config.yaml",
         "--config",
         f"data={{url_list: [{url_list}]}}",
+        # its 8 training nodes need a profile's srun, or the Snakefile stops before any job
+        "--set-resources",
+        "train:mpi=srun",
     )
     used = yaml.safe_load((tmp_path / "results-laion400m/config.yaml").read_text())
     schema = yaml.safe_load((REPO / "config/schema.yaml").read_text())

@@ -189,6 +189,15 @@ def rank_launcher(
     return ["python", "-m", module]
 
 
+def check_multi_node(key: str, section: Mapping[str, Any], mpi: str | None) -> None:
+    """Before any job: several nodes need the profile's srun launch (``mpi``) for ``key``."""
+    if int(section["nodes"]) > 1 and not mpi:
+        raise UnicomError(
+            f"config key {key}.nodes: above 1 needs a SLURM profile that sets "
+            f"mpi: srun for {key} (torchrun --standalone runs on one node)"
+        )
+
+
 def train_launcher(train: Mapping[str, Any], resources: Mapping[str, Any]) -> list[str]:
     """The command that starts the training ranks (see ``rank_launcher``)."""
     return rank_launcher("train", train, resources, TRAIN_MODULE)

@@ -1,0 +1,28 @@
+"""bench/gpu_check.sh, the one prepared run for a lent GPU machine, as far as a CPU can run it:
+every check at tiny sizes (``--quick``), none failing, and its output file written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from conftest import REPO
+
+
+def test_every_check_runs_on_a_cpu_at_tiny_sizes(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(
+        ["bash", str(REPO / "bench/gpu_check.sh"), "--quick"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    output = (tmp_path / "gpu_check.txt").read_text()
+    assert result.returncode == 0, output[-3000:]
+    assert "8 checks ran, 0 failed" in output, output[-3000:]
+    for line in (
+        "head C=",
+        "train ",
+        "embed ",
+        "GEMM+argmax",
+        "torch k-means n 4096 k 256 d 512 bf16",
+    ):
+        assert line in output, (line, output[-3000:])

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
+import socket
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,6 +20,31 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Tests must never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Two ranks of one node under real torchrun (append `-m <module> ...`).
+TORCHRUN_TWO_RANKS = [
+    sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"
+]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def join_gloo(rank: int, world: int, port: int) -> None:
+    """One thread, and a gloo process group on loopback: a rank spawned by a test."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
 
 
 def make_image_folder(

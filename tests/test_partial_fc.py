@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import datetime
 import itertools
-import socket
 import time
 
 import pytest
@@ -15,6 +13,8 @@ import torch.nn.functional as F
 
 from unicom.errors import UnicomError
 from unicom.train.partial_fc import INIT_BLOCK, PartialFC, class_range, init_prototypes
+
+from conftest import free_port, join_gloo
 
 NUM_CLASSES, DIM, SEED = 37, 12, 3  # 37 classes split 19 + 18 over two ranks
 RANK_ROWS = [slice(0, 5), slice(5, 8)]  # unequal local batches: 5 + 3
@@ -80,14 +80,7 @@ def assert_close(actual, expected):
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    join_gloo(rank, world, port)
     rows = RANK_ROWS[rank]
     results = {}
     for name, sample_rate, feature_rate in (("full", 1.0, 1.0), ("sampled", 0.25, 0.5)):
@@ -106,12 +99,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         results["error"] = str(err)
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ gloo ranks against 1."""
 
 from __future__ import annotations
 
-import datetime
 import json
 import subprocess
 import sys
@@ -17,7 +16,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_kmeans import blobs as kmeans_blobs
 from test_kmeans import split_files, write_fused
-from test_partial_fc import free_port
 
 from unicom.cluster.assign import assign_file
 from unicom.cluster.torch_kmeans import (
@@ -28,6 +26,8 @@ from unicom.cluster.torch_kmeans import (
     split_empty,
 )
 from unicom.vectors import l2_normalize, save_centroids
+
+from conftest import TORCHRUN_TWO_RANKS, free_port, join_gloo
 
 K, DIM, N, NITER, SEED = 40, 32, 4000, 8, 3
 
@@ -89,14 +89,7 @@ def test_an_empty_cluster_is_split_from_a_populated_one_deterministically():
 
 
 def _rank(rank: int, world: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    join_gloo(rank, world, port)
 
     def reduce(tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor)
@@ -148,15 +141,7 @@ def test_the_stage_on_two_torchrun_ranks_writes_the_centroids_of_one(tmp_path):
     vectors, _ = kmeans_blobs(12, 60, dim=16, noise=0.2, seed=4)
     paths = split_files(tmp_path, vectors, parts=5)
     one = run_stage(tmp_path, "one", paths, [sys.executable])
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-    ]
-    two = run_stage(tmp_path, "two", paths, torchrun)
+    two = run_stage(tmp_path, "two", paths, TORCHRUN_TWO_RANKS)
     assert two["stats"]["ranks"] == 2 and one["stats"]["ranks"] == 1
     assert two["stats"]["sample_size"] == one["stats"]["sample_size"] == 720
     np.testing.assert_allclose(two["centroids"], one["centroids"], atol=1e-5)

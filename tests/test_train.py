@@ -37,6 +37,8 @@ from unicom.train.partial_fc import PartialFC
 from unicom.train.streams import StreamPlan, batches_before, epoch_shard_order, stream_samples
 from unicom.train.train import main, train_options
 
+from conftest import TORCHRUN_TWO_RANKS
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 8
@@ -100,12 +102,7 @@ def cli_args(dataset, out_dir, options, num_classes=NUM_CLASSES, extra=()) -> li
 def launch(dataset, out_dir: Path, **overrides) -> subprocess.Popen:
     """2 ranks under real torchrun, in their own process group (so that a kill reaches all)."""
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
+        *TORCHRUN_TWO_RANKS,
         "-m",
         "unicom.train.train",
         *cli_args(dataset, out_dir, {**OPTIONS, **overrides}),

@@ -179,11 +179,7 @@ def rank_launcher(
             "-m",
             module,
         ]
-    if int(section["nodes"]) > 1:
-        raise UnicomError(
-            f"config key {key}.nodes: above 1 needs a SLURM profile that sets "
-            f"mpi: srun for {key} (torchrun --standalone runs on one node)"
-        )
+    check_multi_node(key, section, None)
     if nproc > 1:
         return ["torchrun", "--standalone", "--nproc-per-node", str(nproc), "-m", module]
     return ["python", "-m", module]

@@ -8,7 +8,7 @@ from test_kmeans import blobs, unit, write_fused
 
 from unicom import formats
 from unicom.cli import run_cli
-from unicom.cluster.assign import assign_file, assign_vectors, main
+from unicom.cluster.assign import assign_file, assign_vectors, main, nearest_labels
 from unicom.errors import UnicomError
 from unicom.formats import ASSIGN_METADATA_KEY
 from unicom.vectors import centroids_digest, save_centroids
@@ -35,6 +35,28 @@ def test_assign_vectors_matches_brute_force():
     assert labels.dtype == np.int32 and sim.dtype == sim2.dtype == np.float32
 
 
+def test_top_labels_are_the_nearest_centroids_in_order(tmp_path, centroids_file):
+    rng = np.random.default_rng(1)
+    vectors, centroids = unit(rng.normal(size=(200, 8))), unit(rng.normal(size=(9, 8)))
+    labels, sims = nearest_labels(vectors, centroids, top=4, batch_size=64)
+    scores = vectors @ centroids.T
+    np.testing.assert_array_equal(labels, np.argsort(-scores, axis=1)[:, :4])
+    np.testing.assert_allclose(sims, -np.sort(-scores, axis=1)[:, :4], atol=1e-5)
+    # Through the file: labels/sims hold all four, label/sim/sim2 the first two of them.
+    path, out = tmp_path / "00001.parquet", tmp_path / "assign/00001.parquet"
+    write_fused(path, blobs(3, 10, dim=16)[0], "00001")
+    table = assign_file(str(path), str(centroids_file[0]), str(out), {"top_labels": 4})
+    stacked = np.stack(table["labels"].to_numpy(zero_copy_only=False))
+    assert stacked.shape == (30, 4) and all(len(set(row)) == 4 for row in stacked)
+    np.testing.assert_array_equal(stacked[:, 0], table["label"].to_numpy())
+    sims = np.stack(table["sims"].to_numpy(zero_copy_only=False))
+    np.testing.assert_array_equal(sims[:, 1], table["sim2"].to_numpy())
+    assert np.all(np.diff(sims, axis=1) <= 0)
+    assert formats.read_metadata(str(out), ASSIGN_METADATA_KEY)["top_labels"] == 4
+    with pytest.raises(UnicomError, match=r"need at least 7 centroids for the 7 nearest"):
+        assign_file(str(path), str(centroids_file[0]), str(out), {"top_labels": 7})
+
+
 def test_assign_file_keeps_every_key_in_order(tmp_path, centroids_file):
     centroids_path, centroids = centroids_file
     vectors, _ = blobs(3, 20, dim=16)
@@ -42,7 +64,7 @@ def test_assign_file_keeps_every_key_in_order(tmp_path, centroids_file):
     out = tmp_path / "assign" / "00007.parquet"
     assign_file(str(tmp_path / "00007.parquet"), str(centroids_path), str(out), {"gpu": "auto"})
     table = pq.read_table(out)
-    assert table.column_names == ["key", "label", "sim", "sim2"]
+    assert table.column_names == ["key", "label", "sim", "sim2", "labels", "sims"]
     assert table.num_rows == 60 and table["key"].to_pylist() == keys
     assert str(table.schema.field("label").type) == "int32"
     assert np.all(table["sim"].to_numpy() >= table["sim2"].to_numpy())
@@ -79,7 +101,7 @@ def test_an_empty_shard_gets_an_empty_assignment(tmp_path, centroids_file):
     write_fused(path, np.zeros((0, 16), np.float32), "00003")
     table = assign_file(str(path), str(centroids_file[0]), str(out), {"gpu": "auto"})
     assert table.num_rows == 0
-    assert pq.read_table(out).column_names == ["key", "label", "sim", "sim2"]
+    assert pq.read_table(out).column_names == ["key", "label", "sim", "sim2", "labels", "sims"]
 
 
 @pytest.mark.parametrize("case", ["nan", "dims", "empty"])

@@ -136,7 +136,7 @@ def test_bad_config_files_are_one_line(tmp_path):
 
 def test_sections_drop_what_only_snakemake_reads():
     assign = section({"assign": {"threads": 3, "batch_size": 10}}, "assign")
-    assert assign == {"gpu": "auto", "batch_size": 10}
+    assert assign == {"gpu": "auto", "batch_size": 10, "top_labels": 2}
     diagnostics = section({}, "assign.diagnostics")
     assert "mem_mb" not in diagnostics and diagnostics["grid_images"] == 6
     evaluate = section({}, "evaluate")

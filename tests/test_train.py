@@ -500,6 +500,23 @@ def test_ambiguous_labels_are_dropped_and_counted(dataset):
     assert len(labels) + counts["ambiguous"] == PER_SHARD[0]
 
 
+def test_positives_read_the_nearest_labels_and_train(dataset, tmp_path, capsys):
+    """train.positives 2: each sample carries assign's two nearest labels, the MLCD head trains
+    on them (finite, falling loss); 3 is more than the files hold: one line naming the key."""
+    item = ShardInput(0, dataset["shards"][0], dataset["assignments"][0])
+    single, _ = read_shard_labels(item, NUM_CLASSES)
+    double, _ = read_shard_labels(item, NUM_CLASSES, positives=2)
+    assert double.labels.shape == (PER_SHARD[0], 2)
+    np.testing.assert_array_equal(double.labels[:, 0], single.labels)
+    assert np.all(double.labels[:, 0] != double.labels[:, 1])
+    out_dir = tmp_path / "train"
+    main(cli_args(dataset, out_dir, {**OPTIONS, "steps": 6, "positives": 2, "lr": 0.05}))
+    losses = [json.loads(line)["loss"] for line in (out_dir / "metrics.jsonl").open()]
+    assert len(losses) == 6 and np.isfinite(losses).all() and losses[-1] < losses[0]
+    line = error_line(capsys, cli_args(dataset, tmp_path / "out3", {**OPTIONS, "positives": 3}))
+    assert "nearest 2 centroids per row, but train.positives is 3" in line
+
+
 def test_k_mismatch_is_one_line(dataset, tmp_path, capsys):
     line = error_line(capsys, cli_args(dataset, tmp_path / "out", OPTIONS, num_classes=9))
     assert "k=8 centroids" in line and "9 classes" in line

@@ -139,6 +139,17 @@ def check_consistency(config: Mapping[str, Any]) -> None:
             "config key fuse.mode: 'mean' needs image and text in one shared space (a single CLIP "
             f"model), but embed.encoder is '{config['embed']['encoder']}'; use 'concat'"
         )
+    if config["assign"]["top_labels"] > config["kmeans"]["k"]:
+        raise UnicomError(
+            f"config key assign.top_labels: {config['assign']['top_labels']} nearest centroids "
+            f"of kmeans.k = {config['kmeans']['k']}"
+        )
+    positives, kept = config["train"]["positives"], config["assign"]["top_labels"]
+    if positives > kept:
+        raise UnicomError(
+            f"config key train.positives: {positives} positives per image, but assign keeps "
+            f"only the nearest {kept} centroids (assign.top_labels)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

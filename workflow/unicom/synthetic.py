@@ -96,12 +96,19 @@ def write_synthetic_shard(
             keys.append(key)
             labels.append(label)
     write_tar(shard_path, members)
+    sims = np.stack([rng.uniform(0.6, 0.9, len(keys)), rng.uniform(0.3, 0.6, len(keys))], axis=1)
+    # The second nearest: another class, as assign's top 2 would be.
+    second = (np.array(labels, np.int64) + rng.integers(1, num_classes, len(keys))) % num_classes
     table = pa.table(
         {
             "key": pa.array(keys, pa.string()),
             "label": pa.array(labels, pa.int32()),
-            "sim": pa.array(rng.uniform(0.6, 0.9, len(keys)), pa.float32()),
-            "sim2": pa.array(rng.uniform(0.3, 0.6, len(keys)), pa.float32()),
+            "sim": pa.array(sims[:, 0], pa.float32()),
+            "sim2": pa.array(sims[:, 1], pa.float32()),
+            "labels": pa.FixedSizeListArray.from_arrays(
+                pa.array(np.stack([labels, second], axis=1).reshape(-1), pa.int32()), 2
+            ),
+            "sims": pa.FixedSizeListArray.from_arrays(pa.array(sims.reshape(-1), pa.float32()), 2),
         }
     )
     metadata = {formats.ASSIGN_METADATA_KEY: {"k": num_classes, "synthetic": True}}

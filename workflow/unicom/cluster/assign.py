@@ -2,7 +2,9 @@
 
 Writes ``assign/{part}.parquet`` with ``key``, ``label`` (int32), ``sim`` (cosine to that
 centroid) and ``sim2`` (cosine to the second nearest, so that training can drop ambiguous
-samples whose margin ``sim - sim2`` is small), in the fused file's key order. Exact search
+samples whose margin ``sim - sim2`` is small), and ``labels``/``sims``: the
+``assign.top_labels`` nearest centroids and their cosines, nearest first (MLCD's positives), in
+the fused file's key order. Exact search
 (faiss IndexFlatIP), on all visible GPUs when there are any.
 """
 
@@ -37,6 +39,32 @@ from unicom.vectors import (
 log = logging.getLogger("unicom.cluster.assign")
 
 
+def nearest_labels(
+    vectors: np.ndarray,
+    centroids: np.ndarray,
+    top: int = 2,
+    gpu: bool = False,
+    batch_size: int = 65536,
+    index: Any = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n, d) unit vectors -> the ``top`` nearest centroids (n, top) int32 and their cosines
+    (n, top) float32, nearest first.
+
+    ``index`` is ``centroid_search(...)`` when the caller labels several shards.
+    """
+    if len(centroids) < max(top, 2):
+        raise UnicomError(
+            f"need at least {max(top, 2)} centroids for the {top} nearest (assign.top_labels), "
+            f"got {len(centroids)}"
+        )
+    if isinstance(index, TorchSearch):
+        sims, labels = index.search(vectors, top)
+    else:
+        index = index if index is not None else centroid_index(centroids, gpu)
+        sims, labels = search_centroids(index, vectors, top, batch_size)
+    return labels.astype(np.int32), sims.astype(np.float32)
+
+
 def assign_vectors(
     vectors: np.ndarray,
     centroids: np.ndarray,
@@ -44,24 +72,32 @@ def assign_vectors(
     batch_size: int = 65536,
     index: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(n, d) unit vectors -> (label int32, sim float32, second-best sim float32).
+    """(n, d) unit vectors -> (label int32, sim float32, second-best sim float32)."""
+    labels, sims = nearest_labels(vectors, centroids, 2, gpu, batch_size, index)
+    return labels[:, 0].copy(), sims[:, 0].copy(), sims[:, 1].copy()
 
-    ``index`` is ``centroid_index(centroids, gpu)`` when the caller labels several shards.
-    """
-    if len(centroids) < 2:
-        raise UnicomError(
-            f"need at least 2 centroids for a second-best similarity, got {len(centroids)}"
-        )
-    if isinstance(index, TorchSearch):
-        sims, labels = index.search(vectors)
-    else:
-        index = index if index is not None else centroid_index(centroids, gpu)
-        sims, labels = search_centroids(index, vectors, 2, batch_size)
-    return labels[:, 0].astype(np.int32), sims[:, 0].copy(), sims[:, 1].copy()
+
+def assignment_table(keys: pa.ChunkedArray, labels: np.ndarray, sims: np.ndarray) -> pa.Table:
+    """key, label, sim, sim2 (the nearest two) and labels, sims (all ``top``, nearest first)."""
+    top = labels.shape[1]
+    return pa.table(
+        {
+            "key": keys,
+            "label": pa.array(labels[:, 0], pa.int32()),
+            "sim": pa.array(sims[:, 0], pa.float32()),
+            "sim2": pa.array(sims[:, 1], pa.float32()),
+            "labels": pa.FixedSizeListArray.from_arrays(
+                pa.array(labels.reshape(-1), pa.int32()), top
+            ),
+            "sims": pa.FixedSizeListArray.from_arrays(
+                pa.array(sims.reshape(-1), pa.float32()), top
+            ),
+        }
+    )
 
 
 class TorchSearch:
-    """The two nearest centroids by chunked matmul on ``device`` (kmeans.backend: torch)."""
+    """The nearest centroids by chunked matmul on ``device`` (kmeans.backend: torch)."""
 
     def __init__(self, centroids: np.ndarray, kmeans: Mapping[str, Any]):
         import torch
@@ -73,18 +109,18 @@ class TorchSearch:
         self.centroids = torch.from_numpy(centroids).to(self.device)
         self.chunk, self.precision = kmeans["chunk"], kmeans["precision"]
 
-    def search(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, vectors: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
         from unicom.cluster.torch_kmeans import nearest_centroids
 
         x = self.torch.from_numpy(np.ascontiguousarray(vectors)).to(self.device)
-        sims, labels = nearest_centroids(x, self.centroids, 2, self.chunk, self.precision)
+        sims, labels = nearest_centroids(x, self.centroids, top, self.chunk, self.precision)
         return sims.cpu().numpy(), labels.cpu().numpy()
 
 
 def centroid_search(centroids: np.ndarray, gpu: bool, kmeans: Mapping[str, Any] | None) -> Any:
     """What labels the rows: faiss's flat index, or the torch search of kmeans.backend: torch."""
     if len(centroids) < 2:
-        return None  # assign_vectors explains
+        return None  # nearest_labels explains
     if kmeans is not None and kmeans["backend"] == "torch":
         return TorchSearch(centroids, kmeans)
     return centroid_index(centroids, gpu)
@@ -127,19 +163,15 @@ def assign_files(
                 f"{fused_path}: embeddings have dimension {vectors.shape[1]}, but the centroids "
                 f"in {centroids_path} have {centroids.shape[1]} (rerun kmeans)"
             )
-        labels, sims, sims2 = assign_vectors(vectors, centroids, gpu, options["batch_size"], index)
-        table = pa.table(
-            {
-                "key": keys,
-                "label": pa.array(labels, pa.int32()),
-                "sim": pa.array(sims, pa.float32()),
-                "sim2": pa.array(sims2, pa.float32()),
-            }
+        labels, sims = nearest_labels(
+            vectors, centroids, options["top_labels"], gpu, options["batch_size"], index
         )
+        table = assignment_table(keys, labels, sims)
         identity = {
             "k": len(centroids),
             "d": centroids.shape[1],
             "centroids_sha256": digest,
+            "top_labels": options["top_labels"],
             # How the clustered vectors were made, for reports downstream.
             "fusion": formats.read_metadata(fused_path, formats.FUSION_METADATA_KEY),
         }
@@ -153,7 +185,7 @@ def assign_files(
             out_path,
             len(centroids),
             "GPU" if gpu else "CPU",
-            float(sims.mean()) if len(sims) else float("nan"),
+            float(sims[:, 0].mean()) if len(sims) else float("nan"),
         )
         tables.append(table)
     return tables

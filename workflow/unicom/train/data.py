@@ -144,30 +144,49 @@ class ShardLabels:
     shard: str
     assignment: str
     keys: pa.Array
-    labels: np.ndarray  # int32
+    labels: np.ndarray  # int32 (n,), or (n, positives) when train.positives > 1
 
     def __len__(self) -> int:
         return len(self.labels)
 
 
+def read_positives(table: pa.Table, path: str, positives: int) -> np.ndarray:
+    """(n,) labels for ``positives`` 1, else (n, positives): the nearest ``labels`` first."""
+    if positives == 1:
+        return table["label"].to_numpy().astype(np.int64)
+    column = table["labels"].combine_chunks()
+    width = column.type.list_size if pa.types.is_fixed_size_list(column.type) else 0
+    if width < positives:
+        raise UnicomError(
+            f"{path}: holds the nearest {width} centroids per row, but train.positives is "
+            f"{positives} (raise assign.top_labels and rerun assign)"
+        )
+    return column.flatten().to_numpy().astype(np.int64).reshape(-1, width)[:, :positives]
+
+
 def read_shard_labels(
-    item: ShardInput, num_classes: int, min_label_margin: float | None = None
+    item: ShardInput,
+    num_classes: int,
+    min_label_margin: float | None = None,
+    positives: int = 1,
 ) -> tuple[ShardLabels, dict[str, int]]:
     """Labels of one shard, checked; returns them and the counts (assigned, ambiguous)."""
     columns = list(ASSIGNMENT_COLUMNS) + (list(MARGIN_COLUMNS) if min_label_margin else [])
+    columns += ["labels"] if positives > 1 else []
     try:
         table = pq.read_table(item.assignment, columns=columns)
-    except (OSError, pa.ArrowInvalid) as err:
+    except (OSError, pa.ArrowInvalid, KeyError) as err:
         raise UnicomError(f"{item.assignment}: cannot read columns {columns} ({err})") from None
     keys = table["key"].combine_chunks().cast(pa.string())
-    labels = table["label"].to_numpy().astype(np.int64)
+    labels = read_positives(table, item.assignment, positives)
     if keys.null_count:
         raise UnicomError(f"{item.assignment}: {keys.null_count} rows have no key")
-    out_of_range = (labels < 0) | (labels >= num_classes)
+    out_of_range = ((labels < 0) | (labels >= num_classes)).reshape(len(labels), -1)
     if out_of_range.any():
-        row = int(np.flatnonzero(out_of_range)[0])
+        row, column = (int(i[0]) for i in np.nonzero(out_of_range))
         raise UnicomError(
-            f"{item.assignment}: label {labels[row]} of key {keys[row].as_py()!r} is outside "
+            f"{item.assignment}: label {labels.reshape(len(labels), -1)[row, column]} of key "
+            f"{keys[row].as_py()!r} is outside "
             f"[0, {num_classes}) (kmeans.k = {num_classes})"
         )
     if pc.count_distinct(keys).as_py() != len(keys):
@@ -206,6 +225,7 @@ def prepare_rank_data(
     world: int,
     streams: int,
     min_label_margin: float | None = None,
+    positives: int = 1,
 ) -> RankData:
     """Check every input, split the shards over the ranks and read this rank's labels.
 
@@ -223,7 +243,7 @@ def prepare_rank_data(
             item = inputs[index]
             if not os.path.isfile(item.shard):
                 raise UnicomError(f"shard {item.shard} does not exist")
-            labels, count = read_shard_labels(item, num_classes, min_label_margin)
+            labels, count = read_shard_labels(item, num_classes, min_label_margin, positives)
             shards.append(labels)
             counts[item.name] = {**count, "kept": len(labels), "rank": rank}
         return shards, counts

@@ -107,6 +107,7 @@ def train_on_rank(
         info.world_size,
         options["streams"],
         options["min_label_margin"],
+        options["positives"],
     )
     steps = total_steps(options, data.total_samples, info.world_size)
     run = Run(options, info, device, out_dir, data, num_classes, steps)

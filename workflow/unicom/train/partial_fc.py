@@ -13,6 +13,8 @@ Every step, on every rank:
 4. ArcFace logits: ``s * cos(theta_y + m)`` for the label, ``s * cos(theta_j)`` otherwise, and the
    softmax cross-entropy over all ranks' columns, exact: the row max and the sum of exponentials
    are all-reduced, the label's logit comes from the rank that owns it.
+   With ``l > 1`` labels per row (MLCD, ``train.positives``), step 4 is the multi-label margin
+   loss of ``unicom.train.mlcd`` instead, distributed the same way.
 
 With world size 1 (or no process group) nothing distributed is called.
 
@@ -32,13 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from unicom.errors import UnicomError
+from unicom.train.mlcd import COS_LIMIT, ShardedMultiLabelLoss
 
 # Prototypes are initialised in blocks of classes, each block from its own seed, so the full
 # matrix is the same whatever the world size.
 INIT_BLOCK = 8192
 INIT_STD = 0.01
-# acos' gradient is infinite at cos = +-1; clamp just inside.
-COS_LIMIT = 1.0 - 1e-7
 
 
 def class_range(num_classes: int, rank: int, world: int) -> tuple[int, int]:
@@ -187,16 +188,23 @@ class PartialFC(nn.Module):
         self.last_num_positives = 0  # classes of the batch among last_selected_classes
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """``embeddings (B_r, dim)``, ``labels (B_r,)`` -> scalar loss, mean over the global B."""
+        """``embeddings (B_r, dim)``, ``labels (B_r,)`` -> scalar loss, mean over the global B.
+
+        ``labels (B_r, l)`` with ``l > 1``: each row's ``l`` positive classes (MLCD), all kept
+        among the sampled prototypes; the loss is then ``unicom.train.mlcd``'s. ``(B_r, 1)`` is
+        the ArcFace head, as ``(B_r,)``.
+        """
         if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
             raise UnicomError(
                 f"PartialFC expects embeddings (batch, {self.dim}), got {tuple(embeddings.shape)}"
             )
-        if labels.shape != embeddings.shape[:1]:
+        if labels.ndim not in (1, 2) or labels.shape[:1] != embeddings.shape[:1]:
             raise UnicomError(
                 f"PartialFC labels shape {tuple(labels.shape)} does not match "
                 f"{len(embeddings)} embeddings"
             )
+        if labels.ndim == 2 and labels.shape[1] == 1:
+            labels = labels[:, 0]
         embeddings = embeddings.to(self.weight.dtype)
         labels = labels.to(embeddings.device, torch.long)
         if self.distributed:
@@ -227,24 +235,32 @@ class PartialFC(nn.Module):
         if cos.dtype in (torch.float16, torch.bfloat16):  # (under autocast)
             cos = cos.float()  # a sum of up to K exps overflows half precision
         self.last_selected_classes, self.last_selected_dims = classes + self.start, dims
-        return _ShardedArcFaceLoss.apply(cos, rows, cols, self.margin, self.scale, self.distributed)
+        loss = ShardedMultiLabelLoss if labels.ndim == 2 else _ShardedArcFaceLoss
+        return loss.apply(cos, rows, cols, self.margin, self.scale, self.distributed)
 
     def _select_classes(self, labels: torch.Tensor):
-        """``labels (B,)`` -> ``classes (K,)``: sorted local rows used this step, and ``rows, cols
-        (n,)``: the batch rows whose label this rank owns, that label's position in ``classes``."""
+        """``labels (B,)`` or ``(B, l)`` -> ``classes (K,)``: sorted local rows used this step,
+        and ``rows, cols (n,)``: the batch row of each label this rank owns, and that label's
+        position in ``classes``."""
         local = labels - self.start
-        rows = ((local >= 0) & (local < self.num_local)).nonzero().squeeze(1)
-        positives = local[rows].unique()
+        if labels.ndim == 2:  # one entry per (row, positive), rows repeated
+            local = local.reshape(-1)
+            row_of = torch.arange(len(labels), device=labels.device)
+            row_of = row_of.repeat_interleave(labels.shape[1])
+        owned = ((local >= 0) & (local < self.num_local)).nonzero().squeeze(1)
+        local = local[owned]
+        rows = row_of[owned] if labels.ndim == 2 else owned
+        positives = local.unique()
         self.last_num_positives = len(positives)
         if self.sample_rate >= 1.0:
-            return torch.arange(self.num_local, device=labels.device), rows, local[rows]
+            return torch.arange(self.num_local, device=labels.device), rows, local
         is_positive = torch.zeros(self.num_local, dtype=torch.bool, device=labels.device)
         is_positive[positives] = True
         # A random order restricted to the negatives is a uniformly random order of them.
         order = torch.randperm(self.num_local, generator=self._class_rng).to(labels.device)
         negatives = order[~is_positive[order]][: max(0, self.num_sampled - len(positives))]
         classes = torch.cat([positives, negatives]).sort().values
-        return classes, rows, torch.searchsorted(classes, local[rows])
+        return classes, rows, torch.searchsorted(classes, local)
 
     def _select_dims(self, device: torch.device) -> torch.Tensor:
         """``(D',)`` sorted feature dims; the generator is in the same state on every rank."""

@@ -118,7 +118,7 @@ def read_shard_images(shard: ShardLabels) -> ShardImages:
 @dataclass
 class Sample:
     image: bytes
-    label: int
+    label: int | list[int]  # the label, or the row's positives (train.positives > 1)
     key: str
     shard: int
     rng: np.random.Generator
@@ -151,7 +151,7 @@ def stream_samples(
                 shard, shard_row = members[owner[row]], int(local[row])
                 yield Sample(
                     images[row],
-                    int(shard.labels[shard_row]),
+                    shard.labels[shard_row].tolist(),
                     shard.keys[shard_row].as_py(),
                     shard.index,
                     augment_rng(plan.seed, epoch, shard.index, shard_row),

@@ -1,0 +1,163 @@
+"""The multi-label (MLCD) head against a plain float64 autograd reference, alone and on 2 gloo ranks."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from unicom.train.partial_fc import PartialFC
+
+from conftest import free_port, join_gloo
+
+NUM_CLASSES, DIM, SEED = 37, 12, 5  # 37 classes: 19 + 18 over two ranks
+RANK_ROWS = [slice(0, 5), slice(5, 8)]
+# 3 positives per row, some on each rank's range, some shared between rows.
+LABELS = torch.tensor(
+    [[3, 20, 7], [3, 1, 30], [20, 36, 2], [7, 3, 25], [30, 11, 19], [20, 3, 36], [1, 2, 18],
+     [36, 25, 0]]
+)  # fmt: skip
+STEPS = 3
+SAMPLE_RATE, FEATURE_RATE = 0.5, 0.5
+
+
+def global_batch() -> torch.Tensor:
+    return torch.randn(len(LABELS), DIM, generator=torch.Generator().manual_seed(4)).double()
+
+
+def mlcd_reference(embeddings, weight, labels, classes, dims, margin=0.3, scale=64.0):
+    """L_i = log(1 + sum_neg exp(s cos)) + log(1 + sum_pos exp(-s cos(theta + m))), plainly."""
+    weight, positions = weight[classes], torch.searchsorted(classes, labels)
+    cos = F.normalize(embeddings[:, dims], dim=1) @ F.normalize(weight[:, dims], dim=1).T
+    is_positive = torch.zeros_like(cos, dtype=torch.bool).scatter(1, positions, True)
+    losses = []
+    for row in range(len(cos)):
+        negatives = cos[row][~is_positive[row]]
+        positives = cos[row][is_positive[row]]
+        negative_term = torch.log(1 + torch.exp(scale * negatives).sum())
+        positive_term = torch.log(
+            1 + torch.exp(-scale * torch.cos(torch.acos(positives) + margin)).sum()
+        )
+        losses.append(negative_term + positive_term)
+    return torch.stack(losses).mean()
+
+
+def run_steps(head: PartialFC, rows=slice(None)) -> list[dict]:
+    steps = []
+    for _ in range(STEPS):
+        head.zero_grad()
+        embeddings = global_batch()[rows].requires_grad_(True)
+        loss = head(embeddings, LABELS[rows])
+        loss.backward()
+        steps.append(
+            {
+                "loss": loss.detach(),
+                "embedding_grad": embeddings.grad,
+                "weight_grad": head.weight.grad,
+                "classes": head.last_selected_classes,
+                "dims": head.last_selected_dims,
+            }
+        )
+    return steps
+
+
+def reference_step(classes, dims):
+    embeddings = global_batch().requires_grad_(True)
+    weight = head_weight().requires_grad_(True)
+    loss = mlcd_reference(embeddings, weight, LABELS, classes, dims)
+    loss.backward()
+    return loss.detach(), embeddings.grad, weight.grad
+
+
+def head_weight() -> torch.Tensor:
+    return PartialFC(NUM_CLASSES, DIM, seed=SEED).double().weight.detach().clone()
+
+
+def assert_relative(actual, expected, tolerance=1e-6):
+    scale = expected.abs().max().clamp_min(1e-30)
+    assert (actual - expected).abs().max() / scale <= tolerance
+
+
+def check_against_reference(steps_of_ranks: list[list[dict]], rows_of_ranks) -> None:
+    """Every step: the loss on each rank, the embeddings' gradients (each rank its rows) and the
+    prototypes' gradients (each rank its class range) equal the reference's."""
+    for step in range(STEPS):
+        classes = torch.cat([steps[step]["classes"] for steps in steps_of_ranks])
+        dims = steps_of_ranks[0][step]["dims"]
+        assert len(dims) == round(FEATURE_RATE * DIM)
+        assert set(LABELS.reshape(-1).tolist()) <= set(classes.tolist())  # all positives kept
+        assert len(classes) < NUM_CLASSES  # and negatives really sampled
+        loss, embedding_grad, weight_grad = reference_step(classes, dims)
+        start = 0
+        for steps, rows in zip(steps_of_ranks, rows_of_ranks, strict=True):
+            got = steps[step]
+            assert_relative(got["loss"], loss)
+            assert_relative(got["embedding_grad"], embedding_grad[rows])
+            end = start + len(got["weight_grad"])
+            assert_relative(got["weight_grad"], weight_grad[start:end])
+            start = end
+
+
+def test_world_one_equals_the_plain_reference_with_sampled_classes_and_dims():
+    head = PartialFC(
+        NUM_CLASSES, DIM, sample_rate=SAMPLE_RATE, feature_rate=FEATURE_RATE, seed=SEED
+    ).double()
+    check_against_reference([run_steps(head)], [slice(None)])
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    join_gloo(rank, world, port)
+    head = PartialFC(
+        NUM_CLASSES, DIM, sample_rate=SAMPLE_RATE, feature_rate=FEATURE_RATE, seed=SEED
+    ).double()
+    torch.save(run_steps(head, RANK_ROWS[rank]), f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_ranks_equal_the_plain_reference(tmp_path):
+    context = mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("distributed MLCD workers did not finish in 120 s")
+    steps = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    check_against_reference(steps, RANK_ROWS)
+
+
+def test_one_positive_is_todays_head_bit_for_bit():
+    """labels (B, 1) take the ArcFace path with the same draws: identical losses and grads."""
+    results = []
+    for labels in (LABELS[:, 0], LABELS[:, :1]):
+        head = PartialFC(NUM_CLASSES, DIM, sample_rate=0.25, feature_rate=0.5, seed=SEED)
+        embeddings = global_batch().float().requires_grad_(True)
+        loss = head(embeddings, labels)
+        loss.backward()
+        results.append(
+            (loss.detach(), embeddings.grad, head.weight.grad, head.last_selected_classes)
+        )
+    for first, second in zip(*results, strict=True):
+        assert torch.equal(first, second)
+
+
+def test_more_positives_learn_them_all():
+    """SGD on free embeddings raises the cosine to every one of a row's positives above the
+    zero threshold and above every negative's: no positive is sacrificed to another."""
+    torch.manual_seed(0)
+    head = PartialFC(NUM_CLASSES, DIM, sample_rate=1.0, feature_rate=1.0, seed=SEED)
+    embeddings = torch.randn(len(LABELS), DIM, requires_grad=True)
+    optimizer = torch.optim.SGD([embeddings, head.weight], lr=0.5)
+    for _ in range(200):
+        optimizer.zero_grad()
+        head(embeddings, LABELS).backward()
+        optimizer.step()
+    cos = F.normalize(embeddings.detach(), dim=1) @ F.normalize(head.weight.detach(), dim=1).T
+    is_positive = torch.zeros_like(cos, dtype=torch.bool).scatter(1, LABELS, True)
+    assert cos[is_positive].min() > 0
+    for row in range(len(cos)):  # each row ranks all its positives above all its negatives
+        assert cos[row][is_positive[row]].min() > cos[row][~is_positive[row]].max()

@@ -9,7 +9,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo report test lint clean
+.PHONY: setup demo ablations report test lint clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,13 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 demo: setup
 	$(BIN)/snakemake --profile profiles/local
 	$(BIN)/snakemake --profile profiles/local --report results/report.html
+
+# The demo's ablation grid (config/ablations.yaml: 9 variants + baseline x 3 seeds) on top of
+# the demo run, which it reuses; not part of `make demo` or the tests (see the README for its time).
+ablations: setup
+	$(BIN)/snakemake ablations --profile profiles/local --configfile config/config.yaml config/ablations.yaml
+	$(BIN)/snakemake all ablations --profile profiles/local --report results/report.html \
+		--configfile config/config.yaml config/ablations.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q

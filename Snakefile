@@ -51,6 +51,7 @@ include: "rules/cluster.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
+include: "rules/ablations.smk"
 
 
 report: "report/workflow.rst"

@@ -18,6 +18,14 @@ DIAGNOSTIC_SAMPLE = functools.partial(
 )
 
 
+# The commands of the k-means and assign jobs; rules/ablations.smk runs them too.
+KMEANS_COMMAND = (
+    "{params.launcher:q} --out-centroids {output.centroids:q} --out-stats {output.stats:q}"
+    " --threads {threads} --options-json {params.options:q}"
+    " --each-part {input.parts:q} {params.fused:q} 2> {log:q}"
+)
+
+
 rule kmeans:
     input:
         parts=out("parts"),
@@ -46,9 +54,14 @@ rule kmeans:
         options=stage_options("kmeans"),
         fused=each_part("fused/{part}.parquet"),
     shell:
-        "{params.launcher:q} --out-centroids {output.centroids:q} --out-stats {output.stats:q}"
-        " --threads {threads} --options-json {params.options:q}"
-        " --each-part {input.parts:q} {params.fused:q} 2> {log:q}"
+        KMEANS_COMMAND
+
+
+ASSIGN_COMMAND = (
+    "python -m unicom.cluster.assign --fused {input.fused:q} --centroids {input.centroids:q}"
+    " --out {output:q} --threads {threads} --options-json {params.options:q}"
+    " --kmeans-options-json {params.kmeans:q} 2> {log:q}"
+)
 
 
 rule assign:
@@ -72,9 +85,7 @@ rule assign:
         options=stage_options("assign"),
         kmeans=stage_options("kmeans"),
     shell:
-        "python -m unicom.cluster.assign --fused {input.fused:q} --centroids {input.centroids:q}"
-        " --out {output:q} --threads {threads} --options-json {params.options:q}"
-        " --kmeans-options-json {params.kmeans:q} 2> {log:q}"
+        ASSIGN_COMMAND
 
 
 rule cluster_sizes:

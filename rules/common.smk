@@ -84,3 +84,13 @@ def demo_outputs():
     if not planning.uses_demo_pool(config):
         return []
     return [out("demo/urls.parquet"), out("demo/heldout.parquet")]
+
+
+def grid_section(configs, key, name):
+    """Section `name` of the ablation variant config behind stage id `key`, as JSON."""
+    return as_json(section(configs[key], name))
+
+
+def files_of_batch(pattern, batch):
+    """`pattern`'s files ({part} left in) of one batch job."""
+    return [out(pattern.replace("{part}", batch + suffix)) for suffix in PART_SUFFIXES]

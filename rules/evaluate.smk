@@ -21,6 +21,14 @@ DATASET_INPUTS = planning.evaluation_dataset_inputs(
 )
 
 
+# The command of an evaluate job; rules/ablations.smk runs it for the grid's models.
+EVALUATE_COMMAND = (
+    "python -m unicom.evaluate.evaluate --model {params.model:q} --dataset {wildcards.dataset:q}"
+    " --dataset-path {params.dataset_path:q} --out {output:q} --threads {threads}"
+    " --options-json {params.options:q} --embed-options-json {params.embed:q} 2> {log:q}"
+)
+
+
 rule evaluate:
     input:
         unpack(
@@ -46,9 +54,7 @@ rule evaluate:
         options=stage_options("evaluate"),
         embed=stage_options("embed"),
     shell:
-        "python -m unicom.evaluate.evaluate --model {params.model:q} --dataset {wildcards.dataset:q}"
-        " --dataset-path {params.dataset_path:q} --out {output:q} --threads {threads}"
-        " --options-json {params.options:q} --embed-options-json {params.embed:q} 2> {log:q}"
+        EVALUATE_COMMAND
 
 
 localrules:

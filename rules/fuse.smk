@@ -2,6 +2,13 @@
 # and what follows.
 
 
+# The command of a fuse job; rules/ablations.smk runs it for the grid's fusions.
+FUSE_COMMAND = (
+    "python -m unicom.embed.fuse --embeddings {input:q} --out {output:q}"
+    " --options-json {params.options:q} 2> {log:q}"
+)
+
+
 rule fuse:
     input:
         batch_files("embed/{part}.parquet"),
@@ -19,5 +26,4 @@ rule fuse:
     params:
         options=stage_options("fuse"),
     shell:
-        "python -m unicom.embed.fuse --embeddings {input:q} --out {output:q}"
-        " --options-json {params.options:q} 2> {log:q}"
+        FUSE_COMMAND

@@ -9,6 +9,16 @@ TRAIN = config["train"]
 planned(planning.check_multi_node, "train", TRAIN, profile_resource("train", "mpi"))
 
 
+# The command of the training job; rules/ablations.smk runs it for the grid.
+TRAIN_COMMAND = (
+    "{params.launcher:q} --each-part {input.parts:q} --shards {params.shards:q}"
+    " --assignments {params.assignments:q}"
+    " --centroids {input.centroids:q} --num-classes {params.k:q}"
+    " --out-dir {params.out_dir:q} --threads {threads} --restart-on-mismatch"
+    " --options-json {params.options:q} 2> {log:q}"
+)
+
+
 rule train:
     input:
         parts=out("parts"),
@@ -44,8 +54,4 @@ rule train:
         k=config["kmeans"]["k"],
         options=stage_options("train"),
     shell:
-        "{params.launcher:q} --each-part {input.parts:q} --shards {params.shards:q}"
-        " --assignments {params.assignments:q}"
-        " --centroids {input.centroids:q} --num-classes {params.k:q}"
-        " --out-dir {params.out_dir:q} --threads {threads} --restart-on-mismatch"
-        " --options-json {params.options:q} 2> {log:q}"
+        TRAIN_COMMAND

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -80,7 +81,11 @@ def snakemake_with(
 
 def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
     """Rule -> job count of a dry run (empty when nothing is to be done)."""
-    result = snakemake(workdir, "-n", *args)
+    return job_counts(snakemake(workdir, "-n", *args))
+
+
+def job_counts(result: subprocess.CompletedProcess) -> dict[str, int]:
+    """Rule -> job count of a run's "Job stats" (empty when nothing was to be done)."""
     text = result.stdout + result.stderr
     if "Nothing to be done" in text:
         return {}
@@ -92,7 +97,7 @@ def write_config(workdir: Path, image_dir: Path, **overrides) -> None:
     config = json.loads(json.dumps(TEST_CONFIG))
     config["demo"]["image_dir"] = str(image_dir)
     for section, values in overrides.items():
-        config[section].update(values)
+        config.setdefault(section, {}).update(values)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
 
 
@@ -280,6 +285,60 @@ def test_forcerun_assign_regenerates_just_the_assignment(demo_run):
     snakemake(demo_run)
     assert pq.read_table(demo_run / target).equals(before)  # deterministic
     assert planned_jobs(demo_run) == {}
+
+
+# The grid's table and target: planned whenever any variant's output is.
+GRID_JOBS = {"ablation_table": 1, "ablations": 1}
+
+
+def test_ablation_variants_rerun_only_what_they_change(demo_run, small_image_folder):
+    """After the baseline (the module's run): an r2 variant trains and evaluates only, a
+    fuse.mode variant fuses and clusters again too; neither downloads nor embeds."""
+    grid = {"seeds": [0]}
+    write_config(
+        demo_run, small_image_folder, ablations={**grid, "axes": {"train.feature_rate": [1.0]}}
+    )
+    assert planned_jobs(demo_run, "ablations") == {
+        "ablation_train": 1, "ablation_evaluate": 1, **GRID_JOBS
+    }  # fmt: skip
+    write_config(demo_run, small_image_folder, ablations={**grid, "axes": {"fuse.mode": ["image"]}})
+    assert planned_jobs(demo_run, "ablations") == {
+        "ablation_fuse": 3, "ablation_kmeans": 1, "ablation_assign": 3, "ablation_train": 1,
+        "ablation_evaluate": 1, **GRID_JOBS,
+    }  # fmt: skip
+    # The grid is not part of the run: its section changes no job of the pipeline.
+    assert planned_jobs(demo_run) == CONFIG_JOBS
+    write_config(demo_run, small_image_folder)
+
+
+def test_a_two_variant_grid_runs_end_to_end(demo_run, small_image_folder):
+    """MLCD (2 positives) and image-only clustering, one seed, through the whole grid."""
+    grid = {"axes": {"train.positives": [2], "fuse.mode": ["image"]}}  # 16: the compact size
+    write_config(demo_run, small_image_folder, ablations=grid)
+    jobs = job_counts(snakemake(demo_run, "ablations"))
+    assert jobs == {
+        "ablation_fuse": 3, "ablation_kmeans": 1, "ablation_assign": 3, "ablation_train": 2,
+        "ablation_evaluate": 2, **GRID_JOBS,
+    }  # fmt: skip
+    results = demo_run / "results/ablations"
+    table = list(csv.DictReader((results / "table.csv").open()))
+    seen = {(row["variant"], row["dim"]) for row in table}
+    for variant in ("baseline", "positives=2", "mode=image", "base"):
+        assert {(variant, "full"), (variant, "16")} <= seen
+    baseline = [r for r in table if r["variant"] == "baseline" and r["dim"] == "full"][0]
+    own = json.loads((demo_run / "results/evaluate/trained/openclipart.json").read_text())
+    assert float(baseline["recall@1_mean"]) == pytest.approx(
+        own["results"]["full"]["recall@1"], abs=1e-4
+    )
+    # The MLCD run trained on 2 positives per image from the run's own assignments.
+    mlcd = results / "train/train.positives=2__seed=0"
+    assert json.loads((mlcd / "model.json").read_text())["training"]["steps"] == 4
+    assign_log = (demo_run / "results/logs/ablations/assign/fuse.mode=image/00000.log").read_text()
+    assert "k=4" in assign_log
+    assert (results / "plots.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "**baseline**" in (results / "table.md").read_text()
+    assert planned_jobs(demo_run, "ablations") == {}
+    write_config(demo_run, small_image_folder)
 
 
 def shell_commands(result: subprocess.CompletedProcess) -> list[str]:

@@ -270,7 +270,7 @@ def test_cluster_stage_labels_every_fused_row(demo_run):
 
 
 def test_changing_k_reruns_only_the_cluster_stage(demo_run, small_image_folder):
-    write_config(demo_run, small_image_folder, kmeans={"k": 3})
+    write_config(demo_run, small_image_folder, kmeans={"k": 5})
     assert planned_jobs(demo_run) == {**CLUSTER_JOBS, **DOWNSTREAM_JOBS, **CONFIG_JOBS}
     # Only the report depends on min_cluster_size; scheduler-only keys rerun no stage.
     write_config(demo_run, small_image_folder, assign={"min_cluster_size": 5})
@@ -417,6 +417,8 @@ def test_ten_shards_per_job_make_one_job_per_stage(tmp_path, small_image_folder)
         ),
         ({"kmeans": {"backend": "torch"}}, "config key kmeans.init: 'kmeans++' is faiss-only"),
         ({"kmeans": {"backend": "cuml"}}, "config key kmeans.backend: 'cuml' is not one of"),
+        # The demo keeps the 4 nearest centroids per image (MLCD's positives): k must allow it.
+        ({"kmeans": {"k": 3}}, "config key assign.top_labels: 4 nearest centroids of kmeans.k = 3"),
     ],
 )
 def test_bad_config_fails_with_one_line_before_any_job(

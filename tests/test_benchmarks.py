@@ -19,7 +19,8 @@ from PIL import Image
 
 from unicom.errors import UnicomError
 from unicom.evaluate.benchmarks import available, load, main
-from unicom.evaluate.loaders import GLDV2_DISTRACTOR, read_idx
+from unicom.evaluate.demo_sets import read_idx
+from unicom.evaluate.loaders import GLDV2_DISTRACTOR
 from unicom.evaluate.sets import QUERY_GALLERY, SINGLE, load_image
 from unicom.io import write_parquet
 
@@ -278,3 +279,97 @@ def test_cli_summary(tmp_path, capsys):
     assert "items=4" in capsys.readouterr().out
     main(["sop"])
     assert "sop: skipped, no path configured" in capsys.readouterr().out
+
+
+# --- train splits ---------------------------------------------------------------------------
+def fake_train_splits(tmp_path: Path) -> dict[str, Path]:
+    """Each published layout with both splits (the test-split fakes above, plus train files)."""
+    roots = {"cub": fake_cub(tmp_path / "cub")}
+    rows = [(f"car_ims/{i:06d}.jpg", c, 0) for i, c in enumerate([1, 98, 99, 150, 196], 1)]
+    cars = tmp_path / "cars"
+    cars.mkdir()
+    annotations = cars_records(("relative_im_path", "class", "test"), rows)
+    scipy.io.savemat(cars / "cars_annos.mat", {"annotations": annotations})
+    touch(cars, [row[0] for row in rows])
+    roots["cars"] = cars
+    sop = tmp_path / "sop"
+    header = "image_id class_id super_class_id path"
+    write_lines(
+        sop / "Ebay_train.txt", [header, "1 1 1 a/1_0.JPG", "2 1 1 a/1_1.JPG", "3 2 1 a/2_0.JPG"]
+    )
+    write_lines(sop / "Ebay_test.txt", [header, "4 11319 1 b/9_0.JPG", "5 11319 1 b/9_1.JPG"])
+    touch(sop, ["a/1_0.JPG", "a/1_1.JPG", "a/2_0.JPG", "b/9_0.JPG", "b/9_1.JPG"])
+    roots["sop"] = sop
+    inshop = tmp_path / "inshop"
+    listing = [
+        "img/A/id_1/01.jpg id_1 train", "img/A/id_1/02.jpg id_1 train",
+        "img/B/id_2/01.jpg id_2 query", "img/B/id_2/02.jpg id_2 gallery",
+    ]  # fmt: skip
+    write_lines(
+        inshop / "list_eval_partition.txt", ["4", "image_name item_id evaluation_status", *listing]
+    )
+    touch(inshop, [row.split()[0] for row in listing])
+    roots["inshop"] = inshop
+    inat = tmp_path / "inat"
+    train_rels = ["train_val2018/Aves/1/a.jpg", "train_val2018/Aves/2/b.jpg"]
+    test_rels = ["train_val2018/Aves/3/c.jpg", "train_val2018/Aves/3/d.jpg"]
+    write_lines(inat / "Inat_dataset_splits/Inaturalist_train_set1.txt", train_rels)
+    write_lines(inat / "Inat_dataset_splits/Inaturalist_test_set1.txt", test_rels)
+    touch(inat, train_rels + test_rels)
+    roots["inaturalist"] = inat
+    vehicle = tmp_path / "vehicleid"
+    write_lines(vehicle / "train_test_split/train_list.txt", ["0001 1", "0002 1", "0003 2"])
+    write_lines(vehicle / "train_test_split/test_list_2400.txt", ["0004 10", "0005 10"])
+    touch(vehicle / "image", [f"000{i}.jpg" for i in range(1, 6)])
+    roots["vehicleid"] = vehicle
+    return roots
+
+
+def test_train_and_test_splits_are_class_disjoint(tmp_path):
+    """The deep-metric-learning protocol: no class of a benchmark's test split is trained on."""
+    for name, root in fake_train_splits(tmp_path).items():
+        train, test = load(name, root, split="train"), load(name, root, split="test")
+        assert train.items and test.items, name
+        assert set(train.labels).isdisjoint(test.labels), name
+        assert set(train.items).isdisjoint(test.items), name
+        assert train.split.startswith("train"), (name, train.split)
+    assert load("cub", tmp_path / "cub", split="train").labels == ("1", "100")
+    assert load("cars", tmp_path / "cars", split="train").labels == ("1", "98")
+    assert load("inshop", tmp_path / "inshop", split="train").protocol == SINGLE
+    with pytest.raises(UnicomError, match="split must be one of"):
+        load("sop", tmp_path / "sop", split="val")
+    (tmp_path / "sop/Ebay_train.txt").unlink()
+    with pytest.raises(UnicomError, match="expected file .*Ebay_train.txt is missing"):
+        load("sop", tmp_path / "sop", split="train")
+
+
+def test_gldv2_train_clean(tmp_path):
+    write_lines(tmp_path / "train_clean.csv", ["landmark_id,images", "7,aa01 bb02", "9,cc03"])
+    touch(tmp_path, [gldv2_image("train", i) for i in ("aa01", "bb02", "cc03")])
+    train = load("gldv2", tmp_path, split="train")
+    assert train.labels == ("7", "7", "9")
+    assert train.items[2] == str(tmp_path / "train/c/c/0/cc03.jpg")
+
+
+def test_offline_train_splits(tmp_path):
+    """Fashion-MNIST's 60k-image train files and the demo pool's URL list (file:// URLs)."""
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((3, 28, 28), np.uint8))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.array([5, 5, 7]))
+    train = load("fashion-mnist", tmp_path, split="train")
+    assert train.labels == ("Sandal", "Sandal", "Sneaker") and train.split == "train: train"
+    touch(tmp_path, ["pool/animals/cat.png", "pool/food/pie.png"])
+    urls = [(tmp_path / p).as_uri() for p in ("pool/animals/cat.png", "pool/food/pie.png")]
+    write_parquet(
+        tmp_path / "urls.parquet", pa.table({"url": urls, "category": ["animals", "food"]})
+    )
+    pool = load("openclipart", tmp_path / "urls.parquet", split="train")
+    assert pool.items == (
+        str(tmp_path / "pool/animals/cat.png"),
+        str(tmp_path / "pool/food/pie.png"),
+    )
+    assert pool.labels == ("animals", "food")
+    write_parquet(
+        tmp_path / "web.parquet", pa.table({"url": ["http://x/y.png"], "category": ["a"]})
+    )
+    with pytest.raises(UnicomError, match="is not a file:// URL of the demo pool"):
+        load("openclipart", tmp_path / "web.parquet", split="train")

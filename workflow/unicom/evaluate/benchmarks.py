@@ -17,17 +17,17 @@ from typing import Any
 
 from unicom.cli import run_cli, setup_logging
 from unicom.errors import UnicomError
+from unicom.evaluate.demo_sets import load_fashion_mnist, load_openclipart
 from unicom.evaluate.loaders import (
     GLDV2_SOLUTION,
+    GLDV2_TRAIN,
     INAT_TEST_LIST,
     VEHICLEID_SIZES,
     load_cars,
     load_cub,
-    load_fashion_mnist,
     load_gldv2,
     load_inaturalist,
     load_inshop,
-    load_openclipart,
     load_sop,
     load_vehicleid,
 )
@@ -61,10 +61,12 @@ BENCHMARKS: dict[str, Benchmark] = {
         ("In-shop Clothes Retrieval Benchmark", "inshop"),
     ),
     "inaturalist": Benchmark(load_inaturalist, (INAT_TEST_LIST,), ("iNaturalist",)),
-    "gldv2": Benchmark(load_gldv2, (GLDV2_SOLUTION,)),
+    "gldv2": Benchmark(load_gldv2, (GLDV2_SOLUTION, GLDV2_TRAIN)),
     "openclipart": Benchmark(load_openclipart, (), is_file=True),
     "fashion-mnist": Benchmark(
-        load_fashion_mnist, ("t10k-images-idx3-ubyte.gz",), default_path=FASHION_MNIST_DIR
+        load_fashion_mnist,
+        ("t10k-images-idx3-ubyte.gz", "train-images-idx3-ubyte.gz"),
+        default_path=FASHION_MNIST_DIR,
     ),
 }
 for _size in VEHICLEID_SIZES:
@@ -116,12 +118,15 @@ def available(name: str, path: str | os.PathLike | None) -> tuple[bool, str]:
     return True, f"{name}: found at {resolve_root(name, target)}"
 
 
-def load(name: str, path: str | os.PathLike | None, check_files: bool = True) -> RetrievalSet:
-    """Load benchmark ``name`` from ``path`` (its folder, or a parent of the extracted folder)."""
+def load(
+    name: str, path: str | os.PathLike | None, check_files: bool = True, split: str = "test"
+) -> RetrievalSet:
+    """Load split ``split`` (test or train) of benchmark ``name`` from ``path`` (its folder,
+    or a parent of the extracted folder)."""
     root = resolve_root(name, path)
-    result = _benchmark(name).loader(root, check_files=check_files)
+    result = _benchmark(name).loader(root, check_files=check_files, split=split)
     if not result.items:
-        raise UnicomError(f"{name}: no images in the evaluation split under {root}")
+        raise UnicomError(f"{name}: no images in the {split} split under {root}")
     log.info(
         "%s: %d items, %d classes (%s)", name, len(result.items), len(set(result.labels)), root
     )

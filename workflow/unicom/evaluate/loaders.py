@@ -1,10 +1,15 @@
-"""Retrieval benchmark loaders: the standard test splits, read from their published layouts.
+"""Retrieval benchmark loaders: the standard splits, read from their published layouts.
 
 Each loader takes the folder the dataset was extracted to (or its parent, when the archive
-extracts into a named folder such as ``CUB_200_2011/``) and returns a ``RetrievalSet``. Only the
-evaluation split is loaded; the classes it holds never appear in the training splits of the
-deep-metric-learning protocol. A layout that does not match raises a one-line ``UnicomError``
-naming the file that was expected.
+extracts into a named folder such as ``CUB_200_2011/``) and a ``split``: ``test`` (the
+evaluation split) or ``train`` (what supervised fine-tuning trains on, ``unicom.train.finetune``).
+The two are class-disjoint, as the deep-metric-learning protocol has them: CUB classes 1-100 /
+101-200, Cars 1-98 / 99-196, SOP ``Ebay_train.txt`` / ``Ebay_test.txt``, In-Shop's ``train``
+rows / its query and gallery items, iNaturalist's ``Inaturalist_train_set1.txt`` /
+``..._test_set1.txt``, VehicleID's ``train_list.txt`` / ``test_list_<size>.txt``, GLDv2's
+``train_clean.csv`` (landmarks) / the retrieval challenge's index. A layout that does not match
+raises a one-line ``UnicomError`` naming the file that was expected. The demo's offline sets
+(openclipart, Fashion-MNIST) are in ``unicom.evaluate.demo_sets``.
 
 Expected layouts (``ROOT`` is the path given):
 
@@ -38,50 +43,28 @@ gldv2           Google Landmarks v2, retrieval challenge 2019 ground truth (v2.1
                 relevant set share a label; index images relevant to no query are
                 distractors (a label no query has). Metrics are label-based
                 (MAP@R, not the challenge's mAP@100).
-openclipart     the held-out Parquet written by ``unicom.demo.build pool --out-heldout``
-                (columns ``path``, ``category``; label = category).
-fashion-mnist   ``ROOT/t10k-images-idx3-ubyte.gz`` and ``ROOT/t10k-labels-idx1-ubyte.gz``
-                (Debian package ``dataset-fashion-mnist``; ROOT defaults to
-                ``/usr/share/datasets/fashion-mnist``): the 10,000 test images as 28x28
-                grayscale PIL images, labelled by class name.
 ==============  ==========================================================================
 """
 
 from __future__ import annotations
 
 import csv
-import gzip
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
-from PIL import Image
 
 from unicom.errors import UnicomError
 from unicom.evaluate.sets import RetrievalSet, query_gallery_set, single_set
-from unicom.planning import FASHION_MNIST_DIR
 
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
-
-
+SPLITS = ("train", "test")
 VEHICLEID_SIZES = (800, 1600, 2400)
 
 
 GLDV2_SOLUTION = "retrieval_solution_v2.1.csv"
+GLDV2_TRAIN = "train_clean.csv"
 
 
 GLDV2_USAGES = ("Public", "Private")
@@ -91,7 +74,7 @@ GLDV2_USAGES = ("Public", "Private")
 GLDV2_DISTRACTOR = "#distractor"
 
 
-def _require(path: Path) -> Path:
+def require_file(path: Path) -> Path:
     if not path.exists():
         raise UnicomError(f"expected file {path} is missing")
     return path
@@ -100,7 +83,7 @@ def _require(path: Path) -> Path:
 def _read_table(path: Path, columns: int, skip: int = 0) -> list[list[str]]:
     """Whitespace-separated rows of exactly ``columns`` fields (after ``skip`` header lines)."""
     rows = []
-    with open(_require(path), encoding="utf-8") as handle:
+    with open(require_file(path), encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if number <= skip or not line.strip():
                 continue
@@ -114,12 +97,17 @@ def _read_table(path: Path, columns: int, skip: int = 0) -> list[list[str]]:
     return rows
 
 
-def _check_files(name: str, paths: Sequence[str]) -> None:
+def check_listed_files(name: str, paths: Sequence[str]) -> None:
     missing = [path for path in paths if not os.path.exists(path)]
     if missing:
         raise UnicomError(
             f"{name}: {len(missing)} of {len(paths)} listed images are missing, e.g. {missing[0]}"
         )
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise UnicomError(f"split must be one of {SPLITS}, got {split!r}")
 
 
 def _int(value: Any, where: str) -> int:
@@ -129,8 +117,9 @@ def _int(value: Any, where: str) -> int:
         raise UnicomError(f"{where}: expected an integer, got {value!r}") from None
 
 
-def load_cub(root: Path, check_files: bool = True) -> RetrievalSet:
-    """CUB-200-2011 test split: the 5,924 images of classes 101-200."""
+def load_cub(root: Path, check_files: bool = True, split: str = "test") -> RetrievalSet:
+    """CUB-200-2011: test = the 5,924 images of classes 101-200, train = classes 1-100."""
+    check_split(split)
     ids_paths = dict(_read_table(root / "images.txt", 2))
     classes = dict(_read_table(root / "image_class_labels.txt", 2))
     items, labels = [], []
@@ -138,19 +127,20 @@ def load_cub(root: Path, check_files: bool = True) -> RetrievalSet:
         if image_id not in classes:
             raise UnicomError(f"{root / 'image_class_labels.txt'}: no class for image {image_id}")
         label = _int(classes[image_id], str(root / "image_class_labels.txt"))
-        if label > 100:
+        if (label > 100) == (split == "test"):
             items.append(str(root / "images" / rel))
             labels.append(str(label))
     if check_files:
-        _check_files("cub", items)
-    return single_set("cub", "test: classes 101-200", items, labels, root)
+        check_listed_files("cub", items)
+    what = "test: classes 101-200" if split == "test" else "train: classes 1-100"
+    return single_set("cub", what, items, labels, root)
 
 
 def _mat_records(path: Path, key: str = "annotations") -> np.ndarray:
     import scipy.io  # only Cars196 needs scipy
 
     try:
-        content = scipy.io.loadmat(_require(path), squeeze_me=True)
+        content = scipy.io.loadmat(require_file(path), squeeze_me=True)
     except (ValueError, OSError) as err:
         raise UnicomError(f"{path}: not a readable .mat file ({err})") from None
     if key not in content:
@@ -164,8 +154,10 @@ def _mat_field(records: np.ndarray, field: str, path: Path) -> list:
     return list(records[field])
 
 
-def load_cars(root: Path, check_files: bool = True) -> RetrievalSet:
-    """Cars196 test split: the 8,131 images of classes 99-196 (from both halves of the release)."""
+def load_cars(root: Path, check_files: bool = True, split: str = "test") -> RetrievalSet:
+    """Cars196: test = the 8,131 images of classes 99-196 (from both halves of the release),
+    train = classes 1-98."""
+    check_split(split)
     pairs: list[tuple[str, int]] = []
     annos = root / "cars_annos.mat"
     if annos.exists():
@@ -190,21 +182,25 @@ def load_cars(root: Path, check_files: bool = True) -> RetrievalSet:
                 (str(root / folder / str(n)), _int(c, str(mat)))
                 for n, c in zip(names, classes, strict=True)
             ]
-    test = [(path, str(label)) for path, label in pairs if label > 98]
-    items = [path for path, _ in test]
+    chosen = [(path, str(label)) for path, label in pairs if (label > 98) == (split == "test")]
+    items = [path for path, _ in chosen]
     if check_files:
-        _check_files("cars", items)
-    return single_set("cars", "test: classes 99-196", items, [lab for _, lab in test], root)
+        check_listed_files("cars", items)
+    what = "test: classes 99-196" if split == "test" else "train: classes 1-98"
+    return single_set("cars", what, items, [lab for _, lab in chosen], root)
 
 
-def load_sop(root: Path, check_files: bool = True) -> RetrievalSet:
-    """Stanford Online Products test split (``Ebay_test.txt``): 60,502 images, 11,316 products."""
-    rows = _read_table(root / "Ebay_test.txt", 4, skip=1)
+def load_sop(root: Path, check_files: bool = True, split: str = "test") -> RetrievalSet:
+    """Stanford Online Products: ``Ebay_test.txt`` (60,502 images, 11,316 products) or
+    ``Ebay_train.txt`` (59,551 images, 11,318 products)."""
+    check_split(split)
+    listing = f"Ebay_{split}.txt"
+    rows = _read_table(root / listing, 4, skip=1)
     items = [str(root / row[3]) for row in rows]
     labels = [row[1] for row in rows]
     if check_files:
-        _check_files("sop", items)
-    return single_set("sop", "test: Ebay_test.txt", items, labels, root)
+        check_listed_files("sop", items)
+    return single_set("sop", f"{split}: {listing}", items, labels, root)
 
 
 def _inshop_list(root: Path) -> Path:
@@ -214,39 +210,50 @@ def _inshop_list(root: Path) -> Path:
     return root / "Eval" / "list_eval_partition.txt"
 
 
-def load_inshop(root: Path, check_files: bool = True) -> RetrievalSet:
-    """In-Shop Clothes: queries (14,218) vs gallery (12,612) of ``list_eval_partition.txt``.
+def load_inshop(root: Path, check_files: bool = True, split: str = "test") -> RetrievalSet:
+    """In-Shop Clothes: queries (14,218) vs gallery (12,612) of ``list_eval_partition.txt``;
+    train: its ``train`` rows (25,882 images of 3,997 items) as one set.
 
     Image paths in the list (``img/...``) are relative to the folder holding ``img/``: ROOT.
     """
-    listing = _require(_inshop_list(root))
+    check_split(split)
+    listing = require_file(_inshop_list(root))
     with open(listing, encoding="utf-8") as handle:
         first = handle.readline().strip()
     # The release starts with a count line, then the header; tolerate a missing count line.
     rows = _read_table(listing, 3, skip=2 if first.isdigit() else 1)
     if first.isdigit() and int(first) != len(rows):
         raise UnicomError(f"{listing}: first line says {first} images, found {len(rows)}")
-    split = {"query": ([], []), "gallery": ([], [])}
+    parts: dict[str, tuple[list[str], list[str]]] = {
+        s: ([], []) for s in ("query", "gallery", "train")
+    }
     for image, item_id, status in rows:
-        if status in split:
-            split[status][0].append(str(root / image))
-            split[status][1].append(item_id)
-        elif status != "train":
+        if status not in parts:
             raise UnicomError(f"{listing}: unknown evaluation_status {status!r}")
-    (queries, query_labels), (gallery, gallery_labels) = split["query"], split["gallery"]
+        parts[status][0].append(str(root / image))
+        parts[status][1].append(item_id)
+    if split == "train":
+        items, labels = parts["train"]
+        if check_files:
+            check_listed_files("inshop", items)
+        return single_set("inshop", "train", items, labels, root)
+    (queries, query_labels), (gallery, gallery_labels) = parts["query"], parts["gallery"]
     if check_files:
-        _check_files("inshop", queries + gallery)
+        check_listed_files("inshop", queries + gallery)
     return query_gallery_set(
         "inshop", "query vs gallery", queries, query_labels, gallery, gallery_labels, root
     )
 
 
 INAT_TEST_LIST = "Inat_dataset_splits/Inaturalist_test_set1.txt"
+INAT_TRAIN_LIST = "Inat_dataset_splits/Inaturalist_train_set1.txt"
 
 
-def load_inaturalist(root: Path, check_files: bool = True) -> RetrievalSet:
-    """iNaturalist 2018, test split of Brown et al.: 136,093 images of 2,452 classes."""
-    listing = _require(root / INAT_TEST_LIST)
+def load_inaturalist(root: Path, check_files: bool = True, split: str = "test") -> RetrievalSet:
+    """iNaturalist 2018, the splits of Brown et al.: test 136,093 images of 2,452 classes,
+    train 325,846 images of 5,690 classes."""
+    check_split(split)
+    listing = require_file(root / (INAT_TEST_LIST if split == "test" else INAT_TRAIN_LIST))
     rels = [line.strip() for line in listing.read_text(encoding="utf-8").splitlines()]
     rels = [rel for rel in rels if rel]
     labels = []
@@ -257,21 +264,26 @@ def load_inaturalist(root: Path, check_files: bool = True) -> RetrievalSet:
         labels.append(parts[-2])
     items = [str(root / rel) for rel in rels]
     if check_files:
-        _check_files("inaturalist", items)
-    return single_set("inaturalist", "test: Inaturalist_test_set1.txt", items, labels, root)
+        check_listed_files("inaturalist", items)
+    return single_set("inaturalist", f"{split}: {listing.name}", items, labels, root)
 
 
-def load_vehicleid(root: Path, size: int = 2400, check_files: bool = True) -> RetrievalSet:
-    """VehicleID test list of ``size`` vehicles (800, 1600 or 2400), as one set."""
+def load_vehicleid(
+    root: Path, size: int = 2400, check_files: bool = True, split: str = "test"
+) -> RetrievalSet:
+    """VehicleID test list of ``size`` vehicles (800, 1600 or 2400), as one set; train:
+    ``train_list.txt`` (13,164 vehicles)."""
+    check_split(split)
     if size not in VEHICLEID_SIZES:
         raise UnicomError(f"vehicleid: test size must be one of {VEHICLEID_SIZES}, got {size}")
-    rows = _read_table(root / "train_test_split" / f"test_list_{size}.txt", 2)
+    listing = f"test_list_{size}.txt" if split == "test" else "train_list.txt"
+    rows = _read_table(root / "train_test_split" / listing, 2)
     items = [str(root / "image" / f"{image_id}.jpg") for image_id, _ in rows]
     labels = [vehicle_id for _, vehicle_id in rows]
     name = "vehicleid" if size == 2400 else f"vehicleid-{size}"
     if check_files:
-        _check_files(name, items)
-    return single_set(name, f"test: test_list_{size}.txt", items, labels, root)
+        check_listed_files(name, items)
+    return single_set(name, f"{split}: {listing}", items, labels, root)
 
 
 def _gldv2_path(root: Path, folder: str, image_id: str) -> str:
@@ -279,7 +291,7 @@ def _gldv2_path(root: Path, folder: str, image_id: str) -> str:
 
 
 def _csv_rows(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
-    with open(_require(path), newline="", encoding="utf-8") as handle:
+    with open(require_file(path), newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
@@ -287,8 +299,25 @@ def _csv_rows(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
         return list(reader)
 
 
-def load_gldv2(root: Path, check_files: bool = True) -> RetrievalSet:
-    """GLDv2 retrieval (2019 challenge, v2.1 ground truth): scored test queries vs the index."""
+def load_gldv2_train(root: Path, check_files: bool = True) -> RetrievalSet:
+    """GLDv2 train clean (``ROOT/train_clean.csv``: ``landmark_id,images``; images at
+    ``ROOT/train/a/b/c/abc....jpg``): 1,580,470 images of 81,313 landmarks."""
+    items, labels = [], []
+    for row in _csv_rows(root / GLDV2_TRAIN, ["landmark_id", "images"]):
+        for image_id in row["images"].split():
+            items.append(_gldv2_path(root, "train", image_id))
+            labels.append(row["landmark_id"])
+    if check_files:
+        check_listed_files("gldv2", items)
+    return single_set("gldv2", f"train: {GLDV2_TRAIN}", items, labels, root)
+
+
+def load_gldv2(root: Path, check_files: bool = True, split: str = "test") -> RetrievalSet:
+    """GLDv2 retrieval (2019 challenge, v2.1 ground truth): scored test queries vs the index;
+    train: ``load_gldv2_train`` (its own download, usually another folder)."""
+    check_split(split)
+    if split == "train":
+        return load_gldv2_train(root, check_files)
     solution = root / GLDV2_SOLUTION
     index_ids = [row["id"] for row in _csv_rows(root / "index.csv", ["id"])]
     known = set(index_ids)
@@ -319,63 +348,6 @@ def load_gldv2(root: Path, check_files: bool = True) -> RetrievalSet:
     gallery = [_gldv2_path(root, "index", image_id) for image_id in index_ids]
     gallery_labels = [label_of_image.get(image_id, GLDV2_DISTRACTOR) for image_id in index_ids]
     if check_files:
-        _check_files("gldv2", queries + gallery)
+        check_listed_files("gldv2", queries + gallery)
     split = f"scored ({'/'.join(GLDV2_USAGES)}) test queries vs index"
     return query_gallery_set("gldv2", split, queries, query_labels, gallery, gallery_labels, root)
-
-
-def load_openclipart(path: Path, check_files: bool = True) -> RetrievalSet:
-    """The demo's held-out openclipart images (Parquet from ``unicom.demo.build``), as one set.
-
-    Relative paths are taken relative to the Parquet file's folder.
-    """
-    names = pq.read_schema(_require(path)).names
-    missing = [c for c in ("path", "category") if c not in names]
-    if missing:
-        raise UnicomError(f"{path}: missing column(s) {missing} (has {names})")
-    table = pq.read_table(path, columns=["path", "category"])
-    items = [str(path.parent / p) for p in table["path"].to_pylist()]
-    labels = [str(c) for c in table["category"].to_pylist()]
-    if check_files:
-        _check_files("openclipart", items)
-    return single_set("openclipart", "held-out split of the demo pool", items, labels, path)
-
-
-IDX_UBYTE = 0x08
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Decode a gzipped idx file of unsigned bytes (the MNIST format) into an array."""
-    with gzip.open(_require(path), "rb") as handle:
-        try:
-            data = handle.read()
-        except (OSError, EOFError) as err:
-            raise UnicomError(f"{path}: not a readable gzip file ({err})") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != IDX_UBYTE:
-        raise UnicomError(f"{path}: not an idx file of unsigned bytes (bad magic number)")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    shape = tuple(int(v) for v in np.frombuffer(data[4:header], dtype=">u4"))
-    expected = int(np.prod(shape)) if shape else 0
-    if len(data) - header != expected:
-        raise UnicomError(
-            f"{path}: header says shape {shape} ({expected} bytes), file has {len(data) - header}"
-        )
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
-
-
-def load_fashion_mnist(root: Path | None = None, check_files: bool = True) -> RetrievalSet:
-    """Fashion-MNIST test split: 10,000 28x28 grayscale PIL images, labelled by class name."""
-    root = FASHION_MNIST_DIR if root is None else root
-    images = read_idx(root / "t10k-images-idx3-ubyte.gz")
-    labels = read_idx(root / "t10k-labels-idx1-ubyte.gz")
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise UnicomError(
-            f"{root}: t10k images {images.shape} and labels {labels.shape} do not match"
-        )
-    if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
-        raise UnicomError(f"{root / 't10k-labels-idx1-ubyte.gz'}: label {labels.max()} > 9")
-    # 2-D uint8 arrays become mode "L" images.
-    items = [Image.fromarray(image) for image in images]
-    names = [FASHION_MNIST_CLASSES[int(label)] for label in labels]
-    return single_set("fashion-mnist", "test: t10k", items, names, root)

@@ -94,3 +94,10 @@ def grid_section(configs, key, name):
 def files_of_batch(pattern, batch):
     """`pattern`'s files ({part} left in) of one batch job."""
     return [out(pattern.replace("{part}", batch + suffix)) for suffix in PART_SUFFIXES]
+
+
+def train_split_inputs(name, train_paths):
+    """What a job reading `name`'s train split waits for: the demo pool's URL list, or what
+    its test split waits for (the same folder)."""
+    path = train_paths[name]
+    return {"train": path} if path == out("demo/urls.parquet") else DATASET_INPUTS[name]

@@ -57,6 +57,56 @@ rule evaluate:
         EVALUATE_COMMAND
 
 
+# Linear probes (linear_probe.datasets; none in the demo): frozen embeddings of each model,
+# a logistic regression on the train split, top-1 on the test split.
+PROBE = config["linear_probe"]
+PROBE_TRAIN_SPLITS = planned(
+    planning.train_split_paths,
+    config,
+    "linear_probe",
+    EVALUATION_DATASETS,
+    out("demo/urls.parquet"),
+)
+PROBE_RESULTS = expand(
+    out("probe/{model}/{dataset}.json"),
+    model=list(EVALUATION_MODELS),
+    dataset=list(PROBE_TRAIN_SPLITS),
+)
+
+
+rule linear_probe:
+    input:
+        unpack(
+            lambda wildcards: MODEL_INPUTS.get(wildcards.model, {})
+            | DATASET_INPUTS[wildcards.dataset]
+            | train_split_inputs(wildcards.dataset, PROBE_TRAIN_SPLITS)
+        ),
+    output:
+        out("probe/{model}/{dataset}.json"),
+    log:
+        out("logs/probe/{model}/{dataset}.log"),
+    benchmark:
+        out("benchmarks/probe/{model}/{dataset}.tsv")
+    conda:
+        "../envs/torch-gpu.yaml" if PROBE["gpus"] else "../envs/torch-cpu.yaml"
+    threads: PROBE["threads"]
+    resources:
+        mem_mb=PROBE["mem_mb"],
+        runtime=PROBE["runtime"],
+        gpu=PROBE["gpus"],
+    params:
+        model=lambda wildcards: EVALUATION_MODELS[wildcards.model],
+        train_path=lambda wildcards: PROBE_TRAIN_SPLITS[wildcards.dataset],
+        test_path=lambda wildcards: EVALUATION_DATASETS[wildcards.dataset],
+        options=stage_options("linear_probe"),
+        embed=stage_options("embed"),
+    shell:
+        "python -m unicom.evaluate.probe --model {params.model:q} --dataset {wildcards.dataset:q}"
+        " --train-path {params.train_path:q} --test-path {params.test_path:q} --out {output:q}"
+        " --threads {threads} --options-json {params.options:q}"
+        " --embed-options-json {params.embed:q} 2> {log:q}"
+
+
 localrules:
     evaluate_summary,
 
@@ -68,6 +118,7 @@ rule evaluate_summary:
             model=list(EVALUATION_MODELS),
             dataset=list(EVALUATION_DATASETS),
         ),
+        PROBE_RESULTS,
     output:
         csv=report(
             out("evaluate/summary.csv"),

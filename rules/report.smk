@@ -54,6 +54,11 @@ rule report_plots:
             caption="../report/retrieval.rst",
             category="4. Retrieval",
         ),
+        protocols=report(
+            out("report/protocols.png"),
+            caption="../report/protocols.rst",
+            category="4. Retrieval",
+        ),
     log:
         out("logs/report_plots.log"),
     conda:

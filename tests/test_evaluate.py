@@ -82,7 +82,8 @@ def test_base_encoder_on_a_labelled_set(tmp_path, heldout):
     assert result["results"]["full"]["recall@1"] > 0.9
     rows = summary_rows([result])
     assert [(r["model"], r["dim"]) for r in rows] == [("base", 1280), ("base", 64)]
-    assert to_csv(rows).splitlines()[0].startswith("model,dataset,dim,recall@1")
+    assert to_csv(rows).splitlines()[0].startswith("protocol,model,dataset,dim,recall@1")
+    assert {r["protocol"] for r in rows} == {"zero-shot retrieval"}
     assert to_markdown(rows).count("\n") == 4
 
 

@@ -214,6 +214,44 @@ def test_the_fetched_copy_mirrors_the_system_path():
 # --------------------------------------------------------------------------- training
 
 
+def probe_config(**evaluate):
+    config = layered_config([str(REPO / "config/config.yaml")], {})
+    config["evaluate"]["train_splits"].update(evaluate)
+    return config
+
+
+def test_train_splits_default_to_the_test_folder_and_the_demo_pool():
+    config = probe_config(cub="/data/cub_train_elsewhere")
+    config["linear_probe"]["datasets"] = ["openclipart", "fashion-mnist", "cub"]
+    tests = {"openclipart": "r/demo/heldout.parquet", "fashion-mnist": "/fm", "cub": "/data/cub"}
+    paths = planning.train_split_paths(config, "linear_probe", tests, "r/demo/urls.parquet")
+    assert paths == {
+        "openclipart": "r/demo/urls.parquet",
+        "fashion-mnist": "/fm",
+        "cub": "/data/cub_train_elsewhere",
+    }
+
+
+@pytest.mark.parametrize(
+    ("datasets", "splits", "message"),
+    [
+        (["cub"], {}, "config key linear_probe.datasets: cub has no test split"),
+        (["mnist"], {}, "config key linear_probe.datasets: unknown benchmark 'mnist'"),
+        (
+            ["openclipart"],
+            {"openclipart": None},
+            "config key evaluate.train_splits.openclipart: no train split configured",
+        ),
+    ],
+)
+def test_a_probe_without_a_split_names_the_key(datasets, splits, message):
+    config = probe_config(**splits)
+    config["linear_probe"]["datasets"] = datasets
+    tests = {"openclipart": "h.parquet"}
+    with pytest.raises(UnicomError, match=message):
+        planning.train_split_paths(config, "linear_probe", tests, "u.parquet")
+
+
 def test_one_local_rank_is_a_plain_python_process():
     train = {"nodes": 1, "nproc_per_node": 1}
     assert planning.train_launcher(train, {"nodes": 1, "tasks": 1}) == [

@@ -63,3 +63,47 @@ def test_test_classes_without_train_examples_are_one_line():
     x, y = blobs(100)
     with pytest.raises(UnicomError, match=r"test classes \['unseen'\] have no train example"):
         linear_probe(x, y, x[:1], ["unseen"], CS)
+
+
+def test_the_stage_probes_the_base_encoder_and_joins_the_summary(tmp_path, small_image_folder):
+    """The probe CLI on the synthetic 4-category folder: train on 8 images per category (the
+    URL-list layout of the demo pool), test on the other 4; the summary gets a probe row."""
+    import json
+
+    import pyarrow as pa
+
+    from unicom.evaluate.probe import main
+    from unicom.evaluate.summary import summary_rows, to_csv
+    from unicom.io import write_parquet
+
+    paths = sorted(small_image_folder.rglob("*.png"))
+    rows = [(p, p.parent.name, int(p.stem.rsplit("_", 1)[1]) < 8) for p in paths]
+    train = pa.table(
+        {"url": [p.as_uri() for p, _, t in rows if t], "category": [c for _, c, t in rows if t]}
+    )
+    test = pa.table(
+        {
+            "path": [str(p) for p, _, t in rows if not t],
+            "category": [c for _, c, t in rows if not t],
+        }
+    )
+    write_parquet(tmp_path / "urls.parquet", train)
+    write_parquet(tmp_path / "heldout.parquet", test)
+    out = tmp_path / "probe.json"
+    options = {"cs": [0.1, 10.0], "batch_size": 16, "num_workers": 0, "device": "cpu"}
+    main(
+        [
+            "--model", "base", "--dataset", "openclipart",
+            "--train-path", str(tmp_path / "urls.parquet"),
+            "--test-path", str(tmp_path / "heldout.parquet"),
+            "--out", str(out), "--options-json", json.dumps(options),
+            "--embed-options-json", json.dumps({"encoder": "demo", "demo": {"image_size": 64}}),
+        ]
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["protocol"] == "linear probe" and result["model"] == "base"
+    assert result["train_items"] == 32 and result["test_items"] == 16 and result["classes"] == 4
+    assert result["top1"] > 0.9 and result["chance"] == 0.25
+    (row,) = summary_rows([result])
+    assert (row["protocol"], row["dim"], row["top1"]) == ("linear probe", 1280, result["top1"])
+    assert to_csv([row]).splitlines()[1].startswith("linear probe,base,openclipart,1280,,")

@@ -320,7 +320,7 @@ def test_demo_runs_end_to_end_as_slurm_jobs(demo_runs):
     assert sizes["samples"] == 36
     assert json.loads((results / "download/summary.json").read_text())["counts"]["success"] == 36
     rows = (results / "evaluate/summary.csv").read_text().splitlines()
-    assert sorted({row.split(",")[0] for row in rows[1:]}) == ["base", "trained"]
+    assert sorted({row.split(",")[1] for row in rows[1:]}) == ["base", "trained"]
     for png in ("download", "kmeans", "training", "retrieval"):
         assert (results / f"report/{png}.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -140,9 +140,9 @@ def test_training_evaluation_and_report_outputs(demo_run):
     steps = [json.loads(line)["step"] for line in (results / "train/metrics.jsonl").open()]
     assert steps == [1, 2, 3, 4]
     rows = (results / "evaluate/summary.csv").read_text().splitlines()
-    assert rows[0].startswith("model,dataset,dim,recall@1")
+    assert rows[0].startswith("protocol,model,dataset,dim,recall@1")
     # base (1280 and 16 dims) and trained (32 and 16 dims) on the held-out openclipart split
-    assert sorted(r.split(",")[0] + "@" + r.split(",")[2] for r in rows[1:]) == [
+    assert sorted(r.split(",")[1] + "@" + r.split(",")[3] for r in rows[1:]) == [
         "base@1280",
         "base@16",
         "trained@16",
@@ -189,7 +189,9 @@ def observed_results(results: Path) -> dict:
         row = dict(zip(header, line.split(","), strict=True))
         name = f"{row['model']}/{row['dataset']}@{row['dim']}"
         summary[name] = {
-            k: float(v) for k, v in row.items() if k not in ("model", "dataset", "dim")
+            k: float(v)
+            for k, v in row.items()
+            if k not in ("protocol", "model", "dataset", "dim") and v != ""
         }
     losses = [json.loads(line)["loss"] for line in (results / "train/metrics.jsonl").open()]
     return {"labels": labels, "fused_sums": sums, "losses": losses, "summary": summary}
@@ -314,6 +316,14 @@ def test_ablation_variants_rerun_only_what_they_change(demo_run, small_image_fol
     # The grid is not part of the run: its section changes no job of the pipeline.
     assert planned_jobs(demo_run) == CONFIG_JOBS
     write_config(demo_run, small_image_folder)
+
+
+def test_linear_probes_join_the_summary_when_configured(demo_run, small_image_folder):
+    """One probe job per model x dataset, read by the summary; none in the demo's own run."""
+    write_config(demo_run, small_image_folder, linear_probe={"datasets": ["openclipart"]})
+    assert planned_jobs(demo_run, "evaluate_summary") == {"linear_probe": 2, "evaluate_summary": 1}
+    write_config(demo_run, small_image_folder)
+    assert planned_jobs(demo_run, "evaluate_summary") == {}
 
 
 def test_a_two_variant_grid_runs_end_to_end(demo_run, small_image_folder):

@@ -118,6 +118,34 @@ def evaluation_datasets(
     return datasets, skipped
 
 
+def train_split_paths(
+    config: Mapping[str, Any], section: str, test_paths: Mapping[str, str], demo_urls: str
+) -> dict[str, str]:
+    """Benchmark -> where its train split is, for ``section``'s datasets (linear_probe,
+    finetune): each needs a test split (evaluate.datasets) and a train split
+    (evaluate.train_splits; "auto" = the test split's folder, the demo pool's URL list for
+    openclipart)."""
+    paths = {}
+    for name in config[section]["datasets"]:
+        train = config["evaluate"]["train_splits"].get(name)
+        if name not in config["evaluate"]["train_splits"]:
+            raise UnicomError(f"config key {section}.datasets: unknown benchmark {name!r}")
+        if name not in test_paths:
+            raise UnicomError(
+                f"config key {section}.datasets: {name} has no test split "
+                f"(evaluate.datasets.{name} is null or finds nothing)"
+            )
+        if train is None:
+            raise UnicomError(
+                f"config key evaluate.train_splits.{name}: no train split configured for {name}, "
+                f"which {section}.datasets lists"
+            )
+        if train == "auto":
+            train = demo_urls if name == "openclipart" else test_paths[name]
+        paths[name] = str(train)
+    return paths
+
+
 def evaluation_dataset_inputs(
     datasets: Mapping[str, str], demo_heldout: str, demo_sources: str
 ) -> dict[str, dict[str, str]]:

@@ -9,17 +9,25 @@ labels reach nothing but that final score: ``choose_c`` never sees them.
 
 from __future__ import annotations
 
+import argparse
 import logging
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from unicom.cli import parse_options_json, run_cli, setup_logging
+from unicom.config import section_options
 from unicom.errors import UnicomError
+from unicom.io import write_json
 
 log = logging.getLogger("unicom.evaluate.probe")
+
+PROTOCOL = "linear probe"
 
 
 @dataclass(frozen=True)
@@ -123,3 +131,106 @@ def linear_probe(
     return ProbeResult(
         c, validation, top1, 1 / len(classes), majority, len(classes), len(train_y), len(test_y)
     )
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def subset(dataset, limit: int | None, seed: int):
+    """A stratified, seeded subset of at most ``limit`` items of a single-set split."""
+    from unicom.evaluate.evaluate import stratified_subset
+
+    if limit is None or limit >= len(dataset.items):
+        return list(dataset.items), list(dataset.labels)
+    keep = stratified_subset(dataset.labels, limit, seed)
+    return [dataset.items[i] for i in keep], [dataset.labels[i] for i in keep]
+
+
+def probe_stage(
+    model: str,
+    dataset: str,
+    train_path: str,
+    test_path: str,
+    options: Mapping[str, Any],
+    embed_options: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Embed a subset of the train and test splits with ``model`` (frozen), fit the probe."""
+    from unicom.devices import resolve_device
+    from unicom.evaluate import benchmarks
+    from unicom.evaluate.evaluate import base_embedder, embed_items, trained_embedder
+
+    device = resolve_device(options["device"], "linear_probe.device")
+    if model == "base":
+        embedder = base_embedder(dict(embed_options), device)
+    else:
+        embedder = trained_embedder(model, device)
+    splits = {}
+    for split, path, limit in (
+        ("train", train_path, options["max_train"]),
+        ("test", test_path, options["max_test"]),
+    ):
+        loaded = benchmarks.load(dataset, path, split=split)
+        items, labels = subset(loaded, limit, options["seed"])
+        start = time.perf_counter()
+        embeddings = embed_items(embedder, items, options["batch_size"], options["num_workers"])
+        splits[split] = (embeddings, labels, loaded.summary(), time.perf_counter() - start)
+    (train_x, train_y, train_info, train_s), (test_x, test_y, test_info, test_s) = (
+        splits["train"],
+        splits["test"],
+    )
+    result = linear_probe(
+        train_x, train_y, test_x, test_y, options["cs"], options["holdout_fraction"],
+        options["max_iter"], options["seed"],
+    )  # fmt: skip
+    return {
+        "protocol": PROTOCOL,
+        "model": embedder.name if model == "base" else model_name(model),
+        "model_identity": embedder.identity,
+        "dataset": {"name": dataset, "train": train_info, "test": test_info},
+        "embedding_dim": int(train_x.shape[1]),
+        "embed_seconds": round(train_s + test_s, 2),
+        **result.summary(),
+    }
+
+
+def model_name(model_dir: str) -> str:
+    """How the summary names a trained export: its folder's name (``train`` -> trained)."""
+    name = Path(model_dir).name
+    return "trained" if name == "train" else name
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m unicom.evaluate.probe", description=__doc__)
+    parser.add_argument("--model", required=True, help="'base' or a unicom.train export folder")
+    parser.add_argument(
+        "--dataset", required=True, help="benchmark name (unicom.evaluate.benchmarks)"
+    )
+    parser.add_argument("--train-path", required=True, help="where its train split is")
+    parser.add_argument("--test-path", required=True, help="where its test split is")
+    parser.add_argument("--out", required=True, help="result JSON")
+    parser.add_argument("--options-json", required=True, help="the linear_probe config section")
+    parser.add_argument("--embed-options-json", required=True, help="the embed config section")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (the job's cores)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = probe_stage(
+        args.model,
+        args.dataset,
+        args.train_path,
+        args.test_path,
+        section_options("linear_probe", parse_options_json(args.options_json)),
+        parse_options_json(args.embed_options_json),
+    )
+    write_json(args.out, result)
+    log.info(
+        "%s on %s: linear probe top-1 %.4f (C %g, chance %.3f)",
+        result["model"], args.dataset, result["top1"], result["C"], result["chance"],
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,4 +1,6 @@
-"""Gather the per model x dataset metrics into one table (CSV + Markdown)."""
+"""Gather the per model x dataset metrics into one table (CSV + Markdown), one row per protocol,
+model, dataset and size: zero-shot retrieval (the evaluate stage), fine-tuned retrieval (the
+evaluate stage on a fine-tuned model) and linear probe (top-1 of ``unicom.evaluate.probe``)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ from typing import Any
 from unicom.cli import run_cli, setup_logging
 from unicom.io import write_text
 
+ZERO_SHOT = "zero-shot retrieval"
 COLUMNS = (
+    "protocol",
     "model",
     "dataset",
     "dim",
@@ -22,24 +26,45 @@ COLUMNS = (
     "map@r",
     "r_precision",
     "queries",
+    "top1",
 )
+METRICS = COLUMNS[4:-2]
 
 
 def summary_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per model, dataset and embedding size ('full' first, then decreasing)."""
+    """One row per protocol, model, dataset and embedding size ('full' first, then decreasing)."""
     rows = []
     for result in results:
+        protocol = result.get("protocol", ZERO_SHOT)
+        if "top1" in result:  # a linear probe: one score, at the model's full size
+            rows.append(
+                {
+                    "protocol": protocol,
+                    "model": result["model"],
+                    "dataset": result["dataset"]["name"],
+                    "dim": int(result["embedding_dim"]),
+                    **{c: None for c in METRICS},
+                    "queries": result["test_items"],
+                    "top1": result["top1"],
+                }
+            )
+            continue
         for dim, scores in result["results"].items():
             label = f"{result['embedding_dim']}" if dim == "full" else dim
             rows.append(
                 {
+                    "protocol": protocol,
                     "model": result["model"],
                     "dataset": result["dataset"]["name"],
                     "dim": int(label),
-                    **{c: scores.get(c) for c in COLUMNS[3:]},
+                    **{c: scores.get(c) for c in (*METRICS, "queries")},
+                    "top1": None,
                 }
             )
-    return sorted(rows, key=lambda r: (r["dataset"], r["model"], -r["dim"]))
+    order = {ZERO_SHOT: 0, "fine-tuned retrieval": 1, "linear probe": 2}
+    return sorted(
+        rows, key=lambda r: (order.get(r["protocol"], 3), r["dataset"], r["model"], -r["dim"])
+    )
 
 
 def _cell(value: Any) -> str:

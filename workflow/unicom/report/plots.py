@@ -60,9 +60,49 @@ def plot_training(metrics_path: str, path: str) -> None:
     _save(fig, path)
 
 
-def plot_retrieval(summary_csv: str, path: str) -> None:
-    """Bars of R@1 and MAP@R per model at each embedding size, one panel per dataset."""
+ZERO_SHOT = "zero-shot retrieval"
+PROTOCOLS = {  # protocol -> the score its panel shows
+    ZERO_SHOT: "recall@1",
+    "fine-tuned retrieval": "recall@1",
+    "linear probe": "top1",
+}
+
+
+def plot_protocols(summary_csv: str, path: str) -> None:
+    """One panel per protocol: its score (full size) per dataset, a bar per model."""
     rows = list(csv.DictReader(Path(summary_csv).read_text().splitlines()))
+    fig, axes = plt.subplots(1, len(PROTOCOLS), figsize=(4.5 * len(PROTOCOLS), 3.4), squeeze=False)
+    for ax, (protocol, metric) in zip(axes[0], PROTOCOLS.items(), strict=True):
+        subset = [r for r in rows if r["protocol"] == protocol]
+        full = {}  # the largest size of each model x dataset
+        for r in subset:
+            key = (r["model"], r["dataset"])
+            if key not in full or int(r["dim"]) > int(full[key]["dim"]):
+                full[key] = r
+        datasets = sorted({d for _, d in full})
+        models = sorted({m for m, _ in full})
+        width = 0.8 / max(len(models), 1)
+        for m, model in enumerate(models):
+            values = [
+                float(full[(model, d)][metric] or "nan") if (model, d) in full else float("nan")
+                for d in datasets
+            ]
+            ax.bar([i + m * width for i in range(len(datasets))], values, width, label=model)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(datasets))], datasets)
+        ax.set_title(f"{protocol}: {metric}")
+        ax.set_ylim(0, 1)
+        if models:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)
+    _save(fig, path)
+
+
+def plot_retrieval(summary_csv: str, path: str) -> None:
+    """Bars of R@1 and MAP@R per model at each embedding size, one panel per dataset
+    (zero-shot retrieval)."""
+    rows = list(csv.DictReader(Path(summary_csv).read_text().splitlines()))
+    rows = [r for r in rows if r.get("protocol", ZERO_SHOT) == ZERO_SHOT]
     datasets = sorted({r["dataset"] for r in rows})
     fig, axes = plt.subplots(len(datasets), 2, figsize=(10, 2.8 * len(datasets)), squeeze=False)
     for row_axes, dataset in zip(axes, datasets, strict=True):
@@ -104,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         plot_training(args.train_metrics, str(out / "training.png"))
     if args.eval_summary:
         plot_retrieval(args.eval_summary, str(out / "retrieval.png"))
+        plot_protocols(args.eval_summary, str(out / "protocols.png"))
 
 
 if __name__ == "__main__":

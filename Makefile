@@ -34,8 +34,9 @@ ablations: setup
 	$(BIN)/snakemake all ablations --profile profiles/local --report results/report.html \
 		--configfile config/config.yaml config/ablations.yaml
 
+# Two workers, a file each at a time: the SLURM tests' waiting overlaps with the other files.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 lint: setup
 	$(BIN)/ruff check .

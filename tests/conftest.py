@@ -26,6 +26,22 @@ TORCHRUN_TWO_RANKS = [
 ]  # fmt: skip
 
 
+# Longest modules first: under `make test` (pytest -n 2 --dist loadfile) each file runs whole on
+# one of two workers, and the SLURM module, which mostly waits for the scheduler's status
+# checks, then overlaps with the rest instead of running alone at the end.
+LONG_MODULES = ("test_slurm.py", "test_rehearsal.py", "test_workflow.py")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Stable sort: the order of tests inside a module is kept (some depend on it)."""
+
+    def rank(item) -> int:
+        name = item.path.name
+        return LONG_MODULES.index(name) if name in LONG_MODULES else len(LONG_MODULES)
+
+    items.sort(key=rank)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

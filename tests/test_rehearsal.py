@@ -320,7 +320,7 @@ def test_rehearsal_keys_are_exactly_these():
     }  # fmt: skip
     assert set(annotated_keys("x-scheduler")) == {
         f"{section}.{key}"
-        for section in ("embed", "kmeans", "assign", "train", "evaluate")
+        for section in ("embed", "kmeans", "assign", "train", "evaluate", "linear_probe")
         for key in ("threads", "gpus", "mem_mb", "runtime")
     } | {"download.mem_mb", "download.runtime", "assign.diagnostics.mem_mb",
          "assign.diagnostics.runtime"}  # fmt: skip

@@ -34,6 +34,7 @@ from unicom.train.augment import TrainTransform, crop_box
 from unicom.train.data import ShardInput, partition_shards, read_shard_labels
 from unicom.train.optim import lr_factor
 from unicom.train.partial_fc import PartialFC
+from unicom.train.randaugment import OPERATIONS, random_erase
 from unicom.train.streams import StreamPlan, batches_before, epoch_shard_order, stream_samples
 from unicom.train.train import main, train_options
 
@@ -309,6 +310,27 @@ def test_crop_box_stays_inside_and_transform_is_seeded():
     assert first.shape == (3, 24, 24) and first.dtype == torch.uint8
     assert torch.equal(first, transform(image, np.random.default_rng(5)))
     assert not torch.equal(first, transform(image, np.random.default_rng(6)))
+
+
+def test_rand_augment_and_erasing_are_seeded_per_sample():
+    """Fine-tuning's RandAugment (2 ops, magnitude 9) and random erasing: every operation runs,
+    the same generator gives the same tensor, erasing puts noise in one rectangle."""
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 50, 3), np.uint8))
+    for name, operation in OPERATIONS.items():
+        out = operation(image, 1.0, np.random.default_rng(0))
+        assert out.size == image.size and out.mode == "RGB", name
+    transform = TrainTransform(24, rand_augment_ops=2, random_erasing=1.0)
+    first = transform(image, np.random.default_rng(5))
+    assert first.shape == (3, 24, 24) and first.dtype == torch.uint8
+    assert torch.equal(first, transform(image, np.random.default_rng(5)))
+    assert not torch.equal(first, transform(image, np.random.default_rng(6)))
+    flat = torch.full((3, 24, 24), 7, dtype=torch.uint8)
+    erased = random_erase(flat, np.random.default_rng(2), 1.0)
+    changed = (erased != flat).any(dim=0)
+    rows, cols = changed.nonzero(as_tuple=True)
+    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    assert 0.02 * 576 * 0.8 <= changed.sum() <= box <= 576 / 3 + 24
+    assert torch.equal(random_erase(flat, np.random.default_rng(2), 0.0), flat)
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():

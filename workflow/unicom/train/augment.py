@@ -1,5 +1,6 @@
 """Training augmentation: a random resized crop (torchvision's sampling rule, drawn from the
-sample's own generator so it is reproducible), a flip and colour jitter -> uint8 tensor."""
+sample's own generator so it is reproducible), a flip, colour jitter, RandAugment and random
+erasing (``unicom.train.randaugment``; off unless configured, on for fine-tuning) -> uint8 tensor."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from unicom.images import to_rgb
+from unicom.train.randaugment import rand_augment, random_erase
 
 
 def crop_box(
@@ -59,6 +61,10 @@ class TrainTransform:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
     color_jitter: float = 0.0
+    rand_augment_ops: int = 0
+    rand_augment_magnitude: float = 9.0
+    rand_augment_std: float = 0.5
+    random_erasing: float = 0.0
 
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
         image = to_rgb(image)
@@ -80,4 +86,12 @@ class TrainTransform:
             image = TF.adjust_brightness(image, rng.uniform(low, high))
             image = TF.adjust_contrast(image, rng.uniform(low, high))
             image = TF.adjust_saturation(image, rng.uniform(low, high))
-        return TF.pil_to_tensor(image)
+        if self.rand_augment_ops:
+            image = rand_augment(
+                image,
+                rng,
+                self.rand_augment_ops,
+                self.rand_augment_magnitude,
+                self.rand_augment_std,
+            )
+        return random_erase(TF.pil_to_tensor(image), rng, self.random_erasing)

@@ -189,6 +189,10 @@ def training_batches(run: Run, start_step: int) -> TrainBatches:
         ratio=tuple(augment["ratio"]),
         hflip=augment["hflip"],
         color_jitter=augment["color_jitter"],
+        rand_augment_ops=augment["rand_augment_ops"],
+        rand_augment_magnitude=augment["rand_augment_magnitude"],
+        rand_augment_std=augment["rand_augment_std"],
+        random_erasing=augment["random_erasing"],
     )
     return TrainBatches(
         run.data.shards,

@@ -117,14 +117,24 @@ def test_the_diagnostic_sample_is_a_stable_sorted_subset():
 # --------------------------------------------------------------------------- evaluation
 
 
-def test_evaluation_models_add_extra_models_by_folder_name():
-    evaluate = {"extra_models": ["/runs/a/train/", "/runs/b/export"]}
+def test_evaluation_models_add_extra_models_by_folder_name(tmp_path):
+    exports = [tmp_path / "a/train", tmp_path / "b/export"]
+    for export in exports:
+        export.mkdir(parents=True)
+        (export / "model.json").write_text('{"format": "unicom-trained-model/1"}')
+    evaluate = {"extra_models": [f"{exports[0]}/", str(exports[1])]}
     assert planning.evaluation_models(evaluate, "results/train") == {
         "base": "base",
         "trained": "results/train",
-        "train": "/runs/a/train/",
-        "export": "/runs/b/export",
+        "train": f"{exports[0]}/",
+        "export": str(exports[1]),
     }
+    # An extra model that is not an export stops the plan, naming the key.
+    with pytest.raises(UnicomError, match=r"config key evaluate.extra_models: .* is not a unicom"):
+        planning.evaluation_models({"extra_models": [str(tmp_path / "a")]}, "results/train")
+    (exports[1] / "model.json").write_text('{"format": "timm"}')
+    with pytest.raises(UnicomError, match=r"config key evaluate.extra_models: .* description"):
+        planning.evaluation_models({"extra_models": [str(exports[1])]}, "results/train")
     assert planning.evaluation_models({"extra_models": []}, "out/train") == {
         "base": "base",
         "trained": "out/train",

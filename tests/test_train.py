@@ -638,3 +638,18 @@ def test_pretrained_from_a_local_safetensors(single_run, tmp_path):
     save_file({k: v for k, v in state.items() if k != "conv_head.weight"}, str(timm_file))
     with pytest.raises(UnicomError, match="does not fit the model"):
         build_model({**options, "pretrained": str(timm_file)})
+
+
+def test_pretrained_from_a_trained_export_loads_the_embedding_too(single_run, tmp_path):
+    """Fine-tuning starts from the whole export (backbone + embedding), checked against it."""
+    ours = load_trained_model(single_run)
+    options = train_options({**OPTIONS, "pretrained": str(single_run)})
+    built = build_model(options).state_dict()
+    assert built.keys() == ours.state_dict().keys()
+    for key, value in ours.state_dict().items():
+        assert torch.equal(built[key], value), key
+    with pytest.raises(UnicomError, match=r"exported with dim 16, but train.dim is 8"):
+        build_model({**options, "dim": 8})
+    (tmp_path / "model.json").write_text("{}")
+    with pytest.raises(UnicomError, match=r"train.pretrained .*model.json is not a unicom-trained"):
+        build_model({**options, "pretrained": str(tmp_path)})

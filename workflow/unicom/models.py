@@ -108,9 +108,42 @@ def build_model(options: Mapping[str, Any]) -> EmbeddingModel:
             shapes = {k: tuple(v.shape) for k, v in backbone.state_dict().items()}
             renamed = match_state_dict_in_order(source, shapes, f"train.model {options['model']}")
             backbone.load_state_dict(renamed, strict=True)
-        elif pretrained not in (None, PRETRAINED_TIMM):
+        elif pretrained not in (None, PRETRAINED_TIMM) and not Path(pretrained).is_dir():
             load_backbone_file(backbone, str(pretrained))
-        return EmbeddingModel(backbone, options["dim"])
+        model = EmbeddingModel(backbone, options["dim"])
+    if pretrained not in (None, PRETRAINED_TIMM) and Path(pretrained).is_dir():
+        load_export(model, str(pretrained), options)  # fine-tuning: backbone and embedding
+    return model
+
+
+def load_export(model: EmbeddingModel, directory: str, options: Mapping[str, Any]) -> None:
+    """A trained export's backbone + embedding into ``model`` (built from ``options``)."""
+    from safetensors.torch import load_file
+
+    info = read_export_info(directory, "train.pretrained")
+    for key in ("model", "dim", "model_kwargs"):
+        if (info.get(key) or ({} if key == "model_kwargs" else None)) != options[key]:
+            raise UnicomError(
+                f"train.pretrained {directory}: exported with {key} {info.get(key)!r}, but "
+                f"train.{key} is {options[key]!r}"
+            )
+    try:
+        model.load_state_dict(load_file(str(Path(directory) / info["weights"])), strict=True)
+    except (RuntimeError, OSError) as err:
+        first = " ".join(str(err).split())[:300]
+        raise UnicomError(f"train.pretrained {directory}: weights do not fit ({first})") from None
+
+
+def read_export_info(directory: str | os.PathLike, key: str) -> dict[str, Any]:
+    """model.json of a ``unicom.train`` export folder; errors name the config ``key``."""
+    path = Path(directory) / "model.json"
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UnicomError(f"{key} {directory}: not a unicom.train export ({path}: {err})") from None
+    if not isinstance(info, dict) or info.get("format") != MODEL_FORMAT:
+        raise UnicomError(f"{key} {directory}: {path} is not a {MODEL_FORMAT} description")
+    return info
 
 
 def preprocessing(model: EmbeddingModel) -> dict[str, Any]:
@@ -139,12 +172,7 @@ def load_trained_model(directory: str | os.PathLike, device: str = "cpu") -> Emb
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    try:
-        info = json.loads((directory / "model.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UnicomError(f"{directory / 'model.json'}: cannot read ({err})") from None
-    if info.get("format") != MODEL_FORMAT:
-        raise UnicomError(f"{directory / 'model.json'}: not a {MODEL_FORMAT} description")
+    info = read_export_info(directory, "model")
     backbone = create_backbone(info["model"], info.get("model_kwargs") or {}, timm_weights=False)
     model = EmbeddingModel(backbone, int(info["dim"]))
     try:

@@ -9,6 +9,7 @@ here prints or exits, and nothing knows Snakemake's objects. Library layer: it i
 from __future__ import annotations
 
 import glob
+import json
 import os
 import random
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,8 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 # The trainer the launcher starts on every rank.
 TRAIN_MODULE = "unicom.train.train"
 KMEANS_MODULE = "unicom.cluster.kmeans"
+# model.json's "format" of a unicom.train export (unicom.models.MODEL_FORMAT, without version).
+EXPORT_FORMAT = "unicom-trained-model/"
 
 
 # --------------------------------------------------------------------------- batches
@@ -85,8 +88,25 @@ def evaluation_models(evaluate: Mapping[str, Any], trained: str) -> dict[str, st
     export folder ``trained``, and each of evaluate.extra_models under its folder's name."""
     models = {"base": "base", "trained": trained}
     for path in evaluate["extra_models"]:
+        check_export(path, "evaluate.extra_models")
         models[os.path.basename(os.path.normpath(path))] = path
     return models
+
+
+def check_export(path: str, key: str) -> None:
+    """``path`` is a folder exported by unicom.train (its model.json says so)."""
+    description = Path(path) / "model.json"
+    try:
+        info = json.loads(description.read_text())
+    except (OSError, ValueError) as err:
+        raise UnicomError(
+            f"config key {key}: {path} is not a unicom.train export ({description}: "
+            f"{type(err).__name__})"
+        ) from None
+    if not isinstance(info, dict) or not str(info.get("format", "")).startswith(EXPORT_FORMAT):
+        raise UnicomError(
+            f"config key {key}: {description} is not a unicom.train model description"
+        )
 
 
 def evaluation_datasets(

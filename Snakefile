@@ -50,6 +50,7 @@ include: "rules/fuse.smk"
 include: "rules/cluster.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
+include: "rules/finetune.smk"
 include: "rules/report.smk"
 include: "rules/ablations.smk"
 

@@ -1,5 +1,6 @@
 import glob
 import json
+import re
 
 from unicom import planning
 from unicom.config import section

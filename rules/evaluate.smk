@@ -41,6 +41,9 @@ rule evaluate:
         out("logs/evaluate/{model}/{dataset}.log"),
     benchmark:
         out("benchmarks/evaluate/{model}/{dataset}.tsv")
+    wildcard_constraints:
+        # the models above; finetuned-* results come from rules/finetune.smk
+        model="|".join(re.escape(name) for name in EVALUATION_MODELS),
     conda:
         "../envs/torch-gpu.yaml" if EVALUATE["gpus"] else "../envs/torch-cpu.yaml"
     threads: EVALUATE["threads"]
@@ -105,31 +108,3 @@ rule linear_probe:
         " --train-path {params.train_path:q} --test-path {params.test_path:q} --out {output:q}"
         " --threads {threads} --options-json {params.options:q}"
         " --embed-options-json {params.embed:q} 2> {log:q}"
-
-
-localrules:
-    evaluate_summary,
-
-
-rule evaluate_summary:
-    input:
-        expand(
-            out("evaluate/{model}/{dataset}.json"),
-            model=list(EVALUATION_MODELS),
-            dataset=list(EVALUATION_DATASETS),
-        ),
-        PROBE_RESULTS,
-    output:
-        csv=report(
-            out("evaluate/summary.csv"),
-            caption="../report/metrics.rst",
-            category="4. Retrieval",
-        ),
-        markdown=out("evaluate/summary.md"),
-    log:
-        out("logs/evaluate_summary.log"),
-    conda:
-        "../envs/data.yaml"
-    shell:
-        "python -m unicom.evaluate.summary {input:q} --out-csv {output.csv:q}"
-        " --out-md {output.markdown:q} 2> {log:q}"

@@ -1,9 +1,36 @@
-# Plots for `snakemake --report`: the demo's story from download to retrieval.
+# The results table (every protocol) and the plots for `snakemake --report`: the demo's story
+# from download to retrieval.
 
 
 localrules:
     report_plots,
     effective_config,
+    evaluate_summary,
+
+
+rule evaluate_summary:
+    input:
+        expand(
+            out("evaluate/{model}/{dataset}.json"),
+            model=list(EVALUATION_MODELS),
+            dataset=list(EVALUATION_DATASETS),
+        ),
+        PROBE_RESULTS,
+        FINETUNE_RESULTS,
+    output:
+        csv=report(
+            out("evaluate/summary.csv"),
+            caption="../report/metrics.rst",
+            category="4. Retrieval",
+        ),
+        markdown=out("evaluate/summary.md"),
+    log:
+        out("logs/evaluate_summary.log"),
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "python -m unicom.evaluate.summary {input:q} --out-csv {output.csv:q}"
+        " --out-md {output.markdown:q} 2> {log:q}"
 
 
 # The config this run used (schema defaults + the user's files + --config, after the

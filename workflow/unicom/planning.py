@@ -166,6 +166,42 @@ def train_split_paths(
     return paths
 
 
+# The trainer's keys fine-tuning sets from the finetune section (the rest: the train section).
+FINETUNE_KEYS = (
+    "epochs", "steps", "batch_size", "lr", "head_lr_mult", "weight_decay", "warmup_fraction",
+    "margin", "scale", "sample_rate", "feature_rate", "augment", "seed",
+)  # fmt: skip
+# unicom.models' name of the packaged ImageNet weights of the demo encoder's image tower.
+DEMO_IMAGE_WEIGHTS = "efficientnet-lite0-package"
+
+
+def finetune_options(
+    config: Mapping[str, Any], model: str, trained_dir: str, train_stage: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The trainer's options for fine-tuning ``model`` (base or trained): ``train_stage`` (the
+    train section as its stage sees it) with the finetune section's settings, the starting
+    weights and, for base, the demo encoder's image tower."""
+    finetune = config["finetune"]
+    options = {**train_stage, **{key: finetune[key] for key in FINETUNE_KEYS}}
+    options.update(positives=1, min_label_margin=None)
+    if model == "trained":
+        return {**options, "pretrained": trained_dir}
+    embed = config["embed"]
+    if embed["encoder"] != "demo":
+        raise UnicomError(
+            f"config key finetune.models: base is the {embed['encoder']} encoder, whose image "
+            "tower the trainer cannot build; fine-tune the trained model only"
+        )
+    return {
+        **options,
+        "model": embed["demo"]["image_model"],
+        "model_kwargs": {},
+        "pretrained": DEMO_IMAGE_WEIGHTS,
+        "dim": finetune["dim"],
+        "image_size": finetune["image_size"],
+    }
+
+
 def evaluation_dataset_inputs(
     datasets: Mapping[str, str], demo_heldout: str, demo_sources: str
 ) -> dict[str, dict[str, str]]:

@@ -1,5 +1,6 @@
 """The one reader of webdataset shards (tars written by img2dataset): members streamed in
-archive order by the ``webdataset`` package, grouped into samples by key.
+archive order by the ``webdataset`` package, grouped into samples by key; and the writer of
+shards in the same layout (``{key}.jpg`` / ``.txt`` / ``.json``) for labelled splits and tests.
 
 The grouping is ours: webdataset's ``group_by_keys`` starts a second sample when a key comes
 back later in the tar, which the joins on ``key`` downstream could not tell apart, so here that
@@ -8,13 +9,18 @@ is an error; and a member without an extension is kept (webdataset drops it sile
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import tarfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+
+from PIL import Image
 
 from unicom.errors import UnicomError
 from unicom.formats import IMAGE_EXTENSIONS
+from unicom.io import atomic_path
 
 
 @dataclass(frozen=True)
@@ -114,3 +120,45 @@ def scan_tar_samples(path: str | os.PathLike) -> int | None:
     except (tarfile.TarError, EOFError, OSError) as err:
         raise UnicomError(f"{path}: not a readable tar shard ({err})") from None
     return sum(1 for _ in group_tar_members(((name, b"") for name in names), str(path)))
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def image_bytes(
+    image: Image.Image | tuple[int, ...],
+    fmt: str = "JPEG",
+    size: tuple[int, int] = (48, 40),
+    mode: str = "RGB",
+    quality: int = 90,
+) -> bytes:
+    """An encoded image: ``image`` itself, or a plain one of colour ``image``."""
+    if not isinstance(image, Image.Image):
+        image = Image.new(mode, size, tuple(image))
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def sample_members(
+    key: str,
+    image: bytes | None,
+    caption: str,
+    meta: Mapping[str, object] | None = None,
+    extension: str = "jpg",
+) -> list[tuple[str, bytes]]:
+    """The members of one img2dataset sample: image, ``.txt`` caption, ``.json`` metadata."""
+    members = [] if image is None else [(f"{key}.{extension}", image)]
+    members.append((f"{key}.txt", caption.encode()))
+    if meta is not None:
+        members.append((f"{key}.json", json.dumps(dict(meta)).encode()))
+    return members
+
+
+def write_tar(path: str | os.PathLike, members: Iterable[tuple[str, bytes]]) -> None:
+    """A tar of ``(name, bytes)`` members in the given order (written atomically)."""
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w") as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))

@@ -3,57 +3,17 @@ them (``{key}.jpg`` / ``.txt`` / ``.json`` members), with images a model can lea
 
 from __future__ import annotations
 
-import io
-import json
 import os
-import tarfile
-from collections.abc import Iterable, Mapping
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
 from unicom import formats
-from unicom.io import atomic_path, write_parquet
+from unicom.io import write_parquet
+from unicom.shards import image_bytes, sample_members, write_tar
 
-
-def image_bytes(
-    image: Image.Image | tuple[int, ...],
-    fmt: str = "JPEG",
-    size: tuple[int, int] = (48, 40),
-    mode: str = "RGB",
-    quality: int = 90,
-) -> bytes:
-    """An encoded image: ``image`` itself, or a plain one of colour ``image``."""
-    if not isinstance(image, Image.Image):
-        image = Image.new(mode, size, tuple(image))
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
-    return buffer.getvalue()
-
-
-def sample_members(
-    key: str,
-    image: bytes | None,
-    caption: str,
-    meta: Mapping[str, object] | None = None,
-    extension: str = "jpg",
-) -> list[tuple[str, bytes]]:
-    """The members of one img2dataset sample: image, ``.txt`` caption, ``.json`` metadata."""
-    members = [] if image is None else [(f"{key}.{extension}", image)]
-    members.append((f"{key}.txt", caption.encode()))
-    if meta is not None:
-        members.append((f"{key}.json", json.dumps(dict(meta)).encode()))
-    return members
-
-
-def write_tar(path: str | os.PathLike, members: Iterable[tuple[str, bytes]]) -> None:
-    """A tar of ``(name, bytes)`` members in the given order (written atomically)."""
-    with atomic_path(path) as tmp, tarfile.open(tmp, "w") as archive:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
+__all__ = ["image_bytes", "sample_members", "write_tar", "striped_image", "write_synthetic_shard"]
 
 
 def striped_image(label: int, size: int, rng: np.random.Generator) -> Image.Image:

@@ -28,6 +28,8 @@ from unicom.io import write_json
 
 log = logging.getLogger("unicom.evaluate.evaluate")
 
+ZERO_SHOT = "zero-shot retrieval"
+
 
 @dataclasses.dataclass
 class ImageEmbedder:
@@ -156,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--options-json", required=True, help="the evaluate config section")
     parser.add_argument("--embed-options-json", required=True, help="the embed config section")
     parser.add_argument("--threads", type=int, help="torch CPU threads (the job's cores)")
+    parser.add_argument("--protocol", default=ZERO_SHOT, help="what the summary calls the result")
+    parser.add_argument("--name", help="the model's name in the results (default: base, trained)")
     args = parser.parse_args(argv)
     setup_logging()
     options = section_options("evaluate", parse_options_json(args.options_json))
@@ -172,7 +176,9 @@ def main(argv: list[str] | None = None) -> None:
         embedder = base_embedder(parse_options_json(args.embed_options_json), device)
     else:
         embedder = trained_embedder(args.model, device)
-    result = evaluate(embedder, dataset, options)
+    if args.name:
+        embedder = dataclasses.replace(embedder, name=args.name)
+    result = {"protocol": args.protocol, **evaluate(embedder, dataset, options)}
     write_json(args.out, result)
     full = result["results"]["full"]
     log.info(

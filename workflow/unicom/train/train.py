@@ -31,6 +31,7 @@ exit with 128 + the signal number, so that the job counts as failed and a rerun 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -113,6 +114,14 @@ def train(
         distributed.shutdown()
 
 
+def num_classes_from(path: str) -> int:
+    """``num_classes`` of a JSON file (unicom.evaluate.finetune_data's classes.json)."""
+    try:
+        return int(json.loads(Path(path).read_text())["num_classes"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UnicomError(f"--num-classes-file {path}: no num_classes ({err})") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m unicom.train.train",
@@ -123,7 +132,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--assignments", nargs="+", required=True, help="assign/{part}.parquet, one per shard"
     )
-    parser.add_argument("--num-classes", type=int, required=True, help="k of the k-means")
+    classes = parser.add_mutually_exclusive_group(required=True)
+    classes.add_argument("--num-classes", type=int, help="k of the k-means")
+    classes.add_argument(
+        "--num-classes-file", help="a JSON file with num_classes (a labelled split's classes.json)"
+    )
     parser.add_argument("--out-dir", required=True, help="output and checkpoint folder")
     parser.add_argument("--options-json", default="{}", help="the config's train section")
     parser.add_argument("--centroids", help="kmeans/centroids.npy: checks --num-classes")
@@ -141,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         train(
             expand_parts(args.shards, args.each_part),
             expand_parts(args.assignments, args.each_part),
-            args.num_classes,
+            args.num_classes or num_classes_from(args.num_classes_file),
             args.out_dir,
             parse_options_json(args.options_json),
             centroids=args.centroids,

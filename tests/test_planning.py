@@ -262,6 +262,24 @@ def test_a_probe_without_a_split_names_the_key(datasets, splits, message):
         planning.train_split_paths(config, "linear_probe", tests, "u.parquet")
 
 
+def test_finetune_options_start_from_the_export_or_the_demo_image_tower():
+    config = layered_config([str(REPO / "config/config.yaml")], {})
+    train = {"model": "vit", "model_kwargs": {}, "dim": 256, "image_size": 112, "device": "cpu"}
+    trained = planning.finetune_options(config, "trained", "results/train", train)
+    assert trained["pretrained"] == "results/train" and trained["model"] == "vit"
+    assert (trained["lr"], trained["scale"], trained["head_lr_mult"]) == (0.0001, 32.0, 5.0)
+    assert trained["augment"]["rand_augment_ops"] == 2 and trained["device"] == "cpu"
+    base = planning.finetune_options(config, "base", "results/train", train)
+    assert (base["model"], base["pretrained"]) == (
+        "tf_efficientnet_lite0",
+        "efficientnet-lite0-package",
+    )
+    assert (base["dim"], base["image_size"]) == (512, 224)
+    config["embed"]["encoder"] = "open_clip"
+    with pytest.raises(UnicomError, match="config key finetune.models: base is the open_clip"):
+        planning.finetune_options(config, "base", "results/train", train)
+
+
 def test_one_local_rank_is_a_plain_python_process():
     train = {"nodes": 1, "nproc_per_node": 1}
     assert planning.train_launcher(train, {"nodes": 1, "tasks": 1}) == [

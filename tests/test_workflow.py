@@ -318,10 +318,16 @@ def test_ablation_variants_rerun_only_what_they_change(demo_run, small_image_fol
     write_config(demo_run, small_image_folder)
 
 
-def test_linear_probes_join_the_summary_when_configured(demo_run, small_image_folder):
-    """One probe job per model x dataset, read by the summary; none in the demo's own run."""
+def test_probes_and_fine_tuning_join_the_summary_when_configured(demo_run, small_image_folder):
+    """One probe job per model x dataset, read by the summary, and the fine-tuning jobs; none
+    in the demo's own run."""
     write_config(demo_run, small_image_folder, linear_probe={"datasets": ["openclipart"]})
     assert planned_jobs(demo_run, "evaluate_summary") == {"linear_probe": 2, "evaluate_summary": 1}
+    # Fine-tuning: the labelled split once, then each model fine-tuned and evaluated.
+    write_config(demo_run, small_image_folder, finetune={"datasets": ["openclipart"]})
+    assert planned_jobs(demo_run, "evaluate_summary") == {
+        "finetune_data": 1, "finetune": 2, "finetune_evaluate": 2, "evaluate_summary": 1
+    }  # fmt: skip
     write_config(demo_run, small_image_folder)
     assert planned_jobs(demo_run, "evaluate_summary") == {}
 

@@ -280,6 +280,18 @@ def test_finetune_options_start_from_the_export_or_the_demo_image_tower():
         planning.finetune_options(config, "base", "results/train", train)
 
 
+def test_the_protocols_config_probes_two_sets_and_fine_tunes_both_models():
+    config = layered_config(
+        [str(REPO / "config/config.yaml"), str(REPO / "config/protocols.yaml")], {}
+    )
+    tests = {"openclipart": "r/demo/heldout.parquet", "fashion-mnist": "/fm"}
+    probes = planning.train_split_paths(config, "linear_probe", tests, "r/demo/urls.parquet")
+    assert probes == {"fashion-mnist": "/fm", "openclipart": "r/demo/urls.parquet"}
+    assert planning.train_split_paths(config, "finetune", tests, "u") == {"fashion-mnist": "/fm"}
+    for model in config["finetune"]["models"]:
+        planning.finetune_options(config, model, "r/train", config["train"])
+
+
 def test_one_local_rank_is_a_plain_python_process():
     train = {"nodes": 1, "nproc_per_node": 1}
     assert planning.train_launcher(train, {"nodes": 1, "tasks": 1}) == [

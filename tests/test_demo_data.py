@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import urllib.request
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -225,8 +227,12 @@ def test_deb_version():
 
 
 def make_png(path: Path, color: str) -> None:
+    """A small PNG of ``color``, with one pixel from the file name: no two files are equal."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (16, 12), color).save(path)
+    image = Image.new("RGB", (16, 12), color)
+    digest = zlib.crc32(path.name.encode())
+    image.putpixel((0, 0), (digest & 255, (digest >> 8) & 255, (digest >> 16) & 255))
+    image.save(path)
 
 
 def make_clipart_tree(base: Path) -> tuple[Path, Path]:
@@ -242,9 +248,11 @@ def make_clipart_tree(base: Path) -> tuple[Path, Path]:
         svg_path.parent.mkdir(parents=True, exist_ok=True)
         name = rel.rsplit("/", 1)[1].split("_")[0]
         svg_path.write_text(svg_text(name.title(), [name, "", "animal", "Animal"]))
-    # The same picture filed under a second category, as openclipart does with symlinks.
+    # The same picture filed under a second category, as openclipart does with symlinks, and
+    # once as a plain copy of the bytes.
     (png / "science/cat_link.png").symlink_to("../animals/cat_00.png")
     (svg / "science/cat_link.svg").symlink_to("../animals/cat_00.svg")
+    (png / "science/cat_copy_05.png").write_bytes((png / "animals/cat_05.png").read_bytes())
     # A corrupt PNG, an image without SVG, a malformed SVG and an SVG with an empty title.
     (png / "animals/broken_99.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
     (svg / "animals/broken_99.svg").write_text(svg_text("Broken", []))
@@ -295,10 +303,25 @@ def test_pool_end_to_end(tmp_path, clipart):
     summary, train, heldout = result["summary"], result["train"], result["heldout"]
 
     dropped = {Path(row["path"]).name: row["reason"] for row in result["dropped"]}
-    assert dropped == {"broken_99.png": "unreadable_image", "cat_link.png": "duplicate_link"}
-    assert summary["found"] == 27
-    assert summary["dropped"] == {"duplicate_link": 1, "unreadable_image": 1}
-    assert summary["train"] + summary["heldout"] + summary["capped_out"] + 2 == 27
+    assert dropped == {
+        "broken_99.png": "unreadable_image",
+        "cat_link.png": "duplicate_link",
+        "cat_copy_05.png": "duplicate_content",
+    }
+    assert summary["found"] == 28
+    assert summary["dropped"] == {
+        "duplicate_content": 1,
+        "duplicate_link": 1,
+        "unreadable_image": 1,
+    }
+    assert summary["train"] + summary["heldout"] + summary["capped_out"] + 3 == 28
+
+    # No picture is in both splits: the kept files' bytes are all different.
+    def digests(table):
+        return {hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in table["path"].to_pylist()}
+
+    assert not digests(train) & digests(heldout)
+    assert len(digests(train) | digests(heldout)) == train.num_rows + heldout.num_rows
     assert (summary["train"], summary["heldout"]) == (train.num_rows, heldout.num_rows)
     # Usable: 15 animals -> 3.75 rounds to 4; 10 science -> 2.5 rounds up to 3.
     per_category = summary["per_category"]
@@ -403,7 +426,7 @@ def test_fetch_uses_existing_resources_dir(tmp_path, no_apt):
     assert content["png_root"] == str(png.resolve()) and content["svg_root"] == str(svg.resolve())
     assert content["fashion_mnist_dir"] == str(fashion.resolve())
     assert content["versions"] == {"openclipart-png": "1:0.18+dfsg-19"}
-    assert content["num_png"] == 27  # 25 pictures + the corrupt one + the symlink
+    assert content["num_png"] == 28  # 25 pictures + the corrupt one + the symlink + the copy
 
 
 def test_fetch_without_fashion_mnist_records_null(tmp_path, no_apt):

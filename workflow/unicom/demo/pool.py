@@ -5,6 +5,7 @@ out, or dropped with a reason."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import os
 import warnings
@@ -117,6 +118,24 @@ def duplicate_links(candidates: Sequence[Candidate]) -> dict[int, Path]:
     return duplicates
 
 
+def duplicate_contents(candidates: Sequence[Candidate], skip: set[int]) -> dict[int, Path]:
+    """Index -> kept path, for files whose bytes equal an earlier (sorted) candidate's.
+
+    Copies that are not links (the same file saved twice) would otherwise let one picture land
+    in train and held-out, or train on itself twice; links are ``duplicate_links``' job.
+    """
+    first: dict[str, int] = {}
+    duplicates = {}
+    for i, cand in enumerate(candidates):
+        if i in skip:
+            continue
+        digest = hashlib.sha256(cand.path.read_bytes()).hexdigest()
+        kept = first.setdefault(digest, i)
+        if kept != i:
+            duplicates[i] = candidates[kept].path
+    return duplicates
+
+
 def image_header_problem(path: Path, max_pixels: int | None = None) -> tuple[str, str] | None:
     """None if PIL can read the header (size only, no pixel decoding), else (reason, detail).
 
@@ -168,10 +187,13 @@ def build_pool(
         dropped.append(Dropped(str(cand.path), reason, detail, cand.category))
 
     duplicates = duplicate_links(candidates)
+    copies = duplicate_contents(candidates, set(duplicates))
     usable: list[Candidate] = []
     for i, cand in enumerate(tqdm(candidates, desc="image headers", unit="img", mininterval=2)):
         if i in duplicates:
             drop(cand, "duplicate_link", f"same file as {duplicates[i]}")
+        elif i in copies:
+            drop(cand, "duplicate_content", f"same bytes as {copies[i]}")
         elif not cand.category:
             drop(cand, "no_category", "image directly in the root folder, not in a category")
         elif problem := image_header_problem(cand.path):

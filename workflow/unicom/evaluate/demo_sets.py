@@ -4,8 +4,8 @@ openclipart     test: the held-out Parquet written by ``unicom.demo.build pool -
                 (columns ``path``, ``category``; label = category); train: the demo pool's URL
                 list (``demo/urls.parquet``: ``url`` as file:// URLs, ``category``), which
                 the pretraining also used. Same categories: a supervised split, not a
-                class-disjoint one, and no image content in both (``unicom.demo.build``
-                holds out whole groups of identical drawings).
+                class-disjoint one; no file's bytes are in both (the pool drops links and
+                byte-identical copies before the split: duplicate_link, duplicate_content).
 fashion-mnist   ``ROOT/{t10k,train}-{images-idx3,labels-idx1}-ubyte.gz`` (Debian package
                 ``dataset-fashion-mnist``; ROOT defaults to ``/usr/share/datasets/fashion-mnist``):
                 the 10,000 test or 60,000 train images as 28x28 grayscale PIL images,

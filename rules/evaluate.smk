@@ -70,10 +70,17 @@ PROBE_TRAIN_SPLITS = planned(
     EVALUATION_DATASETS,
     out("demo/urls.parquet"),
 )
+# ... and any folder in ImageFolder layout (linear_probe.image_folders): both splits inside.
+PROBE_FOLDERS = planned(planning.image_folders, config, list(EVALUATE["datasets"]))
+PROBE_TEST_PATHS = {
+    **{name: EVALUATION_DATASETS[name] for name in PROBE_TRAIN_SPLITS},
+    **PROBE_FOLDERS,
+}
+PROBE_TRAIN_PATHS = {**PROBE_TRAIN_SPLITS, **PROBE_FOLDERS}
 PROBE_RESULTS = expand(
     out("probe/{model}/{dataset}.json"),
     model=list(EVALUATION_MODELS),
-    dataset=list(PROBE_TRAIN_SPLITS),
+    dataset=list(PROBE_TEST_PATHS),
 )
 
 
@@ -81,8 +88,12 @@ rule linear_probe:
     input:
         unpack(
             lambda wildcards: MODEL_INPUTS.get(wildcards.model, {})
-            | DATASET_INPUTS[wildcards.dataset]
-            | train_split_inputs(wildcards.dataset, PROBE_TRAIN_SPLITS)
+            | (
+                {}
+                if wildcards.dataset in PROBE_FOLDERS
+                else DATASET_INPUTS[wildcards.dataset]
+                | train_split_inputs(wildcards.dataset, PROBE_TRAIN_SPLITS)
+            )
         ),
     output:
         out("probe/{model}/{dataset}.json"),
@@ -99,12 +110,17 @@ rule linear_probe:
         gpu=PROBE["gpus"],
     params:
         model=lambda wildcards: EVALUATION_MODELS[wildcards.model],
-        train_path=lambda wildcards: PROBE_TRAIN_SPLITS[wildcards.dataset],
-        test_path=lambda wildcards: EVALUATION_DATASETS[wildcards.dataset],
+        train_path=lambda wildcards: PROBE_TRAIN_PATHS[wildcards.dataset],
+        test_path=lambda wildcards: PROBE_TEST_PATHS[wildcards.dataset],
+        # a fixed flag, not a config value
+        folder=lambda wildcards: (
+            "--image-folder" if wildcards.dataset in PROBE_FOLDERS else ""
+        ),
         options=stage_options("linear_probe"),
         embed=stage_options("embed"),
     shell:
         "python -m unicom.evaluate.probe --model {params.model:q} --dataset {wildcards.dataset:q}"
         " --train-path {params.train_path:q} --test-path {params.test_path:q} --out {output:q}"
+        " {params.folder}"
         " --threads {threads} --options-json {params.options:q}"
         " --embed-options-json {params.embed:q} 2> {log:q}"

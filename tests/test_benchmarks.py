@@ -373,3 +373,17 @@ def test_offline_train_splits(tmp_path):
     )
     with pytest.raises(UnicomError, match="is not a file:// URL of the demo pool"):
         load("openclipart", tmp_path / "web.parquet", split="train")
+
+
+def test_image_folder_layout_for_probes(tmp_path):
+    """torchvision's ImageFolder layout: ROOT/train/<class>/, ROOT/test/ (or ROOT/val/)."""
+    touch(
+        tmp_path, ["train/cat/1.png", "train/cat/2.jpg", "train/dog/3.png", "train/dog/notes.txt"]
+    )
+    touch(tmp_path, ["val/cat/4.png", "val/dog/5.png"])
+    train = load("cifar-like", tmp_path, split="train", image_folder=True)
+    assert train.labels == ("cat", "cat", "dog") and train.name == "cifar-like"
+    test = load("cifar-like", tmp_path, image_folder=True)
+    assert test.labels == ("cat", "dog") and test.split == "test: val/"
+    with pytest.raises(UnicomError, match="image folder .* does not exist"):
+        load("cifar-like", tmp_path / "absent", image_folder=True)

@@ -292,6 +292,19 @@ def test_the_protocols_config_probes_two_sets_and_fine_tunes_both_models():
         planning.finetune_options(config, model, "r/train", config["train"])
 
 
+def test_image_folders_for_probes_are_checked(tmp_path):
+    config = layered_config([str(REPO / "config/config.yaml")], {})
+    (tmp_path / "cifar10/train").mkdir(parents=True)
+    config["linear_probe"]["image_folders"] = {"cifar10": str(tmp_path / "cifar10")}
+    assert planning.image_folders(config, ["cub"]) == {"cifar10": str(tmp_path / "cifar10")}
+    config["linear_probe"]["image_folders"] = {"food": str(tmp_path)}
+    with pytest.raises(UnicomError, match="image_folders.food: .* has no train/ folder"):
+        planning.image_folders(config, ["cub"])
+    config["linear_probe"]["image_folders"] = {"cub": str(tmp_path / "cifar10")}
+    with pytest.raises(UnicomError, match="image_folders.cub: use a plain name"):
+        planning.image_folders(config, ["cub"])
+
+
 def test_one_local_rank_is_a_plain_python_process():
     train = {"nodes": 1, "nproc_per_node": 1}
     assert planning.train_launcher(train, {"nodes": 1, "tasks": 1}) == [

@@ -107,3 +107,29 @@ def test_the_stage_probes_the_base_encoder_and_joins_the_summary(tmp_path, small
     (row,) = summary_rows([result])
     assert (row["protocol"], row["dim"], row["top1"]) == ("linear probe", 1280, result["top1"])
     assert to_csv([row]).splitlines()[1].startswith("linear probe,base,openclipart,1280,,")
+
+
+def test_an_image_folder_is_probed_too(tmp_path, small_image_folder):
+    """Any ImageFolder-layout dataset (CIFAR, Food-101, ... as files): train/ and test/."""
+    import json
+
+    from unicom.evaluate.probe import main
+
+    for path in sorted(small_image_folder.rglob("*.png")):
+        split = "train" if int(path.stem.rsplit("_", 1)[1]) < 8 else "test"
+        target = tmp_path / "folder" / split / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(path)
+    out = tmp_path / "probe.json"
+    folder = str(tmp_path / "folder")
+    main(
+        [
+            "--model", "base", "--dataset", "shapes", "--image-folder",
+            "--train-path", folder, "--test-path", folder, "--out", str(out),
+            "--options-json", json.dumps({"cs": [1.0], "batch_size": 16, "num_workers": 0}),
+            "--embed-options-json", json.dumps({"encoder": "demo", "demo": {"image_size": 64}}),
+        ]
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["dataset"]["name"] == "shapes" and result["classes"] == 4
+    assert (result["train_items"], result["test_items"]) == (32, 16) and result["top1"] > 0.9

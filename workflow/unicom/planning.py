@@ -166,6 +166,20 @@ def train_split_paths(
     return paths
 
 
+def image_folders(config: Mapping[str, Any], benchmarks: Sequence[str]) -> dict[str, str]:
+    """linear_probe.image_folders, checked: plain names that are not benchmarks' own, and
+    folders with a train/ subfolder."""
+    folders = {}
+    for name, path in config["linear_probe"]["image_folders"].items():
+        key = f"config key linear_probe.image_folders.{name}"
+        if name in benchmarks or not name.replace("-", "").replace("_", "").isalnum():
+            raise UnicomError(f"{key}: use a plain name that is not a benchmark's")
+        if not os.path.isdir(os.path.join(path, "train")):
+            raise UnicomError(f"{key}: {path} has no train/ folder (ImageFolder layout)")
+        folders[name] = str(path)
+    return folders
+
+
 # The trainer's keys fine-tuning sets from the finetune section (the rest: the train section).
 FINETUNE_KEYS = (
     "epochs", "steps", "batch_size", "lr", "head_lr_mult", "weight_decay", "warmup_fraction",

@@ -26,6 +26,7 @@ from unicom.evaluate.loaders import (
     load_cars,
     load_cub,
     load_gldv2,
+    load_image_folder,
     load_inaturalist,
     load_inshop,
     load_sop,
@@ -119,12 +120,23 @@ def available(name: str, path: str | os.PathLike | None) -> tuple[bool, str]:
 
 
 def load(
-    name: str, path: str | os.PathLike | None, check_files: bool = True, split: str = "test"
+    name: str,
+    path: str | os.PathLike | None,
+    check_files: bool = True,
+    split: str = "test",
+    image_folder: bool = False,
 ) -> RetrievalSet:
     """Load split ``split`` (test or train) of benchmark ``name`` from ``path`` (its folder,
-    or a parent of the extracted folder)."""
-    root = resolve_root(name, path)
-    result = _benchmark(name).loader(root, check_files=check_files, split=split)
+    or a parent of the extracted folder); with ``image_folder``, ``name`` is any dataset in
+    torchvision's ImageFolder layout at ``path`` (``loaders.load_image_folder``)."""
+    if image_folder:
+        if path is None or not Path(path).is_dir():
+            raise UnicomError(f"{name}: image folder {path} does not exist")
+        root = Path(path)
+        result = load_image_folder(root, check_files=check_files, split=split, name=name)
+    else:
+        root = resolve_root(name, path)
+        result = _benchmark(name).loader(root, check_files=check_files, split=split)
     if not result.items:
         raise UnicomError(f"{name}: no images in the {split} split under {root}")
     log.info(

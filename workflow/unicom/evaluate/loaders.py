@@ -60,6 +60,7 @@ from unicom.errors import UnicomError
 from unicom.evaluate.sets import RetrievalSet, query_gallery_set, single_set
 
 SPLITS = ("train", "test")
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 VEHICLEID_SIZES = (800, 1600, 2400)
 
 
@@ -351,3 +352,25 @@ def load_gldv2(root: Path, check_files: bool = True, split: str = "test") -> Ret
         check_listed_files("gldv2", queries + gallery)
     split = f"scored ({'/'.join(GLDV2_USAGES)}) test queries vs index"
     return query_gallery_set("gldv2", split, queries, query_labels, gallery, gallery_labels, root)
+
+
+def load_image_folder(
+    root: Path, check_files: bool = True, split: str = "test", name: str = "imagefolder"
+) -> RetrievalSet:
+    """A classification dataset in torchvision's ImageFolder layout, for linear probes:
+    ``ROOT/train/<class>/<image>`` and ``ROOT/test/<class>/<image>`` (or ``ROOT/val/``), the
+    label being the class folder (CIFAR-10/100, Food-101, ... once exported to files)."""
+    check_split(split)
+    folders = ["train"] if split == "train" else ["test", "val"]
+    base = next((root / f for f in folders if (root / f).is_dir()), root / folders[0])
+    if not base.is_dir():
+        raise UnicomError(f"{name}: expected folder {base} (ImageFolder layout) is missing")
+    items, labels = [], []
+    for class_dir in sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        for path in sorted(class_dir.iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
+                items.append(str(path))
+                labels.append(class_dir.name)
+    if check_files:
+        check_listed_files(name, items)
+    return single_set(name, f"{split}: {base.name}/", items, labels, root)

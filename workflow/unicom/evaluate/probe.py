@@ -153,8 +153,10 @@ def probe_stage(
     test_path: str,
     options: Mapping[str, Any],
     embed_options: Mapping[str, Any],
+    image_folder: bool = False,
 ) -> dict[str, Any]:
-    """Embed a subset of the train and test splits with ``model`` (frozen), fit the probe."""
+    """Embed a subset of the train and test splits with ``model`` (frozen), fit the probe.
+    ``image_folder``: ``dataset`` names a folder in ImageFolder layout, not a benchmark."""
     from unicom.devices import resolve_device
     from unicom.evaluate import benchmarks
     from unicom.evaluate.evaluate import base_embedder, embed_items, trained_embedder
@@ -169,7 +171,7 @@ def probe_stage(
         ("train", train_path, options["max_train"]),
         ("test", test_path, options["max_test"]),
     ):
-        loaded = benchmarks.load(dataset, path, split=split)
+        loaded = benchmarks.load(dataset, path, split=split, image_folder=image_folder)
         items, labels = subset(loaded, limit, options["seed"])
         start = time.perf_counter()
         embeddings = embed_items(embedder, items, options["batch_size"], options["num_workers"])
@@ -211,6 +213,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--options-json", required=True, help="the linear_probe config section")
     parser.add_argument("--embed-options-json", required=True, help="the embed config section")
     parser.add_argument("--threads", type=int, help="torch CPU threads (the job's cores)")
+    parser.add_argument(
+        "--image-folder",
+        action="store_true",
+        help="--dataset names a folder in ImageFolder layout (ROOT/{train,test}/<class>/)",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     if args.threads:
@@ -224,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         args.test_path,
         section_options("linear_probe", parse_options_json(args.options_json)),
         parse_options_json(args.embed_options_json),
+        args.image_folder,
     )
     write_json(args.out, result)
     log.info(

@@ -2,6 +2,8 @@
 # finetune.models trained on a benchmark's train split with its labels, by the pretraining's
 # trainer and head, then evaluated on the test split like any model.
 
+from unicom import formats
+
 FINETUNE = config["finetune"]
 FINETUNE_TRAIN_SPLITS = planned(
     planning.train_split_paths,
@@ -126,8 +128,9 @@ rule finetune_evaluate:
         dataset_path=lambda wildcards: EVALUATION_DATASETS[wildcards.dataset],
         options=stage_options("evaluate"),
         embed=stage_options("embed"),
+        protocol=formats.FINE_TUNED,
     shell:
         "python -m unicom.evaluate.evaluate --model {params.model:q} --dataset {wildcards.dataset:q}"
         " --dataset-path {params.dataset_path:q} --out {output:q} --threads {threads}"
         " --options-json {params.options:q} --embed-options-json {params.embed:q}"
-        " --protocol 'fine-tuned retrieval' --name {wildcards.model:q} 2> {log:q}"
+        " --protocol {params.protocol:q} --name {wildcards.model:q} 2> {log:q}"

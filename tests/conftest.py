@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -61,6 +62,42 @@ def join_gloo(rank: int, world: int, port: int) -> None:
         world_size=world,
         timeout=datetime.timedelta(seconds=60),
     )
+
+
+def spawn_ranks(worker, world: int, out_dir: str, what: str, timeout: float = 120) -> None:
+    """``worker(rank, world, port, out_dir)`` on ``world`` spawned processes (each joins gloo
+    with ``join_gloo``); kills them and fails the test after ``timeout`` seconds."""
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(worker, args=(world, free_port(), str(out_dir)), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{what} did not finish in {timeout:g} s")
+
+
+def head_steps(head, batch, labels, steps: int) -> list[dict]:
+    """``steps`` forward/backward passes of a PartialFC ``head`` on ``batch()`` (a fresh leaf
+    each step) and ``labels``; what each step computed and selected."""
+    recorded = []
+    for _ in range(steps):
+        head.zero_grad()
+        embeddings = batch().requires_grad_(True)
+        loss = head(embeddings, labels)
+        loss.backward()
+        grad = head.weight.grad
+        recorded.append(
+            {
+                "loss": loss.detach(),
+                "embedding_grad": embeddings.grad,
+                "weight_grad": grad.to_dense() if grad.is_sparse else grad,
+                "classes": head.last_selected_classes,
+                "dims": head.last_selected_dims,
+            }
+        )
+    return recorded
 
 
 def make_image_folder(

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import time
-
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from unicom.train.partial_fc import PartialFC
 
-from conftest import free_port, join_gloo
+from conftest import head_steps, join_gloo, spawn_ranks
 
 NUM_CLASSES, DIM, SEED = 37, 12, 5  # 37 classes: 19 + 18 over two ranks
 RANK_ROWS = [slice(0, 5), slice(5, 8)]
@@ -47,22 +43,8 @@ def mlcd_reference(embeddings, weight, labels, classes, dims, margin=0.3, scale=
 
 
 def run_steps(head: PartialFC, rows=slice(None)) -> list[dict]:
-    steps = []
-    for _ in range(STEPS):
-        head.zero_grad()
-        embeddings = global_batch()[rows].requires_grad_(True)
-        loss = head(embeddings, LABELS[rows])
-        loss.backward()
-        steps.append(
-            {
-                "loss": loss.detach(),
-                "embedding_grad": embeddings.grad,
-                "weight_grad": head.weight.grad,
-                "classes": head.last_selected_classes,
-                "dims": head.last_selected_dims,
-            }
-        )
-    return steps
+    """STEPS passes on the batch rows ``rows``; what happened in each."""
+    return head_steps(head, lambda: global_batch()[rows], LABELS[rows], STEPS)
 
 
 def reference_step(classes, dims):
@@ -119,13 +101,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_two_ranks_equal_the_plain_reference(tmp_path):
-    context = mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("distributed MLCD workers did not finish in 120 s")
+    spawn_ranks(_worker, 2, tmp_path, "distributed MLCD workers")
     steps = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     check_against_reference(steps, RANK_ROWS)
 

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import itertools
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from unicom.errors import UnicomError
 from unicom.train.partial_fc import INIT_BLOCK, PartialFC, class_range, init_prototypes
 
-from conftest import free_port, join_gloo
+from conftest import head_steps, join_gloo, spawn_ranks
 
 NUM_CLASSES, DIM, SEED = 37, 12, 3  # 37 classes split 19 + 18 over two ranks
 RANK_ROWS = [slice(0, 5), slice(5, 8)]  # unequal local batches: 5 + 3
@@ -52,24 +50,8 @@ def reference_with_grads(classes=None, dims=None):
 
 
 def run_steps(head: PartialFC, rows=slice(None)) -> list[dict]:
-    """Run STEPS forward/backward passes on the batch rows ``rows``; record what happened."""
-    steps = []
-    for _ in range(STEPS):
-        head.zero_grad()
-        embeddings = global_batch()[rows].requires_grad_(True)
-        loss = head(embeddings, LABELS[rows])
-        loss.backward()
-        grad = head.weight.grad
-        steps.append(
-            {
-                "loss": loss.detach(),
-                "embedding_grad": embeddings.grad,
-                "weight_grad": grad.to_dense() if grad.is_sparse else grad,
-                "classes": head.last_selected_classes,
-                "dims": head.last_selected_dims,
-            }
-        )
-    return steps
+    """STEPS passes on the batch rows ``rows``; what happened in each."""
+    return head_steps(head, lambda: global_batch()[rows], LABELS[rows], STEPS)
 
 
 def assert_close(actual, expected):
@@ -105,13 +87,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def ranks(tmp_path_factory) -> list[dict]:
     """Results of ``_worker`` on each of 2 gloo ranks."""
     out_dir = tmp_path_factory.mktemp("partial_fc")
-    context = mp.spawn(_worker, args=(2, free_port(), str(out_dir)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("distributed PartialFC workers did not finish in 120 s")
+    spawn_ranks(_worker, 2, out_dir, "distributed PartialFC workers")
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 

@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import faiss
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from test_kmeans import blobs as kmeans_blobs
 from test_kmeans import split_files, write_fused
 
@@ -27,7 +25,7 @@ from unicom.cluster.torch_kmeans import (
 )
 from unicom.vectors import l2_normalize, save_centroids
 
-from conftest import TORCHRUN_TWO_RANKS, free_port, join_gloo
+from conftest import TORCHRUN_TWO_RANKS, join_gloo, spawn_ranks
 
 K, DIM, N, NITER, SEED = 40, 32, 4000, 8, 3
 
@@ -104,13 +102,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_two_gloo_ranks_give_the_centroids_of_one(tmp_path):
-    context = mp.spawn(_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("k-means ranks did not finish in 120 s")
+    spawn_ranks(_rank, 2, tmp_path, "k-means ranks")
     ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
     torch.testing.assert_close(ranks[0]["centroids"], ranks[1]["centroids"], rtol=0, atol=0)
     single = kmeans(torch.from_numpy(X), torch.from_numpy(X[INIT_ROWS]), NITER, SEED, chunk=1000)

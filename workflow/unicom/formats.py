@@ -105,3 +105,27 @@ def read_manifest(parts_dir: str | os.PathLike) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UnicomError(f"{manifest_path}: not a split_urls manifest ({err})") from None
     return manifest
+
+
+# What evaluate/summary.csv calls each protocol (the evaluate, finetune and probe stages).
+ZERO_SHOT = "zero-shot retrieval"
+FINE_TUNED = "fine-tuned retrieval"
+LINEAR_PROBE = "linear probe"
+
+# model.json's "format" of an export of unicom.train (unicom.models writes and reads it).
+MODEL_FORMAT = "unicom-trained-model/1"
+
+
+def read_export_info(directory: str | os.PathLike, key: str) -> dict[str, Any]:
+    """model.json of a ``unicom.train`` export folder; errors start with ``key`` (what named
+    the folder: a config key, an argument)."""
+    path = Path(directory) / "model.json"
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UnicomError(
+            f"{key} {directory} is not a unicom.train export ({path}: {err})"
+        ) from None
+    if not isinstance(info, dict) or info.get("format") != MODEL_FORMAT:
+        raise UnicomError(f"{key} {directory}: {path} is not a {MODEL_FORMAT} description")
+    return info

@@ -7,7 +7,6 @@ loaded back by evaluation and search without importing the trainer (or DDP).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +18,7 @@ from torch import nn
 from unicom.encoders.base import match_state_dict_in_order
 from unicom.encoders.demo import load_lite0_state_dict
 from unicom.errors import UnicomError
+from unicom.formats import MODEL_FORMAT, read_export_info
 from unicom.images import EvalTransform
 from unicom.io import atomic_path, write_json
 
@@ -26,9 +26,6 @@ PRETRAINED_TIMM = "timm"
 
 
 PRETRAINED_LITE0 = "efficientnet-lite0-package"
-
-
-MODEL_FORMAT = "unicom-trained-model/1"
 
 
 class EmbeddingModel(nn.Module):
@@ -132,18 +129,6 @@ def load_export(model: EmbeddingModel, directory: str, options: Mapping[str, Any
     except (RuntimeError, OSError) as err:
         first = " ".join(str(err).split())[:300]
         raise UnicomError(f"train.pretrained {directory}: weights do not fit ({first})") from None
-
-
-def read_export_info(directory: str | os.PathLike, key: str) -> dict[str, Any]:
-    """model.json of a ``unicom.train`` export folder; errors name the config ``key``."""
-    path = Path(directory) / "model.json"
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UnicomError(f"{key} {directory}: not a unicom.train export ({path}: {err})") from None
-    if not isinstance(info, dict) or info.get("format") != MODEL_FORMAT:
-        raise UnicomError(f"{key} {directory}: {path} is not a {MODEL_FORMAT} description")
-    return info
 
 
 def preprocessing(model: EmbeddingModel) -> dict[str, Any]:

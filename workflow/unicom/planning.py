@@ -9,7 +9,6 @@ here prints or exits, and nothing knows Snakemake's objects. Library layer: it i
 from __future__ import annotations
 
 import glob
-import json
 import os
 import random
 from collections.abc import Mapping, Sequence
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from unicom.errors import UnicomError
-from unicom.formats import batch_name
+from unicom.formats import batch_name, read_export_info
 
 # Where Debian's dataset-fashion-mnist installs the Fashion-MNIST files; demo_fetch unpacks
 # the same package under demo.resources_dir, at this path relative to the root.
@@ -25,8 +24,6 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 # The trainer the launcher starts on every rank.
 TRAIN_MODULE = "unicom.train.train"
 KMEANS_MODULE = "unicom.cluster.kmeans"
-# model.json's "format" of a unicom.train export (unicom.models.MODEL_FORMAT, without version).
-EXPORT_FORMAT = "unicom-trained-model/"
 
 
 # --------------------------------------------------------------------------- batches
@@ -95,18 +92,7 @@ def evaluation_models(evaluate: Mapping[str, Any], trained: str) -> dict[str, st
 
 def check_export(path: str, key: str) -> None:
     """``path`` is a folder exported by unicom.train (its model.json says so)."""
-    description = Path(path) / "model.json"
-    try:
-        info = json.loads(description.read_text())
-    except (OSError, ValueError) as err:
-        raise UnicomError(
-            f"config key {key}: {path} is not a unicom.train export ({description}: "
-            f"{type(err).__name__})"
-        ) from None
-    if not isinstance(info, dict) or not str(info.get("format", "")).startswith(EXPORT_FORMAT):
-        raise UnicomError(
-            f"config key {key}: {description} is not a unicom.train model description"
-        )
+    read_export_info(path, f"config key {key}:")
 
 
 def evaluation_datasets(

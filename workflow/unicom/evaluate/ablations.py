@@ -117,12 +117,8 @@ def grid_rows(
         )
         row["delta_recall@1"] = delta
         row["delta_over_se"] = delta / error if error > 0 else math.nan
-    return sorted(rows, key=lambda r: (r["dataset"], r["dim"] != "full", _order(runs, r)))
-
-
-def _order(runs: Sequence[Mapping[str, Any]], row: Mapping[str, Any]) -> int:
-    names = list(dict.fromkeys(run["variant"] for run in runs))
-    return names.index(row["variant"])
+    order = {name: i for i, name in enumerate(info)}  # the grid's order (dicts keep it)
+    return sorted(rows, key=lambda r: (r["dataset"], r["dim"] != "full", order[r["variant"]]))
 
 
 def base_rows(base: Sequence[Mapping[str, Any]], compact_dim: int) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from unicom import formats
 from unicom.cli import parse_options_json, run_cli, setup_logging
 from unicom.config import section_options
 from unicom.devices import resolve_device
@@ -27,8 +28,6 @@ from unicom.evaluate import benchmarks, metrics, sets
 from unicom.io import write_json
 
 log = logging.getLogger("unicom.evaluate.evaluate")
-
-ZERO_SHOT = "zero-shot retrieval"
 
 
 @dataclasses.dataclass
@@ -158,7 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--options-json", required=True, help="the evaluate config section")
     parser.add_argument("--embed-options-json", required=True, help="the embed config section")
     parser.add_argument("--threads", type=int, help="torch CPU threads (the job's cores)")
-    parser.add_argument("--protocol", default=ZERO_SHOT, help="what the summary calls the result")
+    parser.add_argument(
+        "--protocol", default=formats.ZERO_SHOT, help="what the summary calls the result"
+    )
     parser.add_argument("--name", help="the model's name in the results (default: base, trained)")
     args = parser.parse_args(argv)
     setup_logging()

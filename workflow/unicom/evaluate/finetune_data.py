@@ -28,7 +28,7 @@ from unicom.cli import parse_options_json, run_cli, setup_logging
 from unicom.config import section_options
 from unicom.errors import UnicomError
 from unicom.evaluate import benchmarks, sets
-from unicom.evaluate.evaluate import stratified_subset
+from unicom.evaluate.evaluate import cap_set
 from unicom.io import atomic_dir, write_json, write_parquet
 from unicom.shards import sample_members, write_tar
 
@@ -57,11 +57,9 @@ def chosen_items(
     dataset: sets.RetrievalSet, limit: int | None, seed: int
 ) -> tuple[list[sets.Item], list[str]]:
     """The split's items (all, or a stratified seeded subset of ``limit``), shuffled (seed)."""
-    index = np.arange(len(dataset.items))
-    if limit is not None and limit < len(index):
-        index = stratified_subset(dataset.labels, limit, seed)
-    index = np.random.default_rng([seed, 1]).permutation(index)
-    return [dataset.items[i] for i in index], [dataset.labels[i] for i in index]
+    capped = cap_set(dataset, limit, seed)
+    order = np.random.default_rng([seed, 1]).permutation(len(capped.items))
+    return [capped.items[i] for i in order], [capped.labels[i] for i in order]
 
 
 def write_labelled_split(

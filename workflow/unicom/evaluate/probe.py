@@ -20,14 +20,13 @@ from typing import Any
 
 import numpy as np
 
+from unicom import formats
 from unicom.cli import parse_options_json, run_cli, setup_logging
 from unicom.config import section_options
 from unicom.errors import UnicomError
 from unicom.io import write_json
 
 log = logging.getLogger("unicom.evaluate.probe")
-
-PROTOCOL = "linear probe"
 
 
 @dataclass(frozen=True)
@@ -136,16 +135,6 @@ def linear_probe(
 # ----------------------------------------------------------------------------- the stage
 
 
-def subset(dataset, limit: int | None, seed: int):
-    """A stratified, seeded subset of at most ``limit`` items of a single-set split."""
-    from unicom.evaluate.evaluate import stratified_subset
-
-    if limit is None or limit >= len(dataset.items):
-        return list(dataset.items), list(dataset.labels)
-    keep = stratified_subset(dataset.labels, limit, seed)
-    return [dataset.items[i] for i in keep], [dataset.labels[i] for i in keep]
-
-
 def probe_stage(
     model: str,
     dataset: str,
@@ -159,7 +148,7 @@ def probe_stage(
     ``image_folder``: ``dataset`` names a folder in ImageFolder layout, not a benchmark."""
     from unicom.devices import resolve_device
     from unicom.evaluate import benchmarks
-    from unicom.evaluate.evaluate import base_embedder, embed_items, trained_embedder
+    from unicom.evaluate.evaluate import base_embedder, cap_set, embed_items, trained_embedder
 
     device = resolve_device(options["device"], "linear_probe.device")
     if model == "base":
@@ -172,7 +161,8 @@ def probe_stage(
         ("test", test_path, options["max_test"]),
     ):
         loaded = benchmarks.load(dataset, path, split=split, image_folder=image_folder)
-        items, labels = subset(loaded, limit, options["seed"])
+        capped = cap_set(loaded, limit, options["seed"])
+        items, labels = capped.items, capped.labels
         start = time.perf_counter()
         embeddings = embed_items(embedder, items, options["batch_size"], options["num_workers"])
         splits[split] = (embeddings, labels, loaded.summary(), time.perf_counter() - start)
@@ -185,7 +175,7 @@ def probe_stage(
         options["max_iter"], options["seed"],
     )  # fmt: skip
     return {
-        "protocol": PROTOCOL,
+        "protocol": formats.LINEAR_PROBE,
         "model": embedder.name if model == "base" else model_name(model),
         "model_identity": embedder.identity,
         "dataset": {"name": dataset, "train": train_info, "test": test_info},

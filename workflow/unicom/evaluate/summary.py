@@ -10,10 +10,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from unicom import formats
 from unicom.cli import run_cli, setup_logging
 from unicom.io import write_text
 
-ZERO_SHOT = "zero-shot retrieval"
 COLUMNS = (
     "protocol",
     "model",
@@ -35,7 +35,7 @@ def summary_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per protocol, model, dataset and embedding size ('full' first, then decreasing)."""
     rows = []
     for result in results:
-        protocol = result.get("protocol", ZERO_SHOT)
+        protocol = result.get("protocol", formats.ZERO_SHOT)
         if "top1" in result:  # a linear probe: one score, at the model's full size
             rows.append(
                 {
@@ -61,7 +61,7 @@ def summary_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "top1": None,
                 }
             )
-    order = {ZERO_SHOT: 0, "fine-tuned retrieval": 1, "linear probe": 2}
+    order = {formats.ZERO_SHOT: 0, formats.FINE_TUNED: 1, formats.LINEAR_PROBE: 2}
     return sorted(
         rows, key=lambda r: (order.get(r["protocol"], 3), r["dataset"], r["model"], -r["dim"])
     )

@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from unicom import formats  # noqa: E402
 from unicom.cli import run_cli, setup_logging  # noqa: E402
 from unicom.io import atomic_path  # noqa: E402
 
@@ -60,11 +61,10 @@ def plot_training(metrics_path: str, path: str) -> None:
     _save(fig, path)
 
 
-ZERO_SHOT = "zero-shot retrieval"
 PROTOCOLS = {  # protocol -> the score its panel shows
-    ZERO_SHOT: "recall@1",
-    "fine-tuned retrieval": "recall@1",
-    "linear probe": "top1",
+    formats.ZERO_SHOT: "recall@1",
+    formats.FINE_TUNED: "recall@1",
+    formats.LINEAR_PROBE: "top1",
 }
 
 
@@ -102,7 +102,7 @@ def plot_retrieval(summary_csv: str, path: str) -> None:
     """Bars of R@1 and MAP@R per model at each embedding size, one panel per dataset
     (zero-shot retrieval)."""
     rows = list(csv.DictReader(Path(summary_csv).read_text().splitlines()))
-    rows = [r for r in rows if r.get("protocol", ZERO_SHOT) == ZERO_SHOT]
+    rows = [r for r in rows if r.get("protocol", formats.ZERO_SHOT) == formats.ZERO_SHOT]
     datasets = sorted({r["dataset"] for r in rows})
     fig, axes = plt.subplots(len(datasets), 2, figsize=(10, 2.8 * len(datasets)), squeeze=False)
     for row_axes, dataset in zip(axes, datasets, strict=True):

@@ -49,9 +49,10 @@ checkpoint split_urls:
         caption_col=DATA["caption_col"],
         extra_cols=["--extra-cols", *DATA["extra_cols"]] if DATA["extra_cols"] else [],
         max_rows=["--max-rows", DATA["max_rows"]] if DATA["max_rows"] else [],
+        dedup_urls=["--dedup-urls"] if config["dedup"]["urls"] else [],
     shell:
         "python -m unicom.data.split_urls --out-dir {output:q} --shard-size {params.shard_size:q}"
-        " --shards-per-job {params.shards_per_job:q} {params.max_rows:q}"
+        " --shards-per-job {params.shards_per_job:q} {params.max_rows:q} {params.dedup_urls:q}"
         " --url-col {params.url_col:q} --caption-col {params.caption_col:q}"
         " {input:q} {params.extra_cols:q} 2> {log:q}"
 

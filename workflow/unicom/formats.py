@@ -28,6 +28,8 @@ URL_COLUMN = "url"
 CAPTION_COLUMN = "caption"
 # The vector column of fused files: what k-means clusters and assign labels.
 EMBEDDING_COLUMN = "emb"
+# embed, with one CLIP model for image and caption: their cosine (filters.clip_score_min).
+CLIP_SCORE_COLUMN = "clip_score"
 # webdataset members that hold the image, in order of preference.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -38,6 +40,10 @@ FUSION_METADATA_KEY = b"unicom.fusion"
 ASSIGN_METADATA_KEY = b"unicom.assign"
 
 PART_WIDTH = 5
+
+
+# split_urls (hygiene.dedup_urls): the key of the URL's first row, on each later copy.
+DUPLICATE_OF_COLUMN = "duplicate_of"
 
 
 def part_name(index: int) -> str:

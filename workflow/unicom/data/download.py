@@ -9,7 +9,8 @@ and, once every part of the job is done, one ``--summary`` JSON: per part, the c
 (they add up to the input rows), per error message, and img2dataset's statistics.
 
 Only URLs whose scheme is in ``allowed_schemes`` reach img2dataset; the others are recorded as
-``rejected_scheme`` and never opened. img2dataset runs in ``OUT_DIR/.work/{part}/``, removed on
+``rejected_scheme`` and never opened. A row split_urls marked as a repeat of an earlier URL
+(column ``duplicate_of``) is recorded as ``duplicate_url`` and not fetched either. img2dataset runs in ``OUT_DIR/.work/{part}/``, removed on
 success, so an interrupted job never leaves a file that looks finished.
 """
 
@@ -39,7 +40,7 @@ from unicom.cli import parse_options_json, run_cli, setup_logging
 from unicom.config import section_options
 from unicom.data.rekey import rewrite_tar_keys
 from unicom.errors import UnicomError
-from unicom.formats import CAPTION_COLUMN, URL_COLUMN, global_key
+from unicom.formats import CAPTION_COLUMN, DUPLICATE_OF_COLUMN, URL_COLUMN, global_key
 from unicom.io import atomic_path, write_json, write_parquet
 
 log = logging.getLogger("unicom.data.download")
@@ -49,6 +50,7 @@ ROW_COLUMN = "unicom_row"
 # Local keys are the row's index in the part, shaped like img2dataset's keys (9 digits).
 KEY_WIDTH = 9
 REJECTED_SCHEME = "rejected_scheme"
+DUPLICATE_URL = "duplicate_url"
 # Columns img2dataset adds after the input columns, with the types it writes.
 IMG2DATASET_COLUMNS = pa.schema(
     [
@@ -135,14 +137,34 @@ def output_schema(part_schema: pa.Schema) -> pa.Schema:
     return pa.schema([*head, *part_schema, *IMG2DATASET_COLUMNS])
 
 
-def rejected_rows(part: str, table: pa.Table, mask: Sequence[bool], reasons: list[str]) -> pa.Table:
+def skip_reasons(
+    urls: Sequence[str | None], duplicate_of: Sequence[str | None], allowed_schemes: Iterable[str]
+) -> list[tuple[str, str] | None]:
+    """Per row: (status, message) when it is not fetched, else None. A URL that may not be
+    fetched is rejected whether or not it repeats another."""
+    allowed = list(allowed_schemes)
+    reasons: list[tuple[str, str] | None] = []
+    for url, twin in zip(urls, duplicate_of, strict=True):
+        rejection = rejection_reason(url, allowed)
+        if rejection is not None:
+            reasons.append((REJECTED_SCHEME, rejection))
+        elif twin is not None:
+            reasons.append((DUPLICATE_URL, f"same URL as {twin}"))
+        else:
+            reasons.append(None)
+    return reasons
+
+
+def rejected_rows(
+    part: str, table: pa.Table, mask: Sequence[bool], reasons: list[tuple[str, str]]
+) -> pa.Table:
     """Rows of ``table`` (the part, with ROW_COLUMN) that were not fetched, as output rows."""
     rejected = table.filter(pa.array([not keep for keep in mask], pa.bool_()))
     rows = rejected.column(ROW_COLUMN).to_pylist()
     columns = {
         "key": pa.array([global_key(part, local_key(r)) for r in rows], pa.string()),
-        "status": pa.array([REJECTED_SCHEME] * len(rows), pa.string()),
-        "error_message": pa.array(reasons, pa.string()),
+        "status": pa.array([status for status, _ in reasons], pa.string()),
+        "error_message": pa.array([message for _, message in reasons], pa.string()),
     }
     columns.update({name: rejected.column(name) for name in rejected.column_names})
     columns.update({f.name: pa.nulls(len(rows), f.type) for f in IMG2DATASET_COLUMNS})
@@ -282,19 +304,28 @@ def download_part(part_path: str | Path, out_dir: str | Path, options: Mapping[s
     part_path, out_dir = Path(part_path), Path(out_dir)
     part = part_path.stem
     table = read_part(part_path)
-    extra_cols = [c for c in table.column_names if c not in (URL_COLUMN, CAPTION_COLUMN)]
+    # duplicate_of is ours (null on every fetched row): img2dataset needs not carry it.
+    own_columns = (URL_COLUMN, CAPTION_COLUMN, DUPLICATE_OF_COLUMN)
+    extra_cols = [c for c in table.column_names if c not in own_columns]
     schema = output_schema(table.schema)
     input_rows = table.num_rows
     table = table.append_column(ROW_COLUMN, pa.array(range(input_rows), pa.int64()))
 
     urls = table.column(URL_COLUMN).to_pylist()
+    duplicate_of = (
+        table.column(DUPLICATE_OF_COLUMN).to_pylist()
+        if DUPLICATE_OF_COLUMN in table.column_names
+        else [None] * input_rows
+    )
     allowed_schemes = sorted({s.lower() for s in options["allowed_schemes"]})
-    reasons = [rejection_reason(url, allowed_schemes) for url in urls]
+    reasons = skip_reasons(urls, duplicate_of, allowed_schemes)
     mask = [reason is None for reason in reasons]
     rejected = rejected_rows(part, table, mask, [r for r in reasons if r is not None])
     allowed = table.filter(pa.array(mask, pa.bool_()))
+    if DUPLICATE_OF_COLUMN in allowed.column_names:
+        allowed = allowed.drop_columns([DUPLICATE_OF_COLUMN])
     log.info(
-        "part %s: %d rows, %d to fetch, %d rejected by scheme",
+        "part %s: %d rows, %d to fetch, %d not fetched (scheme or repeated URL)",
         *(part, input_rows, allowed.num_rows, rejected.num_rows),
     )
 
@@ -309,6 +340,9 @@ def download_part(part_path: str | Path, out_dir: str | Path, options: Mapping[s
             )
             shard = finished_shard(i2d_dir)
             fetched, key_map = fetched_rows(part, pq.read_table(i2d_dir / f"{shard}.parquet"))
+            if DUPLICATE_OF_COLUMN in schema.names:  # every fetched row is a first occurrence
+                nulls = pa.nulls(fetched.num_rows, pa.string())
+                fetched = fetched.append_column(DUPLICATE_OF_COLUMN, nulls)
             tables.append(fetched)
             tar_keys = rewrite_tar_keys(i2d_dir / f"{shard}.tar", tmp_tar, key_map, [ROW_COLUMN])
             stats = json.loads((i2d_dir / f"{shard}_stats.json").read_text())

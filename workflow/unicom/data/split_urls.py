@@ -6,7 +6,10 @@ Rows are spread evenly: ``ceil(rows / shard_size)`` parts, rounded up to a multi
 for 10) and its outputs are declared up front: every such batch must be complete.
 
 Columns are renamed to the standard ``url``/``caption`` and the configured extra columns are
-carried along. The output folder (parts + ``manifest.json``) appears atomically, because
+carried along. With ``dedup_urls`` a URL seen earlier in the list (global row order, scheme and
+host compared case-insensitively) gets column ``duplicate_of``: the key of its first row;
+download then records it as ``duplicate_url`` instead of fetching it (``unicom.hygiene.exact``:
+hashes bucketed on disk, never the list's URLs in memory). The output folder (parts + ``manifest.json``) appears atomically, because
 Snakemake treats it as a checkpoint: a half-written folder must never look finished.
 """
 
@@ -14,17 +17,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from unicom.cli import run_cli, setup_logging
 from unicom.errors import UnicomError
-from unicom.formats import CAPTION_COLUMN, URL_COLUMN, part_name
+from unicom.formats import CAPTION_COLUMN, DUPLICATE_OF_COLUMN, URL_COLUMN, global_key, part_name
+from unicom.hygiene import exact
 from unicom.io import atomic_dir, write_json
 
 log = logging.getLogger("unicom.data.split_urls")
@@ -45,6 +51,7 @@ RESERVED_COLUMNS = frozenset(
         "md5",
         "sha256",
         "sha512",
+        DUPLICATE_OF_COLUMN,
     }
 )
 BATCH_ROWS = 65_536
@@ -183,6 +190,67 @@ def chunk_rows(tables: Iterator[pa.Table], sizes: Sequence[int]) -> Iterator[lis
         yield pending
 
 
+def row_keys(rows: np.ndarray, sizes: Sequence[int]) -> list[str]:
+    """Global sample keys of global row numbers, given the parts' sizes (as download names
+    them: part name + the row's index in its part, 9 digits)."""
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    parts = np.searchsorted(starts, rows, side="right") - 1
+    return [
+        global_key(part_name(int(p)), f"{int(r - starts[p]):09d}")
+        for p, r in zip(parts, rows, strict=True)
+    ]
+
+
+def find_duplicate_urls(
+    paths: Sequence[str | Path], url_col: str, used_rows: int, work_dir: Path
+) -> tuple[exact.Duplicates, dict[str, Any]]:
+    """Rows (global, among the first ``used_rows``) whose normalised URL occurred before."""
+    started = time.monotonic()
+
+    def replay():
+        wanted = used_rows
+        for path in paths:
+            parquet = pq.ParquetFile(path)
+            for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[url_col]):
+                if wanted <= 0:
+                    return
+                urls = exact.normalize_urls(batch.column(0).slice(0, wanted).cast(pa.string()))
+                wanted -= len(urls)
+                yield exact.hash64(urls), urls
+
+    duplicates = exact.dedup_stream(replay, work_dir, used_rows)
+    stats = {
+        "duplicates": len(duplicates.rows),
+        "candidate_rows": duplicates.candidates,
+        "hash_collisions": duplicates.collisions,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    log.info("URL dedup: %s", stats)
+    return duplicates, stats
+
+
+def duplicate_of_column(
+    duplicates: exact.Duplicates, first_row: int, rows: int, sizes: Sequence[int]
+) -> pa.Array:
+    """``duplicate_of`` of global rows [first_row, first_row + rows): the first row's key."""
+    lo, hi = np.searchsorted(duplicates.rows, [first_row, first_row + rows])
+    column: list[str | None] = [None] * rows
+    keys = row_keys(duplicates.firsts[lo:hi], sizes)
+    for row, key in zip(duplicates.rows[lo:hi], keys, strict=True):
+        column[int(row) - first_row] = key
+    return pa.array(column, pa.string())
+
+
+def with_duplicate_of(
+    table: pa.Table, duplicates: exact.Duplicates | None, first_row: int, sizes: Sequence[int]
+) -> pa.Table:
+    """``table`` (global rows from ``first_row``) with its duplicate_of column, when deduped."""
+    if duplicates is None:
+        return table
+    column = duplicate_of_column(duplicates, first_row, table.num_rows, sizes)
+    return table.append_column(DUPLICATE_OF_COLUMN, column)
+
+
 def split_url_lists(
     paths: Sequence[str | Path],
     out_dir: str | Path,
@@ -192,11 +260,12 @@ def split_url_lists(
     extra_cols: Sequence[str] = (),
     shards_per_job: int = 1,
     max_rows: int | None = None,
+    dedup_urls: bool = False,
 ) -> dict[str, Any]:
     """Write the parts and manifest into ``out_dir`` (atomically); return the manifest.
 
     ``max_rows``: only the first rows of the list (files in the given order) are split; the
-    manifest counts the rows left out.
+    manifest counts the rows left out. ``dedup_urls``: mark repeated URLs (``duplicate_of``).
     """
     part_sizes(shards_per_job, shard_size, shards_per_job)  # option errors before any reading
     if max_rows is not None and max_rows < 1:
@@ -204,11 +273,17 @@ def split_url_lists(
     total_rows = check_url_list(paths, url_col, caption_col, extra_cols)
     used_rows = total_rows if max_rows is None else min(total_rows, max_rows)
     sizes = part_sizes(used_rows, shard_size, shards_per_job)
-    schema = target_schema(pq.read_schema(paths[0]), url_col, caption_col, extra_cols)
+    input_schema = target_schema(pq.read_schema(paths[0]), url_col, caption_col, extra_cols)
+    schema = input_schema
+    if dedup_urls:
+        schema = schema.append(pa.field(DUPLICATE_OF_COLUMN, pa.string()))
     inputs: list[dict[str, Any]] = []
+    duplicates: exact.Duplicates | None = None
+    url_dedup: dict[str, Any] = {"enabled": dedup_urls}
 
     def standardized_tables() -> Iterator[pa.Table]:
         wanted = used_rows
+        done = 0
         for path in paths:
             parquet = pq.ParquetFile(path)
             inputs.append({"path": str(path), "rows": parquet.metadata.num_rows})
@@ -219,15 +294,21 @@ def split_url_lists(
                 batch = batch.slice(0, wanted)
                 wanted -= batch.num_rows
                 try:
-                    yield standardize_batch(batch, schema, url_col, caption_col, extra_cols)
+                    table = standardize_batch(batch, input_schema, url_col, caption_col, extra_cols)
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
                     raise UnicomError(
                         f"URL list {path}: columns do not match the first file's types "
-                        f"{schema} ({str(err).splitlines()[0]})"
+                        f"{input_schema} ({str(err).splitlines()[0]})"
                     ) from None
+                table = with_duplicate_of(table, duplicates, done, sizes)
+                done += table.num_rows
+                yield table
 
     parts: list[str] = []
     with atomic_dir(out_dir) as tmp_dir:
+        if dedup_urls:
+            duplicates, stats = find_duplicate_urls(paths, url_col, used_rows, tmp_dir / ".dedup")
+            url_dedup.update(stats)
         progress = tqdm(total=used_rows, unit="row", desc="split", mininterval=5)
         for index, slices in enumerate(chunk_rows(standardized_tables(), sizes)):
             name = part_name(index)
@@ -247,6 +328,7 @@ def split_url_lists(
             "shards_per_job": shards_per_job,
             "columns": schema.names,
             "parts": parts,
+            "url_dedup": url_dedup,
         }
         if manifest["total_rows"] != total_rows or len(parts) != len(sizes):
             # a file changed while we read it
@@ -287,6 +369,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--max-rows", type=int, default=None, help="split only the first rows of the list"
     )
+    parser.add_argument(
+        "--dedup-urls", action="store_true", help="mark repeated URLs (column duplicate_of)"
+    )
     args = parser.parse_args(argv)
     setup_logging()
     split_url_lists(
@@ -298,6 +383,7 @@ def main(argv: list[str] | None = None) -> None:
         args.extra_cols,
         args.shards_per_job,
         args.max_rows,
+        args.dedup_urls,
     )
 
 

@@ -1,0 +1,1 @@
+"""Data hygiene: exact URL and content duplicates, semantic near-duplicates, metadata filters."""

@@ -21,7 +21,7 @@ DIAGNOSTIC_SAMPLE = functools.partial(
 # The commands of the k-means and assign jobs; rules/ablations.smk runs them too.
 KMEANS_COMMAND = (
     "{params.launcher:q} --out-centroids {output.centroids:q} --out-stats {output.stats:q}"
-    " --threads {threads} --options-json {params.options:q}"
+    " --threads {threads} --options-json {params.options:q} --skip {input.skip:q}"
     " --each-part {input.parts:q} {params.fused:q} 2> {log:q}"
 )
 
@@ -30,6 +30,8 @@ rule kmeans:
     input:
         parts=out("parts"),
         fused=all_parts("fused/{part}.parquet"),
+        # the screen's drops (content duplicates, filtered rows): left out of the sample
+        skip=SCREENED,
     output:
         centroids=out("kmeans/centroids.npy"),
         stats=out("kmeans/kmeans.json"),

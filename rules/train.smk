@@ -15,7 +15,7 @@ TRAIN_COMMAND = (
     " --assignments {params.assignments:q}"
     " --centroids {input.centroids:q} --num-classes {params.k:q}"
     " --out-dir {params.out_dir:q} --threads {threads} --restart-on-mismatch"
-    " --options-json {params.options:q} 2> {log:q}"
+    " --options-json {params.options:q} --skip {input.skip:q} 2> {log:q}"
 )
 
 
@@ -25,6 +25,8 @@ rule train:
         shards=all_parts("shards/{part}.tar"),
         assignments=all_parts("assign/{part}.parquet"),
         centroids=out("kmeans/centroids.npy"),
+        # hygiene drops (screen, near-duplicates): left out and counted in data.json
+        skip=SCREENED + NEAR_DROPS,
     output:
         model=out("train/model.safetensors"),
         info=out("train/model.json"),

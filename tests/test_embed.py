@@ -196,3 +196,16 @@ def test_cli_end_to_end(shard, tmp_path):
     assert [row[0] for row in rows[1:]] == [CORRUPT_KEY]
     assert "undecodable jpg" in rows[1][1]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_one_clip_model_adds_the_image_caption_cosine():
+    rng = np.random.default_rng(0)
+    image, text = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    result = EmbedResult(["a", "b", "c"], ["x"] * 3, [None] * 3, image.astype(np.float16),
+                         text.astype(np.float16), [])  # fmt: skip
+    shared = result_table(result, {"shared_space": True})
+    expected = (image * text).sum(axis=1)
+    assert np.allclose(shared["clip_score"].to_numpy(), expected, atol=2e-3)
+    assert "clip_score" not in result_table(result, {"shared_space": False}).column_names

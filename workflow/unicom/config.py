@@ -144,6 +144,24 @@ def check_consistency(config: Mapping[str, Any]) -> None:
             f"config key assign.top_labels: {config['assign']['top_labels']} nearest centroids "
             f"of kmeans.k = {config['kmeans']['k']}"
         )
+    if (
+        config["filters"]["clip_score_min"] is not None
+        and config["embed"]["encoder"] != "open_clip"
+    ):
+        raise UnicomError(
+            "config key filters.clip_score_min: needs one CLIP model for image and caption "
+            f"(embed.encoder open_clip), but embed.encoder is '{config['embed']['encoder']}'"
+        )
+    for index, rule in enumerate(config["filters"]["columns"]):
+        if rule["column"] not in data["extra_cols"]:
+            raise UnicomError(
+                f"config key filters.columns[{index}].column: '{rule['column']}' is not in "
+                f"data.extra_cols {data['extra_cols']} (only carried columns can be filtered)"
+            )
+        if rule["op"] in ("in", "not_in") and not isinstance(rule["value"], list):
+            raise UnicomError(
+                f"config key filters.columns[{index}].value: op {rule['op']} needs a list"
+            )
     positives, kept = config["train"]["positives"], config["assign"]["top_labels"]
     if positives > kept:
         raise UnicomError(

@@ -43,6 +43,18 @@ def part_suffixes(shards_per_job: int) -> list[str]:
     return [f"{i:0{digits}d}" for i in range(shards_per_job)]
 
 
+def uses_screen(config: Mapping[str, Any]) -> bool:
+    """Whether the run screens its downloads (content dedup or any metadata filter)."""
+    filters = config["filters"]
+    return bool(
+        config["dedup"]["content"]
+        or filters["clip_score_min"] is not None
+        or filters["min_width"]
+        or filters["min_height"]
+        or filters["columns"]
+    )
+
+
 def batch_names(parts: Sequence[str], shards_per_job: int) -> list[str]:
     """The per-shard jobs' batches: part names without their last digits, sorted."""
     return sorted({batch_name(part, shards_per_job) for part in parts})

@@ -40,8 +40,8 @@ from unicom.cluster import torch_kmeans
 from unicom.cluster.sample import (
     check_enough_vectors,
     cluster_size_summary,
+    planned_sample,
     read_sample,
-    sample_plan,
 )
 from unicom.config import section_options
 from unicom.errors import UnicomError
@@ -246,16 +246,17 @@ def cluster_files(
     options: Mapping[str, Any],
     column: str = formats.EMBEDDING_COLUMN,
     threads: int | None = None,
+    skip_files: Sequence[str] = (),
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Sample ``column`` from ``paths`` and cluster it; return (centroids, statistics)."""
+    """Sample ``column`` from ``paths`` (less the rows in ``skip_files``, the screen's drops)
+    and cluster it; return (centroids, statistics)."""
     options = kmeans_options(options)
     tune_faiss(threads)
     gpu = resolve_gpu(options["gpu"])
     files = inspect_files(paths, column)
-    check_enough_vectors(files, options["k"])
-    total = sum(f.rows for f in files)
     max_points = options["k"] * options["max_points_per_centroid"]
-    plan = sample_plan([f.rows for f in files], max_points, options["seed"])
+    plan, total = planned_sample(files, max_points, options["seed"], skip_files)
+    check_enough_vectors(files, options["k"], total)
     started = time.monotonic()
     sample = read_sample(files, plan, column)
     read_seconds = time.monotonic() - started
@@ -274,6 +275,7 @@ def cluster_files(
         "column": column,
         "files": len(files),
         "vectors": total,
+        "skipped_by_screen": sum(f.rows for f in files) - total,
         "sample_size": len(sample),
         "sample_cap": max_points,
         "options": options,
@@ -298,18 +300,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-stats", required=True, help="kmeans.json to write")
     parser.add_argument("--options-json", required=True, help="the config's kmeans section as JSON")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for faiss")
+    parser.add_argument(
+        "--skip", nargs="*", default=[], help="drops files (the screen's): rows left out"
+    )
     add_each_part_option(parser)
     args = parser.parse_args(argv)
     setup_logging()
     fused = expand_parts(args.fused, args.each_part)
     options = kmeans_options(parse_options_json(args.options_json))
     if options["backend"] == "torch":
-        result = torch_kmeans.cluster_files(fused, options, threads=args.threads)
+        result = torch_kmeans.cluster_files(
+            fused, options, threads=args.threads, skip_files=args.skip
+        )
         if result is None:
             return  # ranks other than 0 write nothing
         centroids, stats = result
     else:
-        centroids, stats = cluster_files(fused, options, threads=args.threads)
+        centroids, stats = cluster_files(fused, options, threads=args.threads, skip_files=args.skip)
     save_centroids(args.out_centroids, centroids)
     write_json(args.out_stats, stats)
     log.info(

@@ -5,10 +5,13 @@ Both backends draw the same sample; the torch backend's ranks each read a contig
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from unicom import formats
@@ -16,8 +19,8 @@ from unicom.errors import UnicomError
 from unicom.vectors import EmbeddingFile, check_finite, l2_normalize, read_rows
 
 
-def check_enough_vectors(files: Sequence[EmbeddingFile], k: int) -> None:
-    total = sum(f.rows for f in files)
+def check_enough_vectors(files: Sequence[EmbeddingFile], k: int, total: int | None = None) -> None:
+    total = sum(f.rows for f in files) if total is None else total
     if k > total:
         where = files[0].path if len(files) == 1 else f"{files[0].path} .. {files[-1].path}"
         raise UnicomError(
@@ -41,6 +44,33 @@ def sample_plan(rows: Sequence[int], max_points: int, seed: int) -> list[np.ndar
         np.sort(rng.choice(n, size=m, replace=False)).astype(np.int64)
         for n, m in zip(rows, per_file, strict=True)
     ]
+
+
+def kept_rows(files: Sequence[EmbeddingFile], skip_files: Sequence[str]) -> list[np.ndarray] | None:
+    """Per file, the row indices not dropped by the screen (``skip_files``: drops files); None
+    when nothing is skipped. Reads each file's key column and the drops of its part only."""
+    if not skip_files:
+        return None
+    from unicom.hygiene import drops  # only runs that screen pay for the import
+
+    kept = []
+    for file in files:
+        part = os.path.basename(file.path).removesuffix(".parquet")
+        skip = drops.read(skip_files, [part])["key"]
+        keys = pq.read_table(file.path, columns=["key"])["key"]
+        kept.append(np.flatnonzero(~pc.is_in(keys, value_set=skip).to_numpy(zero_copy_only=False)))
+    return kept
+
+
+def planned_sample(
+    files: Sequence[EmbeddingFile], max_points: int, seed: int, skip_files: Sequence[str] = ()
+) -> tuple[list[np.ndarray], int]:
+    """The sample plan over the rows the screen kept, and how many rows it kept."""
+    kept = kept_rows(files, skip_files)
+    if kept is None:
+        return sample_plan([f.rows for f in files], max_points, seed), sum(f.rows for f in files)
+    plan = sample_plan([len(k) for k in kept], max_points, seed)
+    return [k[p] for k, p in zip(kept, plan, strict=True)], sum(len(k) for k in kept)
 
 
 def read_sample(

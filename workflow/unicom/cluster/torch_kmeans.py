@@ -209,6 +209,7 @@ def cluster_files(
     options: Mapping[str, Any],
     column: str = formats.EMBEDDING_COLUMN,
     threads: int | None = None,
+    skip_files: Sequence[str] = (),
 ) -> tuple[np.ndarray, dict[str, Any]] | None:
     """The kmeans stage on this rank (call it on every rank): the same seeded sample as the
     faiss backend, each rank reading a contiguous slice of it. Rank 0 gets (centroids,
@@ -219,26 +220,28 @@ def cluster_files(
         torch.set_num_threads(max(1, threads // max(1, info.local_world_size)))
     distributed.init_distributed(info, device)
     try:
-        return _cluster_on_rank(paths, options, column, info, device)
+        return _cluster_on_rank(paths, options, column, info, device, skip_files)
     finally:
         distributed.shutdown()
 
 
-def _cluster_on_rank(paths, options, column, info, device) -> tuple[np.ndarray, dict] | None:
+def _cluster_on_rank(
+    paths, options, column, info, device, skip_files=()
+) -> tuple[np.ndarray, dict] | None:
     # Here, not at the top: the core above needs torch alone (bench/gpu_check.py imports it on
     # a machine without faiss).
     from unicom.cluster.sample import (
         check_enough_vectors,
         cluster_size_summary,
+        planned_sample,
         read_sample,
-        sample_plan,
     )
     from unicom.vectors import centroids_digest, inspect_files
 
     k, seed = options["k"], options["seed"]
     files = inspect_files(paths, column)
-    check_enough_vectors(files, k)
-    plan = sample_plan([f.rows for f in files], k * options["max_points_per_centroid"], seed)
+    plan, kept = planned_sample(files, k * options["max_points_per_centroid"], seed, skip_files)
+    check_enough_vectors(files, k, kept)
     planned = [len(p) for p in plan]
     first, last = rank_files(planned, info.world_size)[info.rank]
     offset = int(sum(planned[:first]))

@@ -6,7 +6,9 @@ the job. Samples whose image cannot be decoded are skipped and listed, with the 
 one CSV for the job.
 
 Output columns: ``key``, ``caption``, ``url``, ``image_emb``, ``text_emb`` (fixed-size lists
-of float16, L2-normalised), rows in shard order, encoder identity in the file metadata.
+of float16, L2-normalised), rows in shard order, encoder identity in the file metadata; with
+one CLIP model for both sides (a shared space) also ``clip_score``, the image-caption cosine
+that LAION filtered on (``filters.clip_score_min``).
 """
 
 # ruff: noqa: E402  (OMP_WAIT_POLICY must be set before torch loads OpenMP)
@@ -48,6 +50,7 @@ from unicom.errors import UnicomError
 from unicom.faults import fail_once_if_marked
 from unicom.io import atomic_path, write_parquet
 from unicom.shards import TarSample, iter_samples, sample_image, scan_tar_samples
+from unicom.vectors import l2_normalize
 from unicom.workers import decoding_worker, iterate
 
 log = logging.getLogger("unicom.embed.embed")
@@ -252,15 +255,20 @@ def _stack(parts: list[np.ndarray], dim: int) -> np.ndarray:
 
 def result_table(result: EmbedResult, identity: Mapping[str, Any]) -> pa.Table:
     """The Parquet table of one shard, with the encoder identity in its metadata."""
-    table = pa.table(
-        {
-            "key": pa.array(result.keys, type=pa.string()),
-            formats.CAPTION_COLUMN: pa.array(result.captions, type=pa.string()),
-            formats.URL_COLUMN: pa.array(result.urls, type=pa.string()),
-            "image_emb": formats.embedding_array(result.image_emb),
-            "text_emb": formats.embedding_array(result.text_emb),
-        }
-    )
+    columns = {
+        "key": pa.array(result.keys, type=pa.string()),
+        formats.CAPTION_COLUMN: pa.array(result.captions, type=pa.string()),
+        formats.URL_COLUMN: pa.array(result.urls, type=pa.string()),
+        "image_emb": formats.embedding_array(result.image_emb),
+        "text_emb": formats.embedding_array(result.text_emb),
+    }
+    if identity.get("shared_space"):
+        image = result.image_emb.astype(np.float32)
+        text = result.text_emb.astype(np.float32)
+        columns[formats.CLIP_SCORE_COLUMN] = pa.array(
+            (l2_normalize(image) * l2_normalize(text)).sum(axis=1), pa.float32()
+        )
+    table = pa.table(columns)
     return formats.with_metadata(table, {formats.ENCODER_METADATA_KEY: dict(identity)})
 
 

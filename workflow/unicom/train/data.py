@@ -37,10 +37,13 @@ import pyarrow.parquet as pq
 
 from unicom import distributed, formats
 from unicom.errors import UnicomError
+from unicom.hygiene import drops
 
 log = logging.getLogger("unicom.train.data")
 
 ASSIGNMENT_COLUMNS = ("key", "label")
+# Why a labelled row may be left out before training (unicom.hygiene.drops reasons).
+SKIP_REASONS = ("duplicate_content", "filtered", "near_duplicate")
 MARGIN_COLUMNS = ("sim", "sim2")
 
 
@@ -169,8 +172,10 @@ def read_shard_labels(
     num_classes: int,
     min_label_margin: float | None = None,
     positives: int = 1,
+    skip: dict[str, str] | None = None,
 ) -> tuple[ShardLabels, dict[str, int]]:
-    """Labels of one shard, checked; returns them and the counts (assigned, ambiguous)."""
+    """Labels of one shard, checked; returns them and the counts (assigned, ambiguous, and
+    per reason the rows ``skip`` (key -> hygiene reason) leaves out)."""
     columns = list(ASSIGNMENT_COLUMNS) + (list(MARGIN_COLUMNS) if min_label_margin else [])
     columns += ["labels"] if positives > 1 else []
     try:
@@ -196,6 +201,14 @@ def read_shard_labels(
         margin = table["sim"].to_numpy() - table["sim2"].to_numpy()
         keep = margin >= min_label_margin
         counts["ambiguous"] = int((~keep).sum())
+        keys, labels = keys.filter(pa.array(keep)), labels[keep]
+    counts.update({reason: 0 for reason in SKIP_REASONS})
+    if skip:
+        reasons = [skip.get(key) for key in keys.to_pylist()]
+        for reason in reasons:
+            if reason is not None:
+                counts[reason] += 1
+        keep = np.array([reason is None for reason in reasons], bool)
         keys, labels = keys.filter(pa.array(keep)), labels[keep]
     return ShardLabels(item.index, item.shard, item.assignment, keys, labels.astype(np.int32)), (
         counts
@@ -226,6 +239,7 @@ def prepare_rank_data(
     streams: int,
     min_label_margin: float | None = None,
     positives: int = 1,
+    skip_files: Sequence[str] = (),
 ) -> RankData:
     """Check every input, split the shards over the ranks and read this rank's labels.
 
@@ -239,11 +253,14 @@ def prepare_rank_data(
 
     def read_mine() -> tuple[list[ShardLabels], dict[str, dict[str, int]]]:
         shards, counts = [], {}
+        # This rank's shards' drops only: the drops files are sorted by part.
+        skipped = drops.read(skip_files, [inputs[i].name for i in mine]) if skip_files else None
+        skip = drops.reasons_by_key(skipped) if skipped is not None else None
         for index in mine:
             item = inputs[index]
             if not os.path.isfile(item.shard):
                 raise UnicomError(f"shard {item.shard} does not exist")
-            labels, count = read_shard_labels(item, num_classes, min_label_margin, positives)
+            labels, count = read_shard_labels(item, num_classes, min_label_margin, positives, skip)
             shards.append(labels)
             counts[item.name] = {**count, "kept": len(labels), "rank": rank}
         return shards, counts

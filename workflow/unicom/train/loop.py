@@ -35,7 +35,7 @@ from unicom.train.checkpoint import (
     save_checkpoint,
     set_aside_other_runs,
 )
-from unicom.train.data import RankData, ShardInput, prepare_rank_data
+from unicom.train.data import SKIP_REASONS, RankData, ShardInput, prepare_rank_data
 from unicom.train.loader import TrainBatches, make_loader
 from unicom.train.optim import total_steps
 from unicom.train.signals import StopRequest, TrainingInterrupted
@@ -98,6 +98,7 @@ def train_on_rank(
     device: torch.device,
     show_progress: bool,
     restart_on_mismatch: bool = False,
+    skip_files: Sequence[str] = (),
 ) -> Path:
     """The run on this rank (every rank calls it); returns the output folder."""
     data = prepare_rank_data(
@@ -108,6 +109,7 @@ def train_on_rank(
         options["streams"],
         options["min_label_margin"],
         options["positives"],
+        skip_files,
     )
     steps = total_steps(options, data.total_samples, info.world_size)
     run = Run(options, info, device, out_dir, data, num_classes, steps)
@@ -315,13 +317,14 @@ def data_report(data: RankData, shard_reads: Mapping[int, Sequence[int]]) -> dic
     """data.json: per shard, the labels kept / dropped and the shard samples without label."""
     shards = {}
     totals = {"assigned": 0, "ambiguous": 0, "kept": 0, "tar_samples": 0, "unlabelled": 0}
+    totals.update({reason: 0 for reason in SKIP_REASONS})
     for item in data.inputs:
         counts = dict(data.counts[item.name])
         read = shard_reads.get(item.index)
         counts["tar_samples"], counts["unlabelled"] = (read[0], read[1]) if read else (None, None)
         shards[item.name] = counts
         for key in totals:
-            totals[key] += counts[key] or 0
+            totals[key] += counts.get(key) or 0
     return {
         "shards": shards,
         "totals": totals,
@@ -329,6 +332,9 @@ def data_report(data: RankData, shard_reads: Mapping[int, Sequence[int]]) -> dic
         "notes": {
             "kept": "samples trained on",
             "ambiguous": "dropped: label margin sim - sim2 below train.min_label_margin",
+            "duplicate_content": "dropped by the screen: same image bytes as an earlier row",
+            "filtered": "dropped by the screen: failed a metadata filter (filters.*)",
+            "near_duplicate": "dropped: near-duplicate of a kept image in its cluster (dedup.near)",
             "unlabelled": "shard samples without a pseudo-label (embed could not decode them; "
             "see embed/{part}.skipped.csv); null for a shard the run never read",
         },

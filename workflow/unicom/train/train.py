@@ -86,6 +86,7 @@ def train(
     show_progress: bool = True,
     info: WorldInfo | None = None,
     restart_on_mismatch: bool = False,
+    skip_files: Sequence[str] = (),
 ) -> Path:
     """The whole stage on this rank (call it on every rank). Returns the output folder.
 
@@ -108,7 +109,15 @@ def train(
     distributed.init_distributed(info, device)
     try:
         return train_on_rank(
-            inputs, num_classes, out_dir, options, info, device, show_progress, restart_on_mismatch
+            inputs,
+            num_classes,
+            out_dir,
+            options,
+            info,
+            device,
+            show_progress,
+            restart_on_mismatch,
+            skip_files,
         )
     finally:
         distributed.shutdown()
@@ -147,6 +156,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="set aside checkpoints of a run with other settings instead of failing",
     )
+    parser.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        help="drops files (screen, near-duplicates): their rows are left out and counted",
+    )
     add_each_part_option(parser)
     args = parser.parse_args(argv)
     setup_logging()
@@ -161,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
             threads=args.threads,
             show_progress=not args.no_progress,
             restart_on_mismatch=args.restart_on_mismatch,
+            skip_files=args.skip,
         )
     except TrainingInterrupted as stop:
         log.warning("%s; checkpoint saved, rerun to resume", stop)

@@ -47,6 +47,7 @@ include: "rules/demo.smk"
 include: "rules/download.smk"
 include: "rules/embed.smk"
 include: "rules/fuse.smk"
+include: "rules/hygiene.smk"
 include: "rules/cluster.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
@@ -67,6 +68,7 @@ rule all:
         lambda wildcards: expand(out("assign/{part}.parquet"), part=part_names()),
         out("clusters/sizes.json"),
         out("clusters/agreement.json"),
+        out("hygiene/summary.json"),
         out("evaluate/summary.csv"),
         rules.report_plots.output,
         out("config.yaml"),

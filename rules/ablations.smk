@@ -41,6 +41,8 @@ rule ablation_kmeans:
             out(grid.fused_pattern(GRID.clustering_fusion[wildcards.clustering])),
             part=part_names(),
         ),
+        # the run's screen drops: every variant samples the same screened rows
+        skip=SCREENED,
     output:
         centroids=out("ablations/clusters/{clustering}/centroids.npy"),
         stats=out("ablations/clusters/{clustering}/kmeans.json"),
@@ -115,6 +117,9 @@ rule ablation_train:
         centroids=lambda wildcards: out(
             grid.centroids_path(GRID.training_clustering[wildcards.training])
         ),
+        # the run's hygiene drops: every variant trains on the same rows (near-duplicates
+        # found in the run's clusters are near-duplicates whatever a variant clusters)
+        skip=SCREENED + NEAR_DROPS,
     output:
         model=out("ablations/train/{training}/model.safetensors"),
         info=out("ablations/train/{training}/model.json"),

@@ -42,6 +42,9 @@ REHEARSAL_CONFIG = REPO / "config/rehearsal.yaml"
 REHEARSAL = yaml.safe_load(REHEARSAL_CONFIG.read_text())["rehearsal"]
 ROWS = REHEARSAL["rows"]  # what the rehearsal takes of the URL list
 MISSING, CORRUPT = 5, 3  # besides one stalling URL and one file:// URL
+# Good rows (their index among the served pictures) planted for the hygiene: row 11 repeats
+# row 10's URL, row 12 serves row 1's bytes under another URL, row 13 is tagged NSFW.
+REPEATED_URL, SAME_BYTES, NSFW_ROW = (10, 11), (1, 12), 13
 LIST_ROWS = ROWS + 20  # data.max_rows leaves 20 out
 GOOD = LIST_ROWS - MISSING - CORRUPT - 2
 STALL_SECONDS = 15  # > download.timeout (10 s in config/laion400m.yaml)
@@ -129,6 +132,11 @@ def write_inputs(root: Path, base_url: str) -> dict[str, Path]:
         Handler.files[f"/img/{index}.png"] = shrunk_png(path)
         urls.append(f"{base_url}/img/{index}.png")
         captions.append(f"{path.parent.name}: {path.stem.replace('_', ' ')}")
+    # Planted for the hygiene the LAION config turns on: one URL twice (its scheme in capitals
+    # the second time), and one picture's bytes under a second URL.
+    urls[REPEATED_URL[1]] = "HTTP" + urls[REPEATED_URL[0]].removeprefix("http")
+    Handler.files["/copy/1.png"] = Handler.files[f"/img/{SAME_BYTES[0]}.png"]
+    urls[SAME_BYTES[1]] = f"{base_url}/copy/1.png"
     for index in range(CORRUPT):
         Handler.files[f"/corrupt{index}.png"] = b"\x89PNG\r\n\x1a\n these are not PNG chunks"
     bad = [f"{base_url}/missing{i}.png" for i in range(MISSING)]
@@ -151,7 +159,10 @@ def write_inputs(root: Path, base_url: str) -> dict[str, Path]:
                 "HEIGHT": pa.array([256] * rows, pa.int32()),
                 "WIDTH": pa.array([256] * rows, pa.int32()),
                 "LICENSE": ["?"] * rows,
-                "NSFW": ["UNLIKELY"] * rows,
+                # one row LAION tagged NSFW: the LAION config's filter drops it
+                "NSFW": [
+                    "NSFW" if url.endswith(f"/img/{NSFW_ROW}.png") else "UNLIKELY" for url in urls
+                ],  # fmt: skip
                 "similarity": pa.array([0.3 + (i % 10) / 100 for i in range(rows)], pa.float64()),
             }
         ),
@@ -246,7 +257,8 @@ def test_download_over_http_accounts_for_every_row(rehearsal):
     assert summary["input_rows"] == ROWS and sum(counts.values()) == ROWS
     assert summary["left_out_beyond_max_rows"] == LIST_ROWS - ROWS
     assert counts["rejected_scheme"] == 1  # file:///etc/passwd, never opened
-    assert counts["success"] == ROWS - MISSING - CORRUPT - 2
+    assert counts["success"] == ROWS - MISSING - CORRUPT - 2 - 1  # one URL repeated
+    assert counts["duplicate_url"] == 1
     assert counts["failed_to_download"] == MISSING + 1  # 404s and the stall
     assert counts["failed_to_resize"] == CORRUPT
     tables = pd.concat(pd.read_parquet(p) for p in sorted((results / "shards").glob("*.parquet")))
@@ -256,6 +268,28 @@ def test_download_over_http_accounts_for_every_row(rehearsal):
     assert "404" in by_url[missing]
     stall = next(u for u in by_url if u.endswith("/stall.png"))
     assert "timed out" in by_url[stall].lower() or "timeout" in by_url[stall].lower()
+
+
+def test_the_laion_hygiene_drops_the_planted_rows_and_counts_every_row(rehearsal):
+    results = rehearsal["results"]
+    tables = pd.concat(pd.read_parquet(p) for p in sorted((results / "shards").glob("*.parquet")))
+    key = {url.rsplit("/", 2)[-2] + "/" + url.rsplit("/", 1)[-1]: k
+           for url, k in zip(tables["url"], tables["key"], strict=True)}  # fmt: skip
+    repeated = tables[tables["status"] == "duplicate_url"]
+    assert repeated["duplicate_of"].tolist() == [key[f"img/{REPEATED_URL[0]}.png"]]
+    screened = pd.read_parquet(results / "hygiene/screened.parquet").set_index("key")
+    assert screened.loc[key["copy/1.png"], "reason"] == "duplicate_content"
+    assert screened.loc[key["copy/1.png"], "twin"] == key[f"img/{SAME_BYTES[0]}.png"]
+    assert screened.loc[key[f"img/{NSFW_ROW}.png"], "detail"] == "NSFW != 'NSFW'"
+    assert len(screened) == 2
+    # two near-duplicate jobs (dedup.groups 1000 capped by the rehearsal), each its own clusters
+    stats = [json.loads(p.read_text()) for p in sorted((results / "hygiene/near").glob("*.json"))]
+    assert len(stats) == 2 and sum(s["clusters"] for s in stats) <= REHEARSAL["k"]
+    summary = json.loads((results / "hygiene/summary.json").read_text())
+    assert sum(summary["rows"].values()) == summary["url_list_rows"] == LIST_ROWS
+    data = json.loads((results / "train/data.json").read_text())["totals"]
+    assert data["duplicate_content"] == 1 and data["filtered"] == 1
+    assert data["kept"] == summary["rows"]["kept"]
 
 
 def test_embeddings_are_open_clip_image_and_text_fused_by_mean(rehearsal):
@@ -313,14 +347,15 @@ def test_the_rehearsal_changes_only_its_keys():
 
 def test_rehearsal_keys_are_exactly_these():
     assert REHEARSAL_KEYS == {
-        "output_dir", "data.max_rows", "kmeans.k", "train.steps", "train.batch_size",
+        "output_dir", "data.max_rows", "kmeans.k", "dedup.groups", "train.steps",
+        "train.batch_size",
         "train.grad_accum_steps", "train.nodes", "train.nproc_per_node", "train.pretrained",
         "train.num_workers", "embed.batch_size", "embed.num_workers", "evaluate.batch_size",
         "evaluate.num_workers", "evaluate.max_images",
     }  # fmt: skip
     assert set(annotated_keys("x-scheduler")) == {
         f"{section}.{key}"
-        for section in ("embed", "kmeans", "assign", "train", "evaluate", "linear_probe")
+        for section in ("embed", "dedup", "kmeans", "assign", "train", "evaluate", "linear_probe")
         for key in ("threads", "gpus", "mem_mb", "runtime")
     } | {"download.mem_mb", "download.runtime", "assign.diagnostics.mem_mb",
          "assign.diagnostics.runtime"}  # fmt: skip

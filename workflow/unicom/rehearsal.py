@@ -21,6 +21,7 @@ REHEARSAL_KEYS = frozenset(
         "output_dir",
         "data.max_rows",
         "kmeans.k",
+        "dedup.groups",
         "train.steps",
         "train.batch_size",
         "train.grad_accum_steps",
@@ -36,6 +37,9 @@ REHEARSAL_KEYS = frozenset(
     }
 )
 
+
+# near_dedup jobs of a rehearsal (dedup.groups), at most.
+REHEARSAL_NEAR_GROUPS = 2
 
 # The rehearsal's forward passes (embed, evaluate) take this many times its training batch.
 REHEARSAL_INFERENCE_BATCH = 8
@@ -65,6 +69,9 @@ def rehearse(config: Mapping[str, Any], scheduler_keys: Iterable[str]) -> dict[s
     max_rows = config["data"]["max_rows"]
     rehearsed["data"]["max_rows"] = min(plan["rows"], max_rows or math.inf)
     rehearsed["kmeans"]["k"] = plan["k"]
+    # Still more than one near-duplicate job when the real run has several: the gather of
+    # every scatter file by group is what the rehearsal must prove.
+    rehearsed["dedup"]["groups"] = min(config["dedup"]["groups"], REHEARSAL_NEAR_GROUPS)
     train = rehearsed["train"]
     train.update(
         steps=plan["steps"],

@@ -474,3 +474,29 @@ def test_fetch_without_packages_fails_with_one_line_instructions(tmp_path):
 def test_fetch_reports_missing_apt_get(tmp_path, no_apt):
     with pytest.raises(UnicomError, match="apt-get is not available.*demo.image_dir"):
         fetch_sources(tmp_path / "res", tmp_path / "sys", allow_download=True)
+
+
+def test_variants_of_one_picture_never_straddle_the_split():
+    from unicom.demo.pool import variant_group
+
+    cats = categories_of({"a": 60, "b": 40})
+    # pairs (2i, 2i+1) of each category are one picture in colour and black-and-white, and
+    # one picture has a variant in the other category
+    names = [f"pic{i // 2}{'_bw' if i % 2 else ''}.png" for i in range(60)]
+    names += [f"other{i // 2}{'_bw' if i % 2 else ''}.png" for i in range(38)]
+    names += ["pic5_bw.png", "pic7_bw.png"]
+    groups = [variant_group(Path(n)) for n in names]
+    for seed in range(20):
+        mask = stratified_heldout_mask(cats, 0.2, seed=seed, groups=groups)
+        sides: dict[str, set] = {}
+        for group, held in zip(groups, mask, strict=True):
+            sides.setdefault(group, set()).add(bool(held))
+        assert all(len(side) == 1 for side in sides.values()), seed
+        assert 0 < mask.sum() <= 0.2 * len(cats) + 2
+
+
+def test_singleton_groups_give_the_plain_per_item_split():
+    cats = categories_of({"a": 100, "b": 20, "c": 4})
+    plain = stratified_heldout_mask(cats, 0.1, seed=3)
+    singletons = [f"x{i}" for i in range(len(cats))]
+    assert np.array_equal(plain, stratified_heldout_mask(cats, 0.1, seed=3, groups=singletons))

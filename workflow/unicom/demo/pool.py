@@ -8,6 +8,7 @@ import csv
 import hashlib
 import logging
 import os
+import re
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -136,6 +137,18 @@ def duplicate_contents(candidates: Sequence[Candidate], skip: set[int]) -> dict[
     return duplicates
 
 
+# File-name tokens that mark a variant of the same drawing (openclipart: pizza_cheese_bw.png
+# next to pizza_cheese.png); such variants must not straddle the train/held-out split.
+VARIANT_TOKENS = frozenset({"bw"})
+
+
+def variant_group(path: Path) -> str:
+    """The picture a file is a variant of: its stem without variant tokens (lower case)."""
+    tokens = re.split(r"[_\-]", path.stem.lower())
+    kept = [t for t in tokens if t not in VARIANT_TOKENS]
+    return "_".join(kept or tokens)
+
+
 def image_header_problem(path: Path, max_pixels: int | None = None) -> tuple[str, str] | None:
     """None if PIL can read the header (size only, no pixel decoding), else (reason, detail).
 
@@ -228,7 +241,12 @@ def build_pool(
     rows = [r for r, k in zip(all_rows, keep, strict=True) if k]
     capped = [c for c, k in zip(usable, keep, strict=True) if not k]
 
-    heldout_mask = stratified_heldout_mask([r["category"] for r in rows], heldout_fraction, seed)
+    heldout_mask = stratified_heldout_mask(
+        [r["category"] for r in rows],
+        heldout_fraction,
+        seed,
+        groups=[variant_group(Path(r["path"])) for r in rows],
+    )
     train_rows = [r for r, h in zip(rows, heldout_mask, strict=True) if not h]
     heldout_rows = [r for r, h in zip(rows, heldout_mask, strict=True) if h]
 

@@ -60,11 +60,38 @@ def heldout_count(n: int, fraction: float) -> int:
     return max(0, min(int(n * fraction + 0.5), n - 1))
 
 
-def stratified_heldout_mask(categories: Sequence[str], fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of held-out items: about ``fraction`` of each category, seeded."""
+def stratified_heldout_mask(
+    categories: Sequence[str], fraction: float, seed: int, groups: Sequence[str] | None = None
+) -> np.ndarray:
+    """Boolean mask of held-out items: about ``fraction`` of each category, seeded.
+
+    ``groups`` (one key per item; default: every item its own) keeps variants of one picture
+    on one side: a category permutes its groups and holds out whole groups until it has its
+    share, and a group that still spans categories and both sides goes to training. With only
+    singleton groups this is exactly the plain per-item draw.
+    """
+    keys = list(range(len(categories))) if groups is None else list(groups)
     heldout = np.zeros(len(categories), dtype=bool)
     for category, indices in _indices_by_category(categories).items():
         k = heldout_count(len(indices), fraction)
-        chosen = _category_rng(seed, _HELDOUT_SALT, category).permutation(indices)[:k]
-        heldout[chosen] = True
+        members: dict = {}
+        for index in indices:
+            members.setdefault(keys[index], []).append(index)
+        # One entry per item of the category (a group repeated as often as it has members),
+        # so that all-singleton categories draw the very same permutation as before.
+        order = _category_rng(seed, _HELDOUT_SALT, category).permutation(np.asarray(indices))
+        taken = 0
+        for index in order:
+            group = members.get(keys[index])
+            if taken >= k or group is None:
+                continue
+            heldout[group] = True
+            taken += len(group)
+            del members[keys[index]]
+    by_key: dict = {}
+    for index, key in enumerate(keys):
+        by_key.setdefault(key, []).append(index)
+    for indices in by_key.values():
+        if len(indices) > 1 and heldout[indices].any() and not heldout[indices].all():
+            heldout[indices] = False
     return heldout

@@ -28,8 +28,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from unicom import duplicates
 from unicom.data.split_urls import find_duplicate_urls
-from unicom.hygiene import exact, near
+from unicom.hygiene import near
 
 LAION_ROWS = 400_000_000
 
@@ -94,12 +95,12 @@ def bench_urls(rows: int, dup_fraction: float) -> None:
         work = Path(tmp) / "work"
         peak_scratch = 0
         started = time.perf_counter()
-        duplicates, stats = find_duplicate_urls([path], "url", rows, work)
+        found, stats = find_duplicate_urls([path], "url", rows, work)
         seconds = time.perf_counter() - started
-        del duplicates
+        del found
         peak_scratch = 8 * rows  # pass 1 writes one uint64 per row before reading it back
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    bits = exact.bucket_bits(LAION_ROWS)
+    bits = duplicates.bucket_bits(LAION_ROWS)
     print(
         f"URL dedup: {rows:,} rows, {stats['duplicates']:,} duplicates "
         f"({stats['candidate_rows']:,} candidate rows, {stats['hash_collisions']} collisions)"

@@ -9,12 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from unicom import drops, duplicates
 from unicom.config import layered_config
 from unicom.data.download import skip_reasons
 from unicom.data.split_urls import split_url_lists
 from unicom.errors import UnicomError
 from unicom.formats import embedding_array
-from unicom.hygiene import drops, exact, near, report, screen
+from unicom.hygiene import near, report, screen
 
 from conftest import REPO
 
@@ -39,14 +40,14 @@ def test_external_dedup_matches_the_in_memory_answer_across_buckets(tmp_path):
     rng = np.random.default_rng(0)
     values = [f"v{int(v)}" for v in rng.integers(0, 400, 3000)] + ["", None, "", None]
     array = pa.array(values, pa.string())
-    hashes = exact.hash64(array)
+    hashes = duplicates.hash64(array)
 
     def replay():
         for start in range(0, len(values), 257):  # batches that straddle the buckets
             yield hashes[start : start + 257], array.slice(start, 257)
 
-    found = exact.dedup_stream(replay, tmp_path / "work", len(values), bucket_rows=256)
-    assert exact.bucket_bits(len(values), 256) == 4  # 16 buckets were used
+    found = duplicates.dedup_stream(replay, tmp_path / "work", len(values), bucket_rows=256)
+    assert duplicates.bucket_bits(len(values), 256) == 4  # 16 buckets were used
     assert found.twin_of() == reference_duplicates(values)
     assert list(found.rows) == sorted(found.rows) and found.collisions == 0
     assert not (tmp_path / "work").exists()  # the scratch files are gone
@@ -54,7 +55,7 @@ def test_external_dedup_matches_the_in_memory_answer_across_buckets(tmp_path):
 
 def test_a_hash_collision_is_compared_on_the_value():
     hashes = np.array([7, 7, 7, 9, 7], np.uint64)  # four rows share a hash, two values
-    rows, firsts, collisions = exact.first_occurrences(
+    rows, firsts, collisions = duplicates.first_occurrences(
         hashes, np.arange(5), ["a", "b", "a", "c", "b"]
     )
     assert rows.tolist() == [2, 4] and firsts.tolist() == [0, 1] and collisions == 1
@@ -64,7 +65,7 @@ def test_url_normalisation_lowers_scheme_and_host_only():
     urls = pa.array(
         ["HTTP://Ex.COM/A?q=B", " http://ex.com/A?q=B ", "http://U:P@EX.com/a", "x y", None]
     )
-    assert exact.normalize_urls(urls).to_pylist() == [
+    assert duplicates.normalize_urls(urls).to_pylist() == [
         "http://ex.com/A?q=B",
         "http://ex.com/A?q=B",
         "http://U:P@ex.com/a",

@@ -51,7 +51,7 @@ def kept_rows(files: Sequence[EmbeddingFile], skip_files: Sequence[str]) -> list
     when nothing is skipped. Reads each file's key column and the drops of its part only."""
     if not skip_files:
         return None
-    from unicom.hygiene import drops  # only runs that screen pay for the import
+    from unicom import drops  # only runs that screen pay for the import
 
     kept = []
     for file in files:

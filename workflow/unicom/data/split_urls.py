@@ -8,7 +8,7 @@ for 10) and its outputs are declared up front: every such batch must be complete
 Columns are renamed to the standard ``url``/``caption`` and the configured extra columns are
 carried along. With ``dedup_urls`` a URL seen earlier in the list (global row order, scheme and
 host compared case-insensitively) gets column ``duplicate_of``: the key of its first row;
-download then records it as ``duplicate_url`` instead of fetching it (``unicom.hygiene.exact``:
+download then records it as ``duplicate_url`` instead of fetching it (``unicom.duplicates``:
 hashes bucketed on disk, never the list's URLs in memory). The output folder (parts + ``manifest.json``) appears atomically, because
 Snakemake treats it as a checkpoint: a half-written folder must never look finished.
 """
@@ -27,10 +27,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from unicom import duplicates
 from unicom.cli import run_cli, setup_logging
 from unicom.errors import UnicomError
 from unicom.formats import CAPTION_COLUMN, DUPLICATE_OF_COLUMN, URL_COLUMN, global_key, part_name
-from unicom.hygiene import exact
 from unicom.io import atomic_dir, write_json
 
 log = logging.getLogger("unicom.data.split_urls")
@@ -203,7 +203,7 @@ def row_keys(rows: np.ndarray, sizes: Sequence[int]) -> list[str]:
 
 def find_duplicate_urls(
     paths: Sequence[str | Path], url_col: str, used_rows: int, work_dir: Path
-) -> tuple[exact.Duplicates, dict[str, Any]]:
+) -> tuple[duplicates.Duplicates, dict[str, Any]]:
     """Rows (global, among the first ``used_rows``) whose normalised URL occurred before."""
     started = time.monotonic()
 
@@ -214,40 +214,40 @@ def find_duplicate_urls(
             for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[url_col]):
                 if wanted <= 0:
                     return
-                urls = exact.normalize_urls(batch.column(0).slice(0, wanted).cast(pa.string()))
+                urls = duplicates.normalize_urls(batch.column(0).slice(0, wanted).cast(pa.string()))
                 wanted -= len(urls)
-                yield exact.hash64(urls), urls
+                yield duplicates.hash64(urls), urls
 
-    duplicates = exact.dedup_stream(replay, work_dir, used_rows)
+    repeats = duplicates.dedup_stream(replay, work_dir, used_rows)
     stats = {
-        "duplicates": len(duplicates.rows),
-        "candidate_rows": duplicates.candidates,
-        "hash_collisions": duplicates.collisions,
+        "duplicates": len(repeats.rows),
+        "candidate_rows": repeats.candidates,
+        "hash_collisions": repeats.collisions,
         "seconds": round(time.monotonic() - started, 3),
     }
     log.info("URL dedup: %s", stats)
-    return duplicates, stats
+    return repeats, stats
 
 
 def duplicate_of_column(
-    duplicates: exact.Duplicates, first_row: int, rows: int, sizes: Sequence[int]
+    repeats: duplicates.Duplicates, first_row: int, rows: int, sizes: Sequence[int]
 ) -> pa.Array:
     """``duplicate_of`` of global rows [first_row, first_row + rows): the first row's key."""
-    lo, hi = np.searchsorted(duplicates.rows, [first_row, first_row + rows])
+    lo, hi = np.searchsorted(repeats.rows, [first_row, first_row + rows])
     column: list[str | None] = [None] * rows
-    keys = row_keys(duplicates.firsts[lo:hi], sizes)
-    for row, key in zip(duplicates.rows[lo:hi], keys, strict=True):
+    keys = row_keys(repeats.firsts[lo:hi], sizes)
+    for row, key in zip(repeats.rows[lo:hi], keys, strict=True):
         column[int(row) - first_row] = key
     return pa.array(column, pa.string())
 
 
 def with_duplicate_of(
-    table: pa.Table, duplicates: exact.Duplicates | None, first_row: int, sizes: Sequence[int]
+    table: pa.Table, repeats: duplicates.Duplicates | None, first_row: int, sizes: Sequence[int]
 ) -> pa.Table:
     """``table`` (global rows from ``first_row``) with its duplicate_of column, when deduped."""
-    if duplicates is None:
+    if repeats is None:
         return table
-    column = duplicate_of_column(duplicates, first_row, table.num_rows, sizes)
+    column = duplicate_of_column(repeats, first_row, table.num_rows, sizes)
     return table.append_column(DUPLICATE_OF_COLUMN, column)
 
 
@@ -278,7 +278,7 @@ def split_url_lists(
     if dedup_urls:
         schema = schema.append(pa.field(DUPLICATE_OF_COLUMN, pa.string()))
     inputs: list[dict[str, Any]] = []
-    duplicates: exact.Duplicates | None = None
+    repeats: duplicates.Duplicates | None = None
     url_dedup: dict[str, Any] = {"enabled": dedup_urls}
 
     def standardized_tables() -> Iterator[pa.Table]:
@@ -300,14 +300,14 @@ def split_url_lists(
                         f"URL list {path}: columns do not match the first file's types "
                         f"{input_schema} ({str(err).splitlines()[0]})"
                     ) from None
-                table = with_duplicate_of(table, duplicates, done, sizes)
+                table = with_duplicate_of(table, repeats, done, sizes)
                 done += table.num_rows
                 yield table
 
     parts: list[str] = []
     with atomic_dir(out_dir) as tmp_dir:
         if dedup_urls:
-            duplicates, stats = find_duplicate_urls(paths, url_col, used_rows, tmp_dir / ".dedup")
+            repeats, stats = find_duplicate_urls(paths, url_col, used_rows, tmp_dir / ".dedup")
             url_dedup.update(stats)
         progress = tqdm(total=used_rows, unit="row", desc="split", mininterval=5)
         for index, slices in enumerate(chunk_rows(standardized_tables(), sizes)):

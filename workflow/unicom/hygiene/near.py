@@ -31,11 +31,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from unicom import formats
+from unicom import drops, formats
 from unicom.cli import parse_options_json, run_cli, setup_logging
 from unicom.config import section_options
 from unicom.errors import UnicomError
-from unicom.hygiene import drops
 from unicom.io import atomic_path, write_json
 from unicom.vectors import l2_normalize
 

@@ -20,9 +20,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from unicom import shards  # noqa: E402
+from unicom import (
+    drops,  # noqa: E402
+    shards,  # noqa: E402
+)
 from unicom.cli import run_cli, setup_logging  # noqa: E402
-from unicom.hygiene import drops  # noqa: E402
 from unicom.images import to_rgb  # noqa: E402
 from unicom.io import atomic_path, write_json  # noqa: E402
 

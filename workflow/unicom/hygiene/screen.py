@@ -3,7 +3,7 @@
 One job over every part's shard table (``shards/{part}.parquet``), reading a few small columns
 (status, sha256, sizes, the filtered columns) and never an image, so it does not hold back the
 per-shard embed jobs, which run beside it. Output: the drops file ``screened.parquet`` (see
-``unicom.hygiene.drops``) and ``screen.json`` with the counts. k-means sampling and training
+``unicom.drops``) and ``screen.json`` with the counts. k-means sampling and training
 skip the dropped rows; they stay in the accounting.
 
 - ``filters``: a successful row whose image-caption cosine (embed's ``clip_score``, read
@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from unicom import formats
+from unicom import drops, duplicates, formats
 from unicom.cli import (
     add_each_part_option,
     expand_parts,
@@ -40,7 +40,6 @@ from unicom.cli import (
 )
 from unicom.config import section_options
 from unicom.errors import UnicomError
-from unicom.hygiene import drops, exact
 from unicom.io import write_json
 
 log = logging.getLogger("unicom.hygiene.screen")
@@ -129,9 +128,9 @@ def content_duplicates(passing: Passes, survivors_total: int, work: str) -> tupl
 
     def replay():
         for _, _, digests in survivors("content"):
-            yield exact.sha256_prefix(digests), digests
+            yield duplicates.sha256_prefix(digests), digests
 
-    found = exact.dedup_stream(replay, work, survivors_total)
+    found = duplicates.dedup_stream(replay, work, survivors_total)
     wanted = np.unique(np.concatenate([found.rows, found.firsts]))
     key_of: dict[int, tuple[str, str]] = {}
     offset = 0

@@ -35,14 +35,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from unicom import distributed, formats
+from unicom import distributed, drops, formats
 from unicom.errors import UnicomError
-from unicom.hygiene import drops
 
 log = logging.getLogger("unicom.train.data")
 
 ASSIGNMENT_COLUMNS = ("key", "label")
-# Why a labelled row may be left out before training (unicom.hygiene.drops reasons).
+# Why a labelled row may be left out before training (unicom.drops reasons).
 SKIP_REASONS = ("duplicate_content", "filtered", "near_duplicate")
 MARGIN_COLUMNS = ("sim", "sim2")
 

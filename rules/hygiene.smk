@@ -147,10 +147,20 @@ rule hygiene_report:
             if DEDUP["near"]
             else []
         ),
+        checked=[
+            reason
+            for reason, on in (
+                ("duplicate_url", DEDUP["urls"]),
+                ("duplicate_content", DEDUP["content"]),
+                ("filtered", planning.uses_filters(config)),
+                ("near_duplicate", DEDUP["near"]),
+            )
+            if on
+        ],
         grid_groups=DEDUP["grid_groups"],
         threshold=DEDUP["threshold"],
     shell:
         "python -m unicom.hygiene.report --download {input.download:q} {params.screen:q}"
-        " --drops {input.drops:q} --near-stats {input.near_stats:q}"
+        " --drops {input.drops:q} --near-stats {input.near_stats:q} --checked {params.checked:q}"
         " --grid-groups {params.grid_groups:q} --threshold {params.threshold:q}"
         " --out {output.summary:q} --out-png {output.png:q} {params.grid:q} 2> {log:q}"

@@ -286,6 +286,10 @@ def test_accounting_adds_up_to_the_url_list():
     assert counts == {"kept": 6, "duplicate_content": 1, "near_duplicate": 3, "duplicate_url": 2,
                       "failed_to_download": 1}  # fmt: skip
     assert sum(counts.values()) == 13
+    # a check that found nothing is still shown, as a 0
+    checked = report.accounting(download, {}, ["duplicate_url", "duplicate_content", "filtered"])
+    assert checked == {"kept": 10, "duplicate_content": 0, "filtered": 0, "duplicate_url": 2,
+                       "failed_to_download": 1}  # fmt: skip
 
 
 def test_clip_score_filter_uses_embeds_cosine_and_passes_rows_without_one():

@@ -438,6 +438,11 @@ def test_ten_shards_per_job_make_one_job_per_stage(tmp_path, small_image_folder)
         ({"kmeans": {"backend": "cuml"}}, "config key kmeans.backend: 'cuml' is not one of"),
         # The demo keeps the 4 nearest centroids per image (MLCD's positives): k must allow it.
         ({"kmeans": {"k": 3}}, "config key assign.top_labels: 4 nearest centroids of kmeans.k = 3"),
+        ({"dedup": {"threshold": 1.5}}, "config key dedup.threshold: 1.5 is greater than"),
+        (
+            {"filters": {"columns": [{"column": "NSFW", "op": "!=", "value": "NSFW"}]}},
+            "config key filters.columns[0].column: 'NSFW' is not in data.extra_cols",
+        ),
     ],
 )
 def test_bad_config_fails_with_one_line_before_any_job(

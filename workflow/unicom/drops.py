@@ -30,6 +30,7 @@ SCHEMA = pa.schema(
 DUPLICATE_CONTENT = "duplicate_content"
 FILTERED = "filtered"
 NEAR_DUPLICATE = "near_duplicate"
+REASONS = (DUPLICATE_CONTENT, FILTERED, NEAR_DUPLICATE)
 ROW_GROUP_ROWS = 65_536
 
 

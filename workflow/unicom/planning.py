@@ -43,16 +43,20 @@ def part_suffixes(shards_per_job: int) -> list[str]:
     return [f"{i:0{digits}d}" for i in range(shards_per_job)]
 
 
-def uses_screen(config: Mapping[str, Any]) -> bool:
-    """Whether the run screens its downloads (content dedup or any metadata filter)."""
+def uses_filters(config: Mapping[str, Any]) -> bool:
+    """Whether any metadata filter (filters.*) is set."""
     filters = config["filters"]
     return bool(
-        config["dedup"]["content"]
-        or filters["clip_score_min"] is not None
+        filters["clip_score_min"] is not None
         or filters["min_width"]
         or filters["min_height"]
         or filters["columns"]
     )
+
+
+def uses_screen(config: Mapping[str, Any]) -> bool:
+    """Whether the run screens its downloads (content dedup or any metadata filter)."""
+    return bool(config["dedup"]["content"] or uses_filters(config))
 
 
 def batch_names(parts: Sequence[str], shards_per_job: int) -> list[str]:

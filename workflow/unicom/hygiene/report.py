@@ -32,9 +32,14 @@ log = logging.getLogger("unicom.hygiene.report")
 PER_ROW = 6
 
 
-def accounting(download: Mapping[str, Any], dropped: Mapping[str, int]) -> dict[str, int]:
-    """Rows per outcome: ``kept`` (trained on) and each reason; they add up to the URL list."""
-    counts = dict(download["counts"])
+def accounting(
+    download: Mapping[str, Any], dropped: Mapping[str, int], checked: Sequence[str] = ()
+) -> dict[str, int]:
+    """Rows per outcome: ``kept`` (trained on) and each reason; they add up to the URL list.
+    A reason in ``checked`` (a check the run made) is listed even when it found nothing."""
+    counts = {reason: 0 for reason in checked if reason not in drops.REASONS}
+    counts.update(download["counts"])
+    dropped = {**{reason: 0 for reason in checked if reason in drops.REASONS}, **dropped}
     successes = counts.pop("success", 0)
     kept = successes - sum(dropped.values())
     if kept < 0:
@@ -120,6 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drops", nargs="*", default=[], help="every drops file")
     parser.add_argument("--near-stats", nargs="*", default=[], help="hygiene/near/*.json")
     parser.add_argument("--shards", default=None, help="shard pattern with {part} (grid images)")
+    parser.add_argument(
+        "--checked", nargs="*", default=[], help="the reasons the run checked for (0 is shown)"
+    )
     parser.add_argument("--grid-groups", type=int, default=6)
     parser.add_argument("--threshold", type=float, default=None)
     parser.add_argument("--out", required=True, help="summary JSON")
@@ -131,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     table = drops.read(args.drops)
     near_table = table.filter(pc.equal(table["reason"], drops.NEAR_DUPLICATE))
     dropped = drops.count_reasons(table)
-    counts = accounting(download, dropped)
+    counts = accounting(download, dropped, args.checked)
     near = [json.loads(Path(p).read_text()) for p in args.near_stats]
     summary = {
         "rows": counts,

@@ -322,6 +322,9 @@ def data_report(data: RankData, shard_reads: Mapping[int, Sequence[int]]) -> dic
         counts = dict(data.counts[item.name])
         read = shard_reads.get(item.index)
         counts["tar_samples"], counts["unlabelled"] = (read[0], read[1]) if read else (None, None)
+        if read:  # samples left out on purpose are counted under their reason, not here
+            left_out = counts["ambiguous"] + sum(counts.get(r, 0) for r in SKIP_REASONS)
+            counts["unlabelled"] -= left_out
         shards[item.name] = counts
         for key in totals:
             totals[key] += counts.get(key) or 0

@@ -138,6 +138,8 @@ rule hygiene_report:
         ),
     log:
         out("logs/hygiene_report.log"),
+    benchmark:
+        out("benchmarks/hygiene_report.tsv")
     conda:
         "../envs/torch-cpu.yaml"
     params:

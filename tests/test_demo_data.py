@@ -500,3 +500,28 @@ def test_singleton_groups_give_the_plain_per_item_split():
     plain = stratified_heldout_mask(cats, 0.1, seed=3)
     singletons = [f"x{i}" for i in range(len(cats))]
     assert np.array_equal(plain, stratified_heldout_mask(cats, 0.1, seed=3, groups=singletons))
+
+
+@pytest.mark.slow
+def test_the_real_openclipart_split_keeps_copies_and_variants_on_one_side():
+    """Debian's openclipart pool (fetched like the rehearsal does): no picture's bytes and no
+    drawing's black-and-white/colour variant on both sides of the held-out split."""
+    from unicom.demo.debian import fetch_sources
+    from unicom.demo.pool import build_pool, variant_group
+
+    from conftest import REPO
+
+    try:
+        sources = fetch_sources(REPO / "resources", Path("/"), allow_download=True)
+    except Exception:  # a fresh machine may need its package lists first
+        subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True)
+        sources = fetch_sources(REPO / "resources", Path("/"), allow_download=True)
+    result = build_pool(Path(sources["png_root"]), None, 0.1, None, seed=0)
+    sides = [result.train["path"].to_pylist(), result.heldout["path"].to_pylist()]
+    groups = [{variant_group(Path(p)) for p in paths} for paths in sides]
+    assert not groups[0] & groups[1]
+    bw = [p for p in sides[0] + sides[1] if "bw" in Path(p).stem.lower().split("_")]
+    assert len(bw) > 40  # the variants are really there
+    digests = [{hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths} for paths in sides]
+    assert not digests[0] & digests[1]
+    assert len(sides[1]) > 600

@@ -30,7 +30,12 @@ TORCHRUN_TWO_RANKS = [
 # Longest modules first: under `make test` (pytest -n 2 --dist loadfile) each file runs whole on
 # one of two workers, and the SLURM module, which mostly waits for the scheduler's status
 # checks, then overlaps with the rest instead of running alone at the end.
-LONG_MODULES = ("test_slurm.py", "test_rehearsal.py", "test_workflow.py")
+LONG_MODULES = (
+    "test_slurm.py",
+    "test_rehearsal.py",
+    "test_workflow.py",
+    "test_hygiene_workflow.py",
+)
 
 
 def pytest_collection_modifyitems(items) -> None:

@@ -70,3 +70,12 @@ def write_parquet(path: str | os.PathLike, table: pa.Table) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def write_png(path: str | os.PathLike, fig: Any, dpi: int) -> None:
+    """Save a matplotlib figure as PNG atomically, then close it (pyplot keeps every open one)."""
+    import matplotlib.pyplot as plt  # the caller made the figure: already imported
+
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)

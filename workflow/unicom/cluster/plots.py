@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from unicom.io import atomic_path
+from unicom.io import write_png
 
 
 def _pyplot():
@@ -22,11 +22,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def save_figure(fig, path: str | Path, dpi: int = 90) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=dpi)
 
 
 def plot_grid(
@@ -60,8 +55,7 @@ def plot_grid(
             ax.set_title(text, fontsize=6)
     fig.suptitle("pseudo-classes: random clusters, random members (seeded)", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the title
-    save_figure(fig, path)
-    plt.close(fig)
+    write_png(path, fig, 90)
 
 
 def plot_note(note: str, path: str | Path) -> None:
@@ -70,8 +64,7 @@ def plot_note(note: str, path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 1.5))
     ax.axis("off")
     ax.text(0.5, 0.5, "\n".join(textwrap.wrap(note, 70)), ha="center", va="center", fontsize=9)
-    save_figure(fig, path)
-    plt.close(fig)
+    write_png(path, fig, 90)
 
 
 def plot_agreement(report: Mapping[str, Any], label_columns: Sequence[str], path: str | Path):
@@ -93,5 +86,4 @@ def plot_agreement(report: Mapping[str, Any], label_columns: Sequence[str], path
         ax.set(ylim=(0, 1.15), title=f"agreement with '{column}'")
         ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    write_png(path, fig, 90)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from unicom import formats
 from unicom.cli import add_each_part_option, expand_parts, run_cli, setup_logging
 from unicom.errors import UnicomError
-from unicom.io import atomic_path, write_json
+from unicom.io import write_json, write_png
 
 log = logging.getLogger("unicom.cluster.report")
 
@@ -179,9 +179,7 @@ def plot_sizes(stats: AssignmentStats, min_cluster_size: int, path: str | Path) 
     ax_sim.set(xlabel="cosine", ylabel="samples", title="similarity to centroids", xlim=(-0.1, 1))
     ax_sim.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=90)
-    plt.close(fig)
+    write_png(path, fig, 90)
 
 
 def main(argv: list[str] | None = None) -> None:

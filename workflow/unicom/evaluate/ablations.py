@@ -24,7 +24,7 @@ import numpy as np
 
 from unicom.cli import parse_options_json, run_cli, setup_logging
 from unicom.errors import UnicomError
-from unicom.io import atomic_path, write_text
+from unicom.io import write_png, write_text
 
 METRICS = ("recall@1", "map@r")
 BASELINE = "baseline"
@@ -219,9 +219,7 @@ def plot_axes(
         panes[0][0].text(0.5, 0.5, "no axes in ablations.axes", ha="center", va="center")
     panes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    write_png(path, fig, 110)
 
 
 def main(argv: list[str] | None = None) -> None:

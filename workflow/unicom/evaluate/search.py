@@ -22,7 +22,7 @@ from unicom.cli import parse_options_json, run_cli, setup_logging
 from unicom.errors import UnicomError
 from unicom.evaluate.evaluate import ImageEmbedder, base_embedder, embed_items, trained_embedder
 from unicom.images import to_rgb
-from unicom.io import atomic_path
+from unicom.io import write_png
 from unicom.shards import iter_tar_members
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
@@ -75,9 +75,7 @@ def draw_strip(query: Image.Image, matches: list[tuple[Image.Image, float]], pat
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    write_png(path, fig, 100)
 
 
 def _as_image(item: Image.Image | str) -> Image.Image:

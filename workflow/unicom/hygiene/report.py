@@ -26,7 +26,7 @@ from unicom import (
 )
 from unicom.cli import run_cli, setup_logging  # noqa: E402
 from unicom.images import to_rgb  # noqa: E402
-from unicom.io import atomic_path, write_json  # noqa: E402
+from unicom.io import write_json, write_png  # noqa: E402
 
 log = logging.getLogger("unicom.hygiene.report")
 PER_ROW = 6
@@ -86,7 +86,8 @@ def plot_accounting(counts: Mapping[str, int], path: str) -> None:
     ax.bar_label(bars)
     ax.set_xlabel("URL-list rows")
     ax.set_title(f"Every row: kept for training vs each drop reason ({sum(counts.values())} rows)")
-    save(fig, path)
+    fig.tight_layout()
+    write_png(path, fig, 100)
 
 
 def plot_groups(groups, images: Mapping[str, Image.Image], threshold: float, path: str) -> None:
@@ -108,14 +109,8 @@ def plot_groups(groups, images: Mapping[str, Image.Image], threshold: float, pat
     if not groups:
         axes[0][0].set_title("no near-duplicates at this threshold", fontsize=9)
     fig.suptitle(f"Largest near-duplicate groups (threshold {threshold}); kept image first")
-    save(fig, path)
-
-
-def save(fig, path: str) -> None:
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    write_png(path, fig, 100)
 
 
 def main(argv: list[str] | None = None) -> None:

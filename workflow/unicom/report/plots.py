@@ -14,14 +14,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from unicom import formats  # noqa: E402
 from unicom.cli import run_cli, setup_logging  # noqa: E402
-from unicom.io import atomic_path  # noqa: E402
+from unicom.io import write_png  # noqa: E402
 
 
 def _save(fig, path: str) -> None:
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    write_png(path, fig, 110)
 
 
 def plot_download(summary: dict, path: str) -> None:

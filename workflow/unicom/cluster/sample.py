@@ -48,15 +48,19 @@ def sample_plan(rows: Sequence[int], max_points: int, seed: int) -> list[np.ndar
 
 def kept_rows(files: Sequence[EmbeddingFile], skip_files: Sequence[str]) -> list[np.ndarray] | None:
     """Per file, the row indices not dropped by the screen (``skip_files``: drops files); None
-    when nothing is skipped. Reads each file's key column and the drops of its part only."""
+    when nothing is skipped. The drops are read once, sorted by part; each file's key column
+    is matched against its own part's slice of them."""
     if not skip_files:
         return None
     from unicom import drops  # only runs that screen pay for the import
 
+    names = [os.path.basename(file.path).removesuffix(".parquet") for file in files]
+    skipped = drops.read(skip_files, names).sort_by("part")
+    parts = skipped["part"].to_numpy(zero_copy_only=False)
     kept = []
-    for file in files:
-        part = os.path.basename(file.path).removesuffix(".parquet")
-        skip = drops.read(skip_files, [part])["key"]
+    for file, part in zip(files, names, strict=True):
+        start, end = np.searchsorted(parts, part, "left"), np.searchsorted(parts, part, "right")
+        skip = skipped["key"].slice(int(start), int(end - start))
         keys = pq.read_table(file.path, columns=["key"])["key"]
         kept.append(np.flatnonzero(~pc.is_in(keys, value_set=skip).to_numpy(zero_copy_only=False)))
     return kept

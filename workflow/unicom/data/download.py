@@ -10,8 +10,9 @@ and, once every part of the job is done, one ``--summary`` JSON: per part, the c
 
 Only URLs whose scheme is in ``allowed_schemes`` reach img2dataset; the others are recorded as
 ``rejected_scheme`` and never opened. A row split_urls marked as a repeat of an earlier URL
-(column ``duplicate_of``) is recorded as ``duplicate_url`` and not fetched either. img2dataset runs in ``OUT_DIR/.work/{part}/``, removed on
-success, so an interrupted job never leaves a file that looks finished.
+(column ``duplicate_of``) is recorded as ``duplicate_url`` and not fetched either. img2dataset
+runs in ``OUT_DIR/.work/{part}/``, removed on success, so an interrupted job never leaves a
+file that looks finished.
 """
 
 from __future__ import annotations

@@ -41,8 +41,6 @@ from unicom.errors import UnicomError
 log = logging.getLogger("unicom.train.data")
 
 ASSIGNMENT_COLUMNS = ("key", "label")
-# Why a labelled row may be left out before training (unicom.drops reasons).
-SKIP_REASONS = ("duplicate_content", "filtered", "near_duplicate")
 MARGIN_COLUMNS = ("sim", "sim2")
 
 
@@ -201,7 +199,7 @@ def read_shard_labels(
         keep = margin >= min_label_margin
         counts["ambiguous"] = int((~keep).sum())
         keys, labels = keys.filter(pa.array(keep)), labels[keep]
-    counts.update({reason: 0 for reason in SKIP_REASONS})
+    counts.update({reason: 0 for reason in drops.REASONS})
     if skip:
         reasons = [skip.get(key) for key in keys.to_pylist()]
         for reason in reasons:

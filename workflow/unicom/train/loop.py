@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from unicom import distributed
+from unicom import distributed, drops
 from unicom.distributed import WorldInfo
 from unicom.errors import UnicomError
 from unicom.io import atomic_path, write_json, write_text
@@ -35,7 +35,7 @@ from unicom.train.checkpoint import (
     save_checkpoint,
     set_aside_other_runs,
 )
-from unicom.train.data import SKIP_REASONS, RankData, ShardInput, prepare_rank_data
+from unicom.train.data import RankData, ShardInput, prepare_rank_data
 from unicom.train.loader import TrainBatches, make_loader
 from unicom.train.optim import total_steps
 from unicom.train.signals import StopRequest, TrainingInterrupted
@@ -317,13 +317,13 @@ def data_report(data: RankData, shard_reads: Mapping[int, Sequence[int]]) -> dic
     """data.json: per shard, the labels kept / dropped and the shard samples without label."""
     shards = {}
     totals = {"assigned": 0, "ambiguous": 0, "kept": 0, "tar_samples": 0, "unlabelled": 0}
-    totals.update({reason: 0 for reason in SKIP_REASONS})
+    totals.update({reason: 0 for reason in drops.REASONS})
     for item in data.inputs:
         counts = dict(data.counts[item.name])
         read = shard_reads.get(item.index)
         counts["tar_samples"], counts["unlabelled"] = (read[0], read[1]) if read else (None, None)
         if read:  # samples left out on purpose are counted under their reason, not here
-            left_out = counts["ambiguous"] + sum(counts.get(r, 0) for r in SKIP_REASONS)
+            left_out = counts["ambiguous"] + sum(counts.get(r, 0) for r in drops.REASONS)
             counts["unlabelled"] -= left_out
         shards[item.name] = counts
         for key in totals:

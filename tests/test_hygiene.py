@@ -302,3 +302,27 @@ def test_clip_score_filter_uses_embeds_cosine_and_passes_rows_without_one():
 def test_clip_score_filter_needs_one_clip_model():
     with pytest.raises(UnicomError, match="filters.clip_score_min: needs one CLIP model"):
         layered_config([DEMO], {"filters": {"clip_score_min": 0.3}})
+
+
+def test_scatter_keeps_one_row_group_per_group_however_large(tmp_path):
+    """A group above pyarrow's default row group (1,048,576 rows) must stay one row group:
+    the dedup job reads exactly the one its index names."""
+    rows = 1024 * 1024 + 5
+    (tmp_path / "assign").mkdir()
+    (tmp_path / "embed").mkdir()
+    keys = pa.array([f"00000_{i:09d}" for i in range(rows)])
+    labels = pa.array(np.zeros(rows, np.int32))
+    pq.write_table(pa.table({"key": keys, "label": labels}), tmp_path / "assign/00000.parquet")
+    vectors = unit(np.random.default_rng(4).normal(size=(rows, 2)))
+    pq.write_table(
+        pa.table({"key": keys, "image_emb": embedding_array(vectors)}),
+        tmp_path / "embed/00000.parquet",
+    )
+    out = tmp_path / "s.parquet"
+    stats = near.scatter(
+        [str(tmp_path / "assign/00000.parquet")], [str(tmp_path / "embed/00000.parquet")],
+        None, str(out), {"space": "image"}, groups=1,
+    )  # fmt: skip
+    assert stats == {"rows": rows, "skipped": 0}
+    assert pq.ParquetFile(out).metadata.num_row_groups == 1
+    assert near.read_group(str(out), 0).num_rows == rows

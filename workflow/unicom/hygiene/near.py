@@ -100,6 +100,12 @@ def semdedup(
     return dropped, twin, trigger, similarity
 
 
+def runs(values: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each run of equal values in a sorted array (clusters, groups)."""
+    bounds = (np.flatnonzero(np.diff(values)) + 1).tolist()
+    return [(a, b) for a, b in zip([0, *bounds], [*bounds, len(values)], strict=True) if b > a]
+
+
 def flops(cluster_sizes: Sequence[int], dim: int) -> float:
     """Brute-force pairwise cost sum_c n_c^2 d (multiply-adds x 2)."""
     return float(2 * dim * sum(int(n) ** 2 for n in cluster_sizes))
@@ -131,7 +137,7 @@ def scatter(
     column = SPACE_COLUMNS[options["space"]]
     parts = [Path(a).name.removesuffix(".parquet") for a in assignments]
     skip = set(drops.read([screened], parts)["key"].to_pylist()) if screened else set()
-    tables = []
+    tables, skipped = [], 0
     for assignment, space in zip(assignments, spaces, strict=True):
         labels = pq.read_table(assignment, columns=["key", "label"])
         keys, vectors = read_space(space, column)
@@ -140,6 +146,7 @@ def scatter(
             raise UnicomError(f"{space}: lacks keys that {assignment} assigns")
         where = where.astype(np.int64)
         kept = np.array([k not in skip for k in labels["key"].to_pylist()], bool)
+        skipped += int((~kept).sum())
         label = labels["label"].to_numpy()[kept]
         tables.append(
             pa.table(
@@ -153,16 +160,15 @@ def scatter(
         )
     table = pa.concat_tables(tables).sort_by([("group", "ascending"), ("label", "ascending")])
     group_column = table["group"].to_numpy()
-    bounds = np.flatnonzero(np.diff(group_column)) + 1
-    slices = list(zip([0, *bounds.tolist()], [*bounds.tolist(), len(table)], strict=True))
-    slices = [(start, end) for start, end in slices if end > start]
+    slices = runs(group_column)
     # Which row group holds which group: a dedup job reads only its own.
     index = {int(group_column[start]): i for i, (start, _) in enumerate(slices)}
     table = table.replace_schema_metadata({GROUPS_METADATA_KEY: json.dumps(index).encode()})
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, table.schema) as writer:
         for start, end in slices:
-            writer.write_table(table.slice(start, end - start))
-    return {"rows": len(table), "skipped": int(sum(len(t) for t in tables) - len(table))}
+            # exactly one row group per group, however large (the index above counts on it)
+            writer.write_table(table.slice(start, end - start), row_group_size=end - start)
+    return {"rows": len(table), "skipped": skipped}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,13 +195,9 @@ def dedup_group(
     keys = table["key"].to_pylist()
     # Stored as float16 like the embeddings: normalise again so self-cosines are 1.
     vectors = l2_normalize(formats.column_to_numpy(table["vector"]).astype(np.float32))
-    bounds = np.flatnonzero(np.diff(labels)) + 1
-    starts, ends = [0, *bounds.tolist()], [*bounds.tolist(), len(labels)]
     rows: list[dict[str, Any]] = []
     sizes = []
-    for start, end in tqdm(
-        list(zip(starts, ends, strict=True)), desc=f"group {group}", unit="cluster", mininterval=5
-    ):
+    for start, end in tqdm(runs(labels), desc=f"group {group}", unit="cluster", mininterval=5):
         sizes.append(end - start)
         dropped, twin, trigger, sim = semdedup(
             vectors[start:end], keys[start:end], options["threshold"]

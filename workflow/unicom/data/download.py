@@ -9,10 +9,9 @@ and, once every part of the job is done, one ``--summary`` JSON: per part, the c
 (they add up to the input rows), per error message, and img2dataset's statistics.
 
 Only URLs whose scheme is in ``allowed_schemes`` reach img2dataset; the others are recorded as
-``rejected_scheme`` and never opened. A row split_urls marked as a repeat of an earlier URL
-(column ``duplicate_of``) is recorded as ``duplicate_url`` and not fetched either. img2dataset
-runs in ``OUT_DIR/.work/{part}/``, removed on success, so an interrupted job never leaves a
-file that looks finished.
+``rejected_scheme`` and never opened; a row split_urls marked as a repeated URL (column
+``duplicate_of``) is ``duplicate_url``, not fetched either. img2dataset runs in
+``OUT_DIR/.work/{part}/``, removed on success: an interrupted job leaves no finished-looking file.
 """
 
 from __future__ import annotations

@@ -86,28 +86,33 @@ def check_environment(device: torch.device, sizes: dict) -> None:
 
 def check_head_matches_cpu(device: torch.device, sizes: dict) -> None:
     """The sampled head on ``device`` (fp32) against the same head in float64 on the CPU:
-    same seed, same sampled classes and dims, so loss and gradients must agree."""
-    torch.manual_seed(0)
+    same seed, same sampled classes and dims, so loss and gradients must agree. Once with one
+    label per row (ArcFace) and once with two (MLCD, ``train.positives: 2``)."""
     classes, dim, batch = sizes["check_classes"], 512, 256
-    embeddings = torch.randn(batch, dim, dtype=torch.float64)
-    labels = torch.randint(0, classes, (batch,))
-    results = []
-    for where, dtype in ((torch.device("cpu"), torch.float64), (device, torch.float32)):
-        head = PartialFC(classes, dim, sample_rate=0.1, feature_rate=0.5, seed=0)
-        head = head.to(device=where, dtype=dtype)
-        x = embeddings.to(head.weight.device, dtype).detach().clone().requires_grad_(True)
-        loss = head(x, labels.to(head.weight.device))
-        loss.backward()
-        selected = (head.last_selected_classes.cpu(), head.last_selected_dims.cpu())
-        results.append((loss.item(), x.grad.double().cpu(), *selected))
-    (ref_loss, ref_grad, ref_cls, ref_dims), (loss, grad, cls, dims) = results
-    same_draws = torch.equal(ref_cls, cls) and torch.equal(ref_dims, dims)
-    rel = (grad - ref_grad).norm().item() / ref_grad.norm().item()
-    print(
-        f"head C={classes} r1=0.1 r2=0.5: same sampled classes/dims {same_draws}, loss "
-        f"{loss:.6f} vs float64 {ref_loss:.6f} (|diff| {abs(loss - ref_loss):.2e}), "
-        f"gradient relative error {rel:.2e}"
-    )
+    for positives in (1, 2):
+        torch.manual_seed(0)
+        embeddings = torch.randn(batch, dim, dtype=torch.float64)
+        labels = torch.randint(0, classes, (batch, positives)).squeeze(1)
+        results = []
+        for where, dtype in ((torch.device("cpu"), torch.float64), (device, torch.float32)):
+            head = PartialFC(classes, dim, sample_rate=0.1, feature_rate=0.5, seed=0)
+            head = head.to(device=where, dtype=dtype)
+            x = embeddings.to(head.weight.device, dtype).detach().clone().requires_grad_(True)
+            loss = head(x, labels.to(head.weight.device))
+            loss.backward()
+            selected = (head.last_selected_classes.cpu(), head.last_selected_dims.cpu())
+            grads = (x.grad.double().cpu(), head.weight.grad.double().cpu())
+            results.append((loss.item(), *grads, *selected))
+        (ref_loss, ref_x, ref_w, ref_cls, ref_dims), (loss, gx, gw, cls, dims) = results
+        same_draws = torch.equal(ref_cls, cls) and torch.equal(ref_dims, dims)
+        rel_x = (gx - ref_x).norm().item() / ref_x.norm().item()
+        rel_w = (gw - ref_w).norm().item() / ref_w.norm().item()
+        print(
+            f"head C={classes} r1=0.1 r2=0.5 positives {positives}: same sampled classes/dims "
+            f"{same_draws}, loss {loss:.6f} vs float64 {ref_loss:.6f} "
+            f"(|diff| {abs(loss - ref_loss):.2e}), gradient relative error embeddings "
+            f"{rel_x:.2e}, prototypes {rel_w:.2e}"
+        )
 
 
 def head_step(
@@ -206,6 +211,72 @@ def embedding_model(sizes: dict, device: torch.device) -> tuple[str, Callable, i
     return f"open_clip {name}", model.encode_image, int(image_size)
 
 
+def check_trainer(device: torch.device, sizes: dict) -> None:
+    """The train stage itself (``python -m unicom.train.train``, one rank, device auto, precision
+    auto) on synthetic striped shards: it must finish, its loss fall, and its exported model
+    load and encode on ``device``. With one label per row and with two (MLCD)."""
+    import json
+    import re
+    import subprocess
+    import tempfile
+
+    from unicom.models import load_trained_model
+    from unicom.synthetic import write_synthetic_shard
+
+    classes, per_shard, size = 16, sizes["trainer_per_shard"], sizes["trainer_image_size"]
+    root = Path(tempfile.mkdtemp(prefix="gpu_check_train_"))
+    shards = [str(root / f"{i:05d}.tar") for i in range(4)]
+    assignments = [str(root / f"{i:05d}.parquet") for i in range(4)]
+    for i, (shard, assignment) in enumerate(zip(shards, assignments, strict=True)):
+        write_synthetic_shard(shard, assignment, f"{i:05d}", per_shard, classes, size=size)
+    paths = [str(Path(__file__).resolve().parents[1] / "workflow"), os.environ.get("PYTHONPATH")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))  # + carried wheels
+    if device.type != "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the stage's device auto must mean this device
+    for positives in (1, 2):
+        options = {
+            "model": sizes["trainer_model"],
+            "model_kwargs": {"img_size": size},
+            "pretrained": None,
+            "dim": 64,
+            "image_size": size,
+            "batch_size": sizes["trainer_batch"],
+            "steps": sizes["trainer_steps"],
+            "lr": 1e-3,
+            "warmup_fraction": 0.1,
+            "positives": positives,
+            "num_workers": 2,
+            "log_every": 1,
+            "checkpoint_every": sizes["trainer_steps"],
+        }
+        out_dir = root / f"train-positives-{positives}"
+        command = [
+            sys.executable, "-m", "unicom.train.train", "--shards", *shards,
+            "--assignments", *assignments, "--num-classes", str(classes),
+            "--out-dir", str(out_dir), "--options-json", json.dumps(options), "--no-progress",
+        ]  # fmt: skip
+        started = time.perf_counter()
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        seconds = time.perf_counter() - started
+        if result.returncode != 0:
+            raise RuntimeError(f"train exited {result.returncode}: {result.stderr[-1500:]}")
+        lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+        losses = [line["loss"] for line in lines]
+        rates = [line["samples_per_s"] for line in lines[len(lines) // 2 :]]
+        model = load_trained_model(out_dir, device=str(device)).eval()
+        images = torch.rand(8, 3, size, size, device=device)
+        embedding = model.encode(images)
+        ran_on = re.search(r"ranks on (\S+)", result.stderr)
+        print(
+            f"trainer {options['model']} {size}px batch {options['batch_size']} positives "
+            f"{positives}: {len(losses)} steps in {seconds:.0f} s (startup included), loss "
+            f"{sum(losses[:3]) / 3:.3f} (first 3) -> {sum(losses[-3:]) / 3:.3f} (last 3), "
+            f"{sum(rates) / len(rates):.0f} samples/s (second half); exported model encodes on "
+            f"{embedding.device} -> {tuple(embedding.shape)}, finite "
+            f"{bool(torch.isfinite(embedding).all())}; trained on {ran_on[1] if ran_on else '?'}"
+        )
+
+
 def check_embedding_rate(device: torch.device, sizes: dict) -> None:
     """Images/s of the embed stage's image model forward, bf16 autocast on a GPU."""
     batch = sizes["embed_batch"]
@@ -296,6 +367,7 @@ CHECKS = (
     check_head_matches_cpu,
     check_head_at_scale,
     check_training_rate,
+    check_trainer,
     check_embedding_rate,
     check_gemm_rate,
     check_torch_kmeans,
@@ -318,6 +390,11 @@ SIZES = {
     "kmeans_niter": 3,
     "kmeans_chunk": 16_384,
     "repeats": 10,
+    "trainer_model": "vit_small_patch16_224",
+    "trainer_image_size": 96,
+    "trainer_batch": 64,
+    "trainer_steps": 60,
+    "trainer_per_shard": 128,
 }
 QUICK = {
     **SIZES,
@@ -336,6 +413,11 @@ QUICK = {
     "kmeans_niter": 2,
     "kmeans_chunk": 1024,
     "repeats": 2,
+    "trainer_model": "test_vit",
+    "trainer_image_size": 32,
+    "trainer_batch": 8,
+    "trainer_steps": 6,
+    "trainer_per_shard": 16,
 }
 
 
@@ -347,6 +429,8 @@ def main() -> int:
     device = torch.device(args.device)
     sizes = QUICK if args.quick else SIZES
     if device.type == "cuda":
+        if device.index is None:  # torch 2.11's set_device wants an index
+            device = torch.device("cuda", 0)
         torch.cuda.set_device(device)
     failed = 0
     for check in CHECKS:

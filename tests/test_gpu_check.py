@@ -17,10 +17,12 @@ def test_every_check_runs_on_a_cpu_at_tiny_sizes(tmp_path):
     )  # fmt: skip
     output = (tmp_path / "gpu_check.txt").read_text()
     assert result.returncode == 0, output[-3000:]
-    assert "8 checks ran, 0 failed" in output, output[-3000:]
+    assert "9 checks ran, 0 failed" in output, output[-3000:]
     for line in (
         "head C=",
         "train ",
+        "positives 2: same sampled classes/dims True",
+        "trainer test_vit 32px batch 8 positives 2",
         "embed ",
         "GEMM+argmax",
         "torch k-means n 4096 k 256 d 512 bf16",

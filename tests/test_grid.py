@@ -121,8 +121,12 @@ def evaluation(r1, mapr):
 def test_table_means_stds_and_differences():
     runs = [run("baseline", s) for s in (0, 1, 2)] + [run("r2", s, {"k": 1}) for s in (0, 1, 2)]
     values = {"baseline": [0.5, 0.6, 0.7], "r2": [0.8, 0.8, 0.8]}
+    maps = {"baseline": [0.3, 0.3, 0.3], "r2": [0.1, 0.2, 0.3]}
     evaluations = {
-        r["evaluations"]["set"]: evaluation(values[r["variant"]][r["seed"]], 0.1) for r in runs
+        r["evaluations"]["set"]: evaluation(
+            values[r["variant"]][r["seed"]], maps[r["variant"]][r["seed"]]
+        )
+        for r in runs
     }
     sampling = {r["train_dir"]: {"negatives": 3.0, "prototypes": 10.0} for r in runs}
     rows = grid_rows(runs, evaluations, sampling, 64)
@@ -130,7 +134,10 @@ def test_table_means_stds_and_differences():
     assert full["baseline"]["recall@1_mean"] == pytest.approx(0.6)
     assert full["baseline"]["recall@1_std"] == pytest.approx(0.1)
     assert full["r2"]["delta_recall@1"] == pytest.approx(0.2)
-    assert full["r2"]["delta_over_se"] == pytest.approx(0.2 / (0.1 / 3**0.5))
+    assert full["r2"]["delta_over_se_recall@1"] == pytest.approx(0.2 / (0.1 / 3**0.5))
+    assert full["r2"]["delta_map@r"] == pytest.approx(-0.1)
+    assert full["r2"]["delta_over_se_map@r"] == pytest.approx(-0.1 / (0.1 / 3**0.5))
+    assert "| +0.2000 (+3.5) | -0.1000 (-1.7) |" in to_markdown(rows)
     assert mean_std([0.3]) == (0.3, 0.0)
     assert "**baseline**" in to_markdown(rows) and "0.6000 ± 0.1000" in to_markdown(rows)
     json.dumps(rows)  # plain values only

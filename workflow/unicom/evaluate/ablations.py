@@ -2,8 +2,8 @@
 
 Reads what ``rules/ablations.smk`` lists: per variant and seed, the training folder (its
 metrics.jsonl) and one evaluate JSON per benchmark; and the frozen encoder's evaluations. Writes
-``table.csv`` / ``table.md`` (Recall@1 and MAP@R at the full size and at the compact one, the
-difference to the baseline and that difference over its standard error) and ``plots.png``
+``table.csv`` / ``table.md`` (Recall@1 and MAP@R at the full size and at the compact one, and
+each metric's difference to the baseline over its Welch standard error) and ``plots.png``
 (one panel per axis: its values on x, Recall@1 with the seeds' standard deviation as error bars).
 
 A variant that samples negative classes (``train.sample_rate`` < 1) must have drawn some in its
@@ -71,6 +71,16 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
 
 
+def difference(row: Mapping[str, Any], base: Mapping[str, Any], metric: str) -> tuple[float, float]:
+    """A variant's mean minus the baseline's, and that over the standard error of a difference
+    of two means over independent seeds (Welch's)."""
+    delta = row[f"{metric}_mean"] - base[f"{metric}_mean"]
+    error = math.sqrt(
+        row[f"{metric}_std"] ** 2 / row["seeds"] + base[f"{metric}_std"] ** 2 / base["seeds"]
+    )
+    return delta, delta / error if error > 0 else math.nan
+
+
 def grid_rows(
     runs: Sequence[Mapping[str, Any]],
     evaluations: Mapping[str, Mapping[str, Any]],
@@ -106,17 +116,9 @@ def grid_rows(
     baseline = {(r["dataset"], r["dim"]): r for r in rows if r["variant"] == BASELINE}
     for row in rows:
         base = baseline.get((row["dataset"], row["dim"]))
-        delta = row["recall@1_mean"] - base["recall@1_mean"] if base else math.nan
-        # Standard error of a difference of two means over independent seeds.
-        error = (
-            math.sqrt(
-                row["recall@1_std"] ** 2 / row["seeds"] + base["recall@1_std"] ** 2 / base["seeds"]
-            )
-            if base
-            else math.nan
-        )
-        row["delta_recall@1"] = delta
-        row["delta_over_se"] = delta / error if error > 0 else math.nan
+        for metric in METRICS:
+            delta, ratio = difference(row, base, metric) if base else (math.nan, math.nan)
+            row[f"delta_{metric}"], row[f"delta_over_se_{metric}"] = delta, ratio
     order = {name: i for i, name in enumerate(info)}  # the grid's order (dicts keep it)
     return sorted(rows, key=lambda r: (r["dataset"], r["dim"] != "full", order[r["variant"]]))
 
@@ -136,7 +138,8 @@ def base_rows(base: Sequence[Mapping[str, Any]], compact_dim: int) -> list[dict[
 
 CSV_COLUMNS = (
     "variant", "changes", "dataset", "dim", "seeds", "recall@1_mean", "recall@1_std",
-    "map@r_mean", "map@r_std", "delta_recall@1", "delta_over_se", "head_negatives",
+    "map@r_mean", "map@r_std", "delta_recall@1", "delta_over_se_recall@1",
+    "delta_map@r", "delta_over_se_map@r", "head_negatives",
 )  # fmt: skip
 
 
@@ -144,6 +147,12 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.4f}"
     return "" if value is None else str(value)
+
+
+def _delta_cell(delta: float | None, ratio: float | None) -> str:
+    if delta is None or math.isnan(delta):
+        return ""
+    return f"{delta:+.4f} ({ratio:+.1f})" if not math.isnan(ratio) else f"{delta:+.4f}"
 
 
 def to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -154,22 +163,25 @@ def to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def to_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     header = (
-        "| variant | changes | dataset | dim | seeds | R@1 | MAP@R | ΔR@1 vs baseline | Δ/SE |\n"
+        "| variant | changes | dataset | dim | seeds | R@1 | MAP@R | ΔR@1 (Δ/SE) | ΔMAP@R (Δ/SE) |\n"
         "|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for row in rows:
-        name = f"**{row['variant']}**" if row["variant"] == BASELINE else row["variant"]
+        is_baseline = row["variant"] == BASELINE  # (its own differences are 0 by definition)
+        deltas = [
+            "" if is_baseline else _delta_cell(row.get(f"delta_{m}"), row.get(f"delta_over_se_{m}"))
+            for m in METRICS
+        ]
         cells = [
-            name,
+            f"**{row['variant']}**" if is_baseline else row["variant"],
             row["changes"],
             row["dataset"],
             row["dim"],
             str(row["seeds"]),
             f"{row['recall@1_mean']:.4f} ± {row['recall@1_std']:.4f}",
             f"{row['map@r_mean']:.4f} ± {row['map@r_std']:.4f}",
-            _cell(row.get("delta_recall@1")),
-            _cell(row.get("delta_over_se")),
+            *deltas,
         ]
         lines.append("| " + " | ".join(cells) + " |\n")
     return header + "".join(lines)

@@ -27,7 +27,7 @@ demo: setup
 	$(BIN)/snakemake --profile profiles/local
 	$(BIN)/snakemake --profile profiles/local --report results/report.html
 
-# The demo's ablation grid (config/ablations.yaml: 5 variants + baseline x 3 seeds) on top of
+# The demo's ablation grid (config/ablations.yaml: 8 variants + baseline x 3 seeds) on top of
 # the demo run, which it reuses; not part of `make demo` or the tests (see the README for its time).
 ablations: setup
 	$(BIN)/snakemake ablations --profile profiles/local --configfile config/config.yaml config/ablations.yaml

@@ -51,9 +51,9 @@ def test_each_stage_is_keyed_by_what_it_depends_on():
 
 def test_the_demo_grid_plans_its_variants():
     plan = grid.plan(layered_config([DEMO, str(REPO / "config/ablations.yaml")], {}))
-    assert len(plan.variants) == 6 and plan.seeds == [0, 1, 2]
-    assert len(plan.trainings) == 6 * 3 - 1
-    assert sorted(plan.clusterings) == ["fuse.mode=image", "kmeans.k=1024"]
+    assert len(plan.variants) == 9 and plan.seeds == [0, 1, 2]
+    assert len(plan.trainings) == 9 * 3 - 1
+    assert sorted(plan.clusterings) == ["fuse.mode=image", "fuse.mode=text", "kmeans.k=1024"]
     # sample_rate 1.0 is the demo's own, so the first of the r1 pair is the k variant.
     assert plan.variants["k=1024_r1=1.0"].trainings[0] == "kmeans.k=1024__seed=0"
     # The r1 pair really samples: round(0.1 k) above the distinct labels of one batch.

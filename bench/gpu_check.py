@@ -211,70 +211,94 @@ def embedding_model(sizes: dict, device: torch.device) -> tuple[str, Callable, i
     return f"open_clip {name}", model.encode_image, int(image_size)
 
 
+def stage_env(device: torch.device) -> dict[str, str]:
+    """The environment of a ``python -m unicom...`` subprocess: our package first, then whatever
+    PYTHONPATH already holds (the carried wheels); no GPU visible when checking a CPU."""
+    paths = [str(Path(__file__).resolve().parents[1] / "workflow"), os.environ.get("PYTHONPATH")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
+    if device.type != "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the stage's device auto must mean this device
+    return env
+
+
+def run_train_stage(
+    root: Path, data: dict[str, list[str]], options: dict, device: torch.device
+) -> tuple[Path, float, str]:
+    """One run of the train stage; returns its folder, its seconds and its log."""
+    import json
+    import subprocess
+
+    out_dir = root / f"train-positives-{options['positives']}"
+    command = [
+        sys.executable, "-m", "unicom.train.train", "--shards", *data["shards"],
+        "--assignments", *data["assignments"], "--num-classes", str(data["classes"]),
+        "--out-dir", str(out_dir), "--options-json", json.dumps(options), "--no-progress",
+    ]  # fmt: skip
+    started = time.perf_counter()
+    result = subprocess.run(
+        command, env=stage_env(device), capture_output=True, text=True, timeout=240
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"train exited {result.returncode}: {result.stderr[-1500:]}")
+    return out_dir, time.perf_counter() - started, result.stderr
+
+
 def check_trainer(device: torch.device, sizes: dict) -> None:
     """The train stage itself (``python -m unicom.train.train``, one rank, device auto, precision
-    auto) on synthetic striped shards: it must finish, its loss fall, and its exported model
-    load and encode on ``device``. With one label per row and with two (MLCD)."""
+    auto) on synthetic striped shards: it must finish and its exported model load and encode on
+    ``device``; prints the loss at the start and the end (too few steps at --quick to fall
+    reliably). With one label per row and with two (MLCD). Its files go in a temporary folder."""
     import json
     import re
-    import subprocess
     import tempfile
 
     from unicom.models import load_trained_model
     from unicom.synthetic import write_synthetic_shard
 
-    classes, per_shard, size = 16, sizes["trainer_per_shard"], sizes["trainer_image_size"]
-    root = Path(tempfile.mkdtemp(prefix="gpu_check_train_"))
-    shards = [str(root / f"{i:05d}.tar") for i in range(4)]
-    assignments = [str(root / f"{i:05d}.parquet") for i in range(4)]
-    for i, (shard, assignment) in enumerate(zip(shards, assignments, strict=True)):
-        write_synthetic_shard(shard, assignment, f"{i:05d}", per_shard, classes, size=size)
-    paths = [str(Path(__file__).resolve().parents[1] / "workflow"), os.environ.get("PYTHONPATH")]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))  # + carried wheels
-    if device.type != "cuda":
-        env["CUDA_VISIBLE_DEVICES"] = ""  # the stage's device auto must mean this device
-    for positives in (1, 2):
-        options = {
-            "model": sizes["trainer_model"],
-            "model_kwargs": {"img_size": size},
-            "pretrained": None,
-            "dim": 64,
-            "image_size": size,
-            "batch_size": sizes["trainer_batch"],
-            "steps": sizes["trainer_steps"],
-            "lr": 1e-3,
-            "warmup_fraction": 0.1,
-            "positives": positives,
-            "num_workers": 2,
-            "log_every": 1,
-            "checkpoint_every": sizes["trainer_steps"],
-        }
-        out_dir = root / f"train-positives-{positives}"
-        command = [
-            sys.executable, "-m", "unicom.train.train", "--shards", *shards,
-            "--assignments", *assignments, "--num-classes", str(classes),
-            "--out-dir", str(out_dir), "--options-json", json.dumps(options), "--no-progress",
-        ]  # fmt: skip
-        started = time.perf_counter()
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-        seconds = time.perf_counter() - started
-        if result.returncode != 0:
-            raise RuntimeError(f"train exited {result.returncode}: {result.stderr[-1500:]}")
-        lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-        losses = [line["loss"] for line in lines]
-        rates = [line["samples_per_s"] for line in lines[len(lines) // 2 :]]
-        model = load_trained_model(out_dir, device=str(device)).eval()
-        images = torch.rand(8, 3, size, size, device=device)
-        embedding = model.encode(images)
-        ran_on = re.search(r"ranks on (\S+)", result.stderr)
-        print(
-            f"trainer {options['model']} {size}px batch {options['batch_size']} positives "
-            f"{positives}: {len(losses)} steps in {seconds:.0f} s (startup included), loss "
-            f"{sum(losses[:3]) / 3:.3f} (first 3) -> {sum(losses[-3:]) / 3:.3f} (last 3), "
-            f"{sum(rates) / len(rates):.0f} samples/s (second half); exported model encodes on "
-            f"{embedding.device} -> {tuple(embedding.shape)}, finite "
-            f"{bool(torch.isfinite(embedding).all())}; trained on {ran_on[1] if ran_on else '?'}"
-        )
+    size = sizes["trainer_image_size"]
+    with tempfile.TemporaryDirectory(prefix="gpu_check_train_") as tmp:
+        root = Path(tmp)
+        data = {"classes": 16, "shards": [], "assignments": []}
+        for i in range(4):
+            data["shards"].append(str(root / f"{i:05d}.tar"))
+            data["assignments"].append(str(root / f"{i:05d}.parquet"))
+            write_synthetic_shard(
+                data["shards"][-1], data["assignments"][-1], f"{i:05d}",
+                sizes["trainer_per_shard"], data["classes"], size=size,
+            )  # fmt: skip
+        for positives in (1, 2):
+            options = {
+                "model": sizes["trainer_model"],
+                "model_kwargs": {"img_size": size},
+                "pretrained": None,
+                "dim": 64,
+                "image_size": size,
+                "batch_size": sizes["trainer_batch"],
+                "steps": sizes["trainer_steps"],
+                "lr": 1e-3,
+                "warmup_fraction": 0.1,
+                "positives": positives,
+                "num_workers": 2,
+                "log_every": 1,
+                "checkpoint_every": sizes["trainer_steps"],
+            }
+            out_dir, seconds, log = run_train_stage(root, data, options, device)
+            lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+            metrics = [json.loads(line) for line in lines]
+            losses = [m["loss"] for m in metrics]
+            rates = [m["samples_per_s"] for m in metrics[len(metrics) // 2 :]]
+            model = load_trained_model(out_dir, device=str(device)).eval()
+            embedding = model.encode(torch.rand(8, 3, size, size, device=device))
+            ran_on = re.search(r"ranks on (\S+)", log)
+            print(
+                f"trainer {options['model']} {size}px batch {options['batch_size']} positives "
+                f"{positives}: {len(losses)} steps in {seconds:.0f} s (startup included), loss "
+                f"{sum(losses[:3]) / 3:.3f} (first 3) -> {sum(losses[-3:]) / 3:.3f} (last 3), "
+                f"{sum(rates) / len(rates):.0f} samples/s (second half); exported model encodes "
+                f"on {embedding.device} -> {tuple(embedding.shape)}, finite "
+                f"{bool(torch.isfinite(embedding).all())}; trained on "
+                f"{ran_on[1] if ran_on else '?'}"
+            )
 
 
 def check_embedding_rate(device: torch.device, sizes: dict) -> None:

@@ -222,7 +222,7 @@ def stage_env(device: torch.device) -> dict[str, str]:
 
 
 def run_train_stage(
-    root: Path, data: dict[str, list[str]], options: dict, device: torch.device
+    root: Path, data: dict, options: dict, device: torch.device
 ) -> tuple[Path, float, str]:
     """One run of the train stage; returns its folder, its seconds and its log."""
     import json
@@ -253,19 +253,14 @@ def check_trainer(device: torch.device, sizes: dict) -> None:
     import tempfile
 
     from unicom.models import load_trained_model
-    from unicom.synthetic import write_synthetic_shard
+    from unicom.synthetic import write_synthetic_set
 
     size = sizes["trainer_image_size"]
     with tempfile.TemporaryDirectory(prefix="gpu_check_train_") as tmp:
         root = Path(tmp)
-        data = {"classes": 16, "shards": [], "assignments": []}
-        for i in range(4):
-            data["shards"].append(str(root / f"{i:05d}.tar"))
-            data["assignments"].append(str(root / f"{i:05d}.parquet"))
-            write_synthetic_shard(
-                data["shards"][-1], data["assignments"][-1], f"{i:05d}",
-                sizes["trainer_per_shard"], data["classes"], size=size,
-            )  # fmt: skip
+        per_shard, classes = sizes["trainer_per_shard"], 16
+        shards, assignments = write_synthetic_set(root, 4 * per_shard, classes, size, per_shard)
+        data = {"classes": classes, "shards": shards, "assignments": assignments}
         for positives in (1, 2):
             options = {
                 "model": sizes["trainer_model"],

@@ -28,7 +28,7 @@ import torch
 from unicom.cli import run_cli, setup_logging
 from unicom.distributed import WorldInfo
 from unicom.io import write_json
-from unicom.synthetic import write_synthetic_shard
+from unicom.synthetic import write_synthetic_set
 from unicom.train.augment import TrainTransform
 from unicom.train.data import pair_inputs, prepare_rank_data
 from unicom.train.loader import TrainBatches, make_loader
@@ -39,20 +39,6 @@ from unicom.train.trainer import Trainer
 log = logging.getLogger("unicom.bench.train")
 SHARD_SIZE = 1000
 SINGLE = WorldInfo(0, 1, 0, 1, "127.0.0.1", 29500, "single")
-
-
-def synthesize(folder: Path, images: int, size: int, classes: int) -> None:
-    for index, start in enumerate(range(0, images, SHARD_SIZE)):
-        part = f"{index:05d}"
-        write_synthetic_shard(
-            folder / "shards" / f"{part}.tar",
-            folder / "assign" / f"{part}.parquet",
-            part,
-            min(SHARD_SIZE, images - start),
-            classes,
-            size=size,
-            seed=index,
-        )
 
 
 def time_steps(trainer: Trainer, batches, steps: int, accum: int) -> tuple[list[float], float]:
@@ -183,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         data_dir = Path(args.data) if args.data else Path(tmp)
         if not args.data:
-            synthesize(data_dir, args.images, args.source_size, args.classes)
+            write_synthetic_set(data_dir, args.images, args.classes, args.source_size, SHARD_SIZE)
         result = run(args, data_dir)
     print(
         f"{result['model']} {result['image_size']}px batch {result['batch']}, "

@@ -13,7 +13,14 @@ from unicom import formats
 from unicom.io import write_parquet
 from unicom.shards import image_bytes, sample_members, write_tar
 
-__all__ = ["image_bytes", "sample_members", "write_tar", "striped_image", "write_synthetic_shard"]
+__all__ = [
+    "image_bytes",
+    "sample_members",
+    "write_tar",
+    "striped_image",
+    "write_synthetic_shard",
+    "write_synthetic_set",
+]
 
 
 def striped_image(label: int, size: int, rng: np.random.Generator) -> Image.Image:
@@ -73,3 +80,21 @@ def write_synthetic_shard(
     )
     metadata = {formats.ASSIGN_METADATA_KEY: {"k": num_classes, "synthetic": True}}
     write_parquet(assignment_path, formats.with_metadata(table, metadata))
+
+
+def write_synthetic_set(
+    folder: str | os.PathLike, images: int, num_classes: int, size: int, shard_size: int
+) -> tuple[list[str], list[str]]:
+    """``images`` labelled samples in shards of ``shard_size`` (the last one smaller):
+    ``folder/shards/{part}.tar`` + ``folder/assign/{part}.parquet``, shard i seeded with i.
+    Returns the shard and assignment paths, in part order."""
+    shards, assignments = [], []
+    for index, start in enumerate(range(0, images, shard_size)):
+        part = f"{index:05d}"
+        shards.append(os.path.join(folder, "shards", f"{part}.tar"))
+        assignments.append(os.path.join(folder, "assign", f"{part}.parquet"))
+        count = min(shard_size, images - start)
+        write_synthetic_shard(
+            shards[-1], assignments[-1], part, count, num_classes, size=size, seed=index
+        )
+    return shards, assignments

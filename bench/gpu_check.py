@@ -444,7 +444,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run on a CPU")
+    parser.add_argument(
+        "--only", nargs="+", choices=[check.__name__ for check in CHECKS], metavar="CHECK",
+        help="run only these checks (a rerun that fits in what is left of a device budget)",
+    )  # fmt: skip
     args = parser.parse_args()
+    checks = [check for check in CHECKS if not args.only or check.__name__ in args.only]
     device = torch.device(args.device)
     sizes = QUICK if args.quick else SIZES
     if device.type == "cuda":
@@ -452,7 +457,7 @@ def main() -> int:
             device = torch.device("cuda", 0)
         torch.cuda.set_device(device)
     failed = 0
-    for check in CHECKS:
+    for check in checks:
         print(f"== {check.__name__}", flush=True)
         started = time.perf_counter()
         try:
@@ -461,7 +466,7 @@ def main() -> int:
             failed += 1
             print(traceback.format_exc(limit=3).rstrip())
         print(f"   ({time.perf_counter() - started:.1f} s)", flush=True)
-    print(f"{len(CHECKS) - failed} checks ran, {failed} failed")
+    print(f"{len(checks) - failed} checks ran, {failed} failed")
     return 1 if failed else 0
 
 

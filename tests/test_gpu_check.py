@@ -28,3 +28,17 @@ def test_every_check_runs_on_a_cpu_at_tiny_sizes(tmp_path):
         "torch k-means n 4096 k 256 d 512 bf16",
     ):
         assert line in output, (line, output[-3000:])
+
+
+def test_only_runs_the_named_checks(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(
+        ["bash", str(REPO / "bench/gpu_check.sh"), "--quick", "--only", "check_nccl",
+         "check_environment"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    output = (tmp_path / "gpu_check.txt").read_text()
+    assert result.returncode == 0, output[-3000:]
+    assert "2 checks ran, 0 failed" in output, output[-3000:]
+    ran = [line for line in output.splitlines() if line.startswith("== ")]
+    assert ran == ["== check_environment", "== check_nccl"]  # in the script's order

@@ -10,7 +10,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from unicom.errors import UnicomError
-from unicom.train.partial_fc import INIT_BLOCK, PartialFC, class_range, init_prototypes
+from unicom.train.partial_fc import (
+    DRAW_SHARE_LIMIT,
+    INIT_BLOCK,
+    PartialFC,
+    class_range,
+    draw_distinct,
+    init_prototypes,
+)
 
 from conftest import head_steps, join_gloo, spawn_ranks
 
@@ -178,6 +185,40 @@ def test_all_positives_kept_when_they_outnumber_the_sample():
     labels = torch.tensor([0, 5, 5, 9, 20, 36])
     head(torch.randn(len(labels), DIM), labels)
     assert head.last_selected_classes.tolist() == [0, 5, 9, 20, 36]
+
+
+@pytest.mark.parametrize("count", [3, 5, 13])  # by draws (3, 5 <= 0.3 x 18) and by permutation
+def test_drawn_classes_are_distinct_uniform_and_never_excluded(count):
+    assert (count <= DRAW_SHARE_LIMIT * 18) == (count < 13)
+    generator, excluded, trials = torch.Generator().manual_seed(0), torch.tensor([3, 7]), 20_000
+    frequency = torch.zeros(20)
+    for _ in range(trials):
+        drawn = draw_distinct(20, excluded, count, generator)
+        assert len(drawn) == count and len(drawn.unique()) == count
+        frequency[drawn] += 1 / trials
+    assert frequency[excluded].tolist() == [0.0, 0.0]
+    free = torch.ones(20, dtype=torch.bool)
+    free[excluded] = False
+    # Each of the 18 free classes in count/18 of the draws; 6 binomial SDs at most.
+    tolerance = 6 * (count / 18 * (1 - count / 18) / trials) ** 0.5
+    assert (frequency[free] - count / 18).abs().max() <= tolerance
+
+
+def test_draws_keep_pairs_as_often_as_sampling_without_replacement():
+    """Not only each class: each pair of classes is as likely as any other (exact, not marginal)."""
+    generator, trials = torch.Generator().manual_seed(1), 30_000
+    pairs = torch.zeros(10, 10)
+    for _ in range(trials):
+        a, b = draw_distinct(10, torch.tensor([], dtype=torch.long), 2, generator).tolist()
+        pairs[min(a, b), max(a, b)] += 1 / trials
+    upper = pairs[torch.triu(torch.ones(10, 10, dtype=torch.bool), diagonal=1)]
+    tolerance = 6 * (1 / 45 * (44 / 45) / trials) ** 0.5
+    assert (upper - 1 / 45).abs().max() <= tolerance
+
+
+def test_asking_for_more_than_is_free_gives_everything_free():
+    drawn = draw_distinct(6, torch.tensor([0, 4]), 10, torch.Generator().manual_seed(0))
+    assert sorted(drawn.tolist()) == [1, 2, 3, 5]
 
 
 def test_resumed_run_draws_the_same_samples(tmp_path):

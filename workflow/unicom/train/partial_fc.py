@@ -40,6 +40,9 @@ from unicom.train.mlcd import COS_LIMIT, ShardedMultiLabelLoss
 # matrix is the same whatever the world size.
 INIT_BLOCK = 8192
 INIT_STD = 0.01
+# Above this share of the free classes a permutation is cheaper than repeated draws (measured
+# at 1M classes on 2 cores: 42 vs 45 ms at 0.3, 41 vs 14 ms at 0.1).
+DRAW_SHARE_LIMIT = 0.3
 
 
 def class_range(num_classes: int, rank: int, world: int) -> tuple[int, int]:
@@ -68,6 +71,41 @@ def init_prototypes(dim: int, start: int, end: int, seed: int) -> torch.Tensor:
         lo, hi = max(first, start), min(first + INIT_BLOCK, end)
         weight[lo - start : hi - start] = rows[lo - first : hi - first]
     return weight
+
+
+def draw_distinct(
+    num: int, excluded: torch.Tensor, count: int, generator: torch.Generator
+) -> torch.Tensor:
+    """``count`` distinct values of ``range(num)`` outside ``excluded`` (a CPU index tensor),
+    uniformly at random, in no particular order.
+
+    A permutation of all ``num`` costs 20-50 ms at 1M classes on one rank, as much as the rest
+    of the head's step on a GPU. For a small share (r1 ~0.1), uniform draws instead, keeping each
+    value's first appearance and skipping excluded ones: exactly sequential sampling without
+    replacement, in O(count log count).
+    """
+    taken = torch.zeros(num, dtype=torch.bool)
+    taken[excluded] = True
+    free = num - int(taken.sum())
+    count = min(count, free)
+    if count > DRAW_SHARE_LIMIT * free:
+        # A random order restricted to the free values is a uniformly random order of them.
+        order = torch.randperm(num, generator=generator)
+        return order[~taken[order]][:count]
+    chosen = torch.empty(0, dtype=torch.long)
+    while len(chosen) < count:
+        short, free_now = count - len(chosen), free - len(chosen)
+        # Expected draws for `short` new values while `free_now` of `num` are free, plus slack.
+        size = int(1.1 * num * math.log(free_now / (free_now - short))) + 64
+        draws = torch.randint(0, num, (size,), generator=generator)
+        draws = draws[~taken[draws]]
+        values, inverse = torch.unique(draws, return_inverse=True)
+        first = torch.full((len(values),), len(draws), dtype=torch.long)
+        first.scatter_reduce_(0, inverse, torch.arange(len(draws)), "amin")
+        new = values[first.argsort()[:short]]
+        taken[new] = True
+        chosen = torch.cat([chosen, new])
+    return chosen
 
 
 def _all_gather(tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -254,12 +292,9 @@ class PartialFC(nn.Module):
         self.last_num_positives = len(positives)
         if self.sample_rate >= 1.0:
             return torch.arange(self.num_local, device=labels.device), rows, local
-        is_positive = torch.zeros(self.num_local, dtype=torch.bool, device=labels.device)
-        is_positive[positives] = True
-        # A random order restricted to the negatives is a uniformly random order of them.
-        order = torch.randperm(self.num_local, generator=self._class_rng).to(labels.device)
-        negatives = order[~is_positive[order]][: max(0, self.num_sampled - len(positives))]
-        classes = torch.cat([positives, negatives]).sort().values
+        wanted = max(0, self.num_sampled - len(positives))
+        negatives = draw_distinct(self.num_local, positives.cpu(), wanted, self._class_rng)
+        classes = torch.cat([positives, negatives.to(labels.device)]).sort().values
         return classes, rows, torch.searchsorted(classes, local)
 
     def _select_dims(self, device: torch.device) -> torch.Tensor:

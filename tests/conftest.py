@@ -38,8 +38,9 @@ LONG_MODULES = (
 )
 
 
-# The end-to-end tests hold ~2.7 GiB of /tmp at their peak (the rehearsal's ViT-B/16 checkpoint
-# and exported model alone are 1.4 GiB); a full disk otherwise shows up as dozens of unrelated setup errors.
+# The end-to-end tests hold ~2.7 GiB of /tmp at their peak (the rehearsal's ViT-B/16
+# checkpoint and exported model alone are 1.4 GiB); a full disk otherwise shows up as dozens
+# of unrelated setup errors.
 # UNICOM_TEST_FREE_GIB changes the floor (0 skips the check, e.g. for `-m "not slow"` alone).
 NEEDED_FREE_GIB = float(os.environ.get("UNICOM_TEST_FREE_GIB", "4"))
 

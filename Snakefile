@@ -69,6 +69,6 @@ rule all:
         out("clusters/sizes.json"),
         out("clusters/agreement.json"),
         out("hygiene/summary.json"),
-        out("evaluate/summary.csv"),
+        out("evaluate/summary.csv") if config["evaluate"]["enabled"] else [],
         rules.report_plots.output,
         out("config.yaml"),

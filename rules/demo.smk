@@ -18,9 +18,10 @@ rule demo_fetch:
         "../envs/data.yaml"
     params:
         resources_dir=lambda wildcards, output: os.path.dirname(output[0]),
+        system_root=DEMO["system_root"],
     shell:
         "python -m unicom.demo.build fetch --resources-dir {params.resources_dir:q}"
-        " --out {output:q} 2> {log:q}"
+        " --system-root {params.system_root:q} --out {output:q} 2> {log:q}"
 
 
 rule demo_pool:

@@ -3,12 +3,15 @@
 EVALUATE = config["evaluate"]
 # Model name -> what `unicom.evaluate --model` takes.
 EVALUATION_MODELS = planning.evaluation_models(EVALUATE, out("train"))
-# Dataset name -> path, for the benchmarks that are configured (auto = the demo's). Those with
-# no path (null, or an "auto" with nothing to point at) are left out silently: nothing prints
-# at parse time but errors, and dry runs and every cluster job parse this too.
+# Dataset name -> path, for the benchmarks that are configured (auto: the demo's held-out split,
+# Debian's Fashion-MNIST). Those with no path (null, or the openclipart "auto" of a real run)
+# are left out silently: nothing prints at parse time but errors, and dry runs and every
+# cluster job parse this too. A run that evaluates nothing stops here, before any job.
 EVALUATION_DATASETS, _ = planned(
     planning.evaluation_datasets, config, out("demo/heldout.parquet")
 )
+planned(planning.check_evaluation, config, EVALUATION_DATASETS)
+FASHION_MNIST_MARKER = planning.fashion_mnist_marker(config["demo"]["resources_dir"])
 
 # What an evaluate job waits for: the model export (for base, the encoder's weights, fetched
 # on the login node) and, for a demo set, what its producer writes.
@@ -17,8 +20,28 @@ MODEL_INPUTS = {
     "base": {"encoder": out("embed/encoder.json")},
 }
 DATASET_INPUTS = planning.evaluation_dataset_inputs(
-    EVALUATION_DATASETS, out("demo/heldout.parquet"), rules.demo_fetch.output[0]
+    EVALUATION_DATASETS, out("demo/heldout.parquet"), FASHION_MNIST_MARKER
 )
+
+
+# On the login node (it may need apt-get's network): Debian's dataset-fashion-mnist, unpacked
+# under demo.resources_dir, when it is not installed (planning prefers an installed package).
+localrules:
+    fetch_fashion_mnist,
+
+
+rule fetch_fashion_mnist:
+    output:
+        FASHION_MNIST_MARKER,
+    log:
+        out("logs/fetch_fashion_mnist.log"),
+    conda:
+        "../envs/data.yaml"
+    params:
+        resources_dir=lambda wildcards, output: os.path.dirname(output[0]),
+    shell:
+        "python -m unicom.demo.build fetch-fashion-mnist --resources-dir {params.resources_dir:q}"
+        " --out {output:q} 2> {log:q}"
 
 
 # The command of an evaluate job; rules/ablations.smk runs it for the grid's models.

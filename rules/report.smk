@@ -54,45 +54,39 @@ rule effective_config:
         " 2> {log:q}"
 
 
+# The report's figures: retrieval and protocol panels only when the run evaluates.
+EVALUATES = config["evaluate"]["enabled"]
+PLOTS = {  # name -> the report category it is filed under
+    "download": "1. Data",
+    "kmeans": "2. Clustering",
+    "training": "3. Training",
+    **({"retrieval": "4. Retrieval", "protocols": "4. Retrieval"} if EVALUATES else {}),
+}
+
+
 rule report_plots:
     input:
+        **({"evaluate": out("evaluate/summary.csv")} if EVALUATES else {}),
         download=out("download/summary.json"),
         kmeans=out("kmeans/kmeans.json"),
         train=out("train/metrics.jsonl"),
-        evaluate=out("evaluate/summary.csv"),
     output:
-        download=report(
-            out("report/download.png"),
-            caption="../report/download.rst",
-            category="1. Data",
-        ),
-        kmeans=report(
-            out("report/kmeans.png"),
-            caption="../report/kmeans.rst",
-            category="2. Clustering",
-        ),
-        training=report(
-            out("report/training.png"),
-            caption="../report/training.rst",
-            category="3. Training",
-        ),
-        retrieval=report(
-            out("report/retrieval.png"),
-            caption="../report/retrieval.rst",
-            category="4. Retrieval",
-        ),
-        protocols=report(
-            out("report/protocols.png"),
-            caption="../report/protocols.rst",
-            category="4. Retrieval",
-        ),
+        **{
+            name: report(
+                out(f"report/{name}.png"),
+                caption=f"../report/{name}.rst",
+                category=category,
+            )
+            for name, category in PLOTS.items()
+        },
     log:
         out("logs/report_plots.log"),
     conda:
         "../envs/data.yaml"
     params:
         out_dir=lambda wildcards, output: os.path.dirname(output.download),
+        evaluate=(["--eval-summary", out("evaluate/summary.csv")] if EVALUATES else []),
     shell:
         "python -m unicom.report.plots --download-summary {input.download:q}"
         " --kmeans-stats {input.kmeans:q} --train-metrics {input.train:q}"
-        " --eval-summary {input.evaluate:q} --out-dir {params.out_dir:q} 2> {log:q}"
+        " {params.evaluate:q} --out-dir {params.out_dir:q} 2> {log:q}"

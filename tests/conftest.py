@@ -158,6 +158,31 @@ def make_image_folder(
     return root
 
 
+def write_idx(path: Path, array: np.ndarray, magic_type: int = 0x08) -> None:
+    """An idx file (MNIST's format), gzipped as Debian ships them."""
+    import gzip
+    import struct
+
+    header = bytes([0, 0, magic_type, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def install_fashion_mnist(system_root: Path, per_class: int = 4, seed: int = 0) -> Path:
+    """A small Fashion-MNIST in Debian's layout under ``system_root`` (what
+    dataset-fashion-mnist installs under /): 10 classes x ``per_class`` 28x28 images, each class
+    a brightness band, in both splits."""
+    folder = system_root / "usr/share/datasets/fashion-mnist"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(10), per_class)
+    for split in ("train", "t10k"):
+        images = rng.integers(0, 40, (len(labels), 28, 28)) + 20 * labels[:, None, None]
+        write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
 @contextlib.contextmanager
 def loopback_http(handler: type[BaseHTTPRequestHandler], stop: threading.Event) -> Iterator[str]:
     """A threaded HTTP server on 127.0.0.1 (a free port) for ``handler``; yields its base URL.

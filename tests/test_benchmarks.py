@@ -24,6 +24,8 @@ from unicom.evaluate.loaders import GLDV2_DISTRACTOR
 from unicom.evaluate.sets import QUERY_GALLERY, SINGLE, load_image
 from unicom.io import write_parquet
 
+from conftest import write_idx
+
 
 def touch(root: Path, rels) -> None:
     for rel in rels:
@@ -220,12 +222,6 @@ def test_openclipart_heldout_parquet(tmp_path):
     write_parquet(tmp_path / "bad.parquet", pa.table({"path": paths}))
     with pytest.raises(UnicomError, match="missing column.*category"):
         load("openclipart", tmp_path / "bad.parquet")
-
-
-def write_idx(path: Path, array: np.ndarray, magic_type: int = 0x08) -> None:
-    header = bytes([0, 0, magic_type, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as handle:
-        handle.write(header + array.astype(np.uint8).tobytes())
 
 
 def test_fashion_mnist_from_idx_files(tmp_path):

@@ -413,10 +413,6 @@ def no_apt(tmp_path, monkeypatch):
 def test_fetch_uses_existing_resources_dir(tmp_path, no_apt):
     res = tmp_path / "res"
     png, svg = make_clipart_tree(res)
-    fashion = res / "usr/share/datasets/fashion-mnist"
-    fashion.mkdir(parents=True)
-    for name in FASHION_MNIST_FILES:
-        (fashion / name).write_bytes(b"")
     (res / "debs").mkdir()
     (res / "debs/openclipart-png_1%3a0.18+dfsg-19_all.deb").write_bytes(b"")
     marker = tmp_path / "out/sources.json"
@@ -424,20 +420,33 @@ def test_fetch_uses_existing_resources_dir(tmp_path, no_apt):
     content = json.loads(marker.read_text())
     assert content["source"] == "resources_dir"
     assert content["png_root"] == str(png.resolve()) and content["svg_root"] == str(svg.resolve())
-    assert content["fashion_mnist_dir"] == str(fashion.resolve())
     assert content["versions"] == {"openclipart-png": "1:0.18+dfsg-19"}
     assert content["num_png"] == 28  # 25 pictures + the corrupt one + the symlink + the copy
 
 
-def test_fetch_without_fashion_mnist_records_null(tmp_path, no_apt):
+def test_fetch_fashion_mnist_uses_an_unpacked_copy(tmp_path, no_apt):
     res = tmp_path / "res"
-    make_clipart_tree(res)
-    marker = tmp_path / "sources.json"
-    main(
-        ["fetch", "--resources-dir", str(res), "--out", str(marker)]
-        + ["--system-root", str(tmp_path / "sys"), "--no-download"]
-    )
-    assert json.loads(marker.read_text())["fashion_mnist_dir"] is None
+    fashion = res / "usr/share/datasets/fashion-mnist"
+    fashion.mkdir(parents=True)
+    for name in FASHION_MNIST_FILES:
+        (fashion / name).write_bytes(b"")
+    (res / "debs").mkdir()
+    (res / "debs/dataset-fashion-mnist_0.0~git20200523.55506a9-2_all.deb").write_bytes(b"")
+    marker = tmp_path / "out/fashion-mnist.json"
+    main(["fetch-fashion-mnist", "--resources-dir", str(res), "--out", str(marker)])
+    content = json.loads(marker.read_text())
+    assert content["fashion_mnist_dir"] == str(fashion.resolve())
+    assert content["versions"] == {"dataset-fashion-mnist": "0.0~git20200523.55506a9-2"}
+
+
+def test_fetch_fashion_mnist_without_apt_says_what_to_set(tmp_path, no_apt):
+    with pytest.raises(UnicomError) as error:
+        main(
+            ["fetch-fashion-mnist", "--resources-dir", str(tmp_path), "--out", str(tmp_path / "m")]
+        )
+    message = str(error.value)
+    assert message.startswith("Fashion-MNIST could not be fetched (apt-get is not available)")
+    assert "evaluate.datasets.fashion-mnist" in message and not (tmp_path / "m").exists()
 
 
 def test_fetch_falls_back_to_system_packages(tmp_path, no_apt):

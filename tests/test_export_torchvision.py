@@ -18,10 +18,13 @@ from conftest import REPO
 
 
 def fashion_mnist_idx() -> Path:
-    from unicom.demo.debian import fetch_sources
+    from unicom.demo.debian import fetch_fashion_mnist
+    from unicom.planning import installed_fashion_mnist
 
-    sources = fetch_sources(REPO / "resources", Path("/"), allow_download=True)
-    return Path(sources["fashion_mnist_dir"])
+    installed = installed_fashion_mnist("/")
+    if installed:
+        return Path(installed)
+    return Path(fetch_fashion_mnist(REPO / "resources", allow_download=True)["fashion_mnist_dir"])
 
 
 @pytest.fixture(scope="module")

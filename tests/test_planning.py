@@ -21,12 +21,34 @@ def demo_config() -> dict:
     return layered_config([], {}, default_configfile=REPO / "config/config.yaml")
 
 
-def config_with(demo_enabled=True, url_list=(), image_dir=None, resources_dir="res", **datasets):
+def config_with(
+    demo_enabled=True,
+    url_list=(),
+    image_dir=None,
+    resources_dir="res",
+    system_root="/nonexistent-system",
+    enabled=True,
+    **datasets,
+):
     return {
-        "demo": {"enabled": demo_enabled, "image_dir": image_dir, "resources_dir": resources_dir},
+        "demo": {
+            "enabled": demo_enabled,
+            "image_dir": image_dir,
+            "resources_dir": resources_dir,
+            "system_root": system_root,
+        },
         "data": {"url_list": list(url_list)},
-        "evaluate": {"datasets": datasets, "extra_models": []},
+        "evaluate": {"enabled": enabled, "datasets": datasets, "extra_models": []},
     }
+
+
+def install_fashion_mnist(root) -> str:
+    """The four files of Debian's dataset-fashion-mnist under ``root`` (contents irrelevant)."""
+    folder = os.path.join(root, "usr/share/datasets/fashion-mnist")
+    os.makedirs(folder)
+    for name in planning.FASHION_MNIST_FILES:
+        open(os.path.join(folder, name), "wb").close()
+    return folder
 
 
 # --------------------------------------------------------------------------- batches
@@ -148,36 +170,51 @@ def test_auto_openclipart_is_the_demo_heldout_split_only_in_a_demo_run():
     assert planning.evaluation_datasets(real, HELDOUT) == ({}, ["openclipart"])
 
 
-def test_auto_fashion_mnist_prefers_the_system_package(tmp_path):
-    system = tmp_path / "system"
-    system.mkdir()
-    config = config_with(resources_dir=str(tmp_path / "res"), **{"fashion-mnist": "auto"})
-    datasets, skipped = planning.evaluation_datasets(config, HELDOUT, system)
-    assert datasets == {"fashion-mnist": str(system)} and skipped == []
+def test_auto_fashion_mnist_prefers_the_installed_package(tmp_path):
+    installed = install_fashion_mnist(tmp_path / "system")
+    for demo in (True, False):  # a demo or a real run alike
+        config = config_with(
+            demo_enabled=demo,
+            url_list=[] if demo else ["urls.parquet"],
+            resources_dir=str(tmp_path / "res"),
+            system_root=str(tmp_path / "system"),
+            **{"fashion-mnist": "auto"},
+        )
+        assert planning.evaluation_datasets(config, HELDOUT) == ({"fashion-mnist": installed}, [])
 
 
-def test_auto_fashion_mnist_falls_back_to_the_demo_fetched_copy(tmp_path):
-    system = tmp_path / "absent"
+def test_auto_fashion_mnist_is_otherwise_the_fetched_copy_in_every_run(tmp_path):
     fetched = os.path.join(tmp_path / "res", "usr/share/datasets/fashion-mnist")
     auto = {"fashion-mnist": "auto"}
-    # An openclipart demo run fetches the copy (demo_fetch), so it is planned before it exists.
-    demo = config_with(resources_dir=str(tmp_path / "res"), **auto)
-    assert planning.evaluation_datasets(demo, HELDOUT, system) == ({"fashion-mnist": fetched}, [])
-    # A run that fetches nothing: the copy only if a former run left it there.
-    real = config_with(url_list=["u.parquet"], resources_dir=str(tmp_path / "res"), **auto)
-    folder = config_with(image_dir="images", resources_dir=str(tmp_path / "res"), **auto)
-    for config in (real, folder):
-        assert planning.evaluation_datasets(config, HELDOUT, system) == ({}, ["fashion-mnist"])
-    os.makedirs(fetched)
-    for config in (real, folder):
-        assert planning.evaluation_datasets(config, HELDOUT, system)[0] == {
-            "fashion-mnist": fetched
-        }
+    # An incomplete package (a file missing) is not used in place.
+    install_fashion_mnist(tmp_path / "system")
+    os.remove(tmp_path / "system/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+    common = {"resources_dir": str(tmp_path / "res"), "system_root": str(tmp_path / "system")}
+    demo = config_with(**common, **auto)
+    real = config_with(url_list=["u.parquet"], **common, **auto)
+    folder = config_with(image_dir="images", **common, **auto)
+    for config in (demo, real, folder):
+        assert planning.evaluation_datasets(config, HELDOUT) == ({"fashion-mnist": fetched}, [])
+
+
+def test_a_run_with_nothing_to_evaluate_stops_unless_it_says_so():
+    nothing = config_with(url_list=["u.parquet"], openclipart="auto", **{"fashion-mnist": None})
+    datasets, skipped = planning.evaluation_datasets(nothing, HELDOUT)
+    assert datasets == {} and skipped == ["openclipart", "fashion-mnist"]
+    with pytest.raises(UnicomError) as error:
+        planning.check_evaluation(nothing, datasets)
+    message = str(error.value)
+    assert message.startswith("config key evaluate.datasets: no benchmark to evaluate on")
+    assert "evaluate.enabled: false" in message and "\n" not in message
+    # Said explicitly: no benchmark, no evaluate job, no error.
+    off = config_with(url_list=["u.parquet"], enabled=False, **{"fashion-mnist": "auto"})
+    assert planning.evaluation_datasets(off, HELDOUT) == ({}, ["fashion-mnist"])
+    planning.check_evaluation(off, {})
 
 
 def test_null_datasets_are_skipped_and_explicit_paths_kept_in_order(tmp_path):
     config = config_with(cub=None, sop="/data/sop", cars="relative/cars", gldv2=None)
-    datasets, skipped = planning.evaluation_datasets(config, HELDOUT, tmp_path / "absent")
+    datasets, skipped = planning.evaluation_datasets(config, HELDOUT)
     assert list(datasets.items()) == [("sop", "/data/sop"), ("cars", "relative/cars")]
     assert skipped == ["cub", "gldv2"]
 
@@ -191,8 +228,8 @@ def test_auto_for_another_dataset_names_the_key():
 def test_the_demo_config_evaluates_its_two_demo_sets(tmp_path):
     config = demo_config()
     config["evaluate"]["datasets"] = {"openclipart": "auto", "fashion-mnist": "auto", "cub": None}
-    config["demo"]["resources_dir"] = str(tmp_path)
-    datasets, skipped = planning.evaluation_datasets(config, HELDOUT, tmp_path / "absent")
+    config["demo"].update(resources_dir=str(tmp_path), system_root=str(tmp_path / "absent"))
+    datasets, skipped = planning.evaluation_datasets(config, HELDOUT)
     assert datasets == {
         "openclipart": HELDOUT,
         "fashion-mnist": planning.fetched_fashion_mnist(tmp_path),
@@ -200,18 +237,32 @@ def test_the_demo_config_evaluates_its_two_demo_sets(tmp_path):
     assert skipped == ["cub"]
 
 
+def test_the_laion_config_evaluates_fashion_mnist(tmp_path):
+    config = layered_config(
+        [REPO / "config/laion400m.yaml"],
+        {"data": {"url_list": ["u.parquet"]}, "demo": {"resources_dir": str(tmp_path)}},
+    )
+    config["demo"]["system_root"] = str(tmp_path / "absent")
+    datasets, _ = planning.evaluation_datasets(config, HELDOUT)
+    assert datasets == {"fashion-mnist": planning.fetched_fashion_mnist(tmp_path)}
+
+
 def test_demo_sets_wait_for_their_producers(tmp_path):
-    fetched = str(tmp_path / "res/usr/share/datasets/fashion-mnist")
+    fetched = planning.fetched_fashion_mnist(tmp_path / "res")
+    marker = planning.fashion_mnist_marker(tmp_path / "res")
     datasets = {"openclipart": HELDOUT, "fashion-mnist": fetched, "cub": str(tmp_path / "cub")}
-    sources = str(tmp_path / "res/demo_sources.json")
-    assert planning.evaluation_dataset_inputs(datasets, HELDOUT, sources) == {
+    expected = {
         "openclipart": {"dataset": HELDOUT},
-        "fashion-mnist": {"fetched": sources},
+        "fashion-mnist": {"fetched": marker},
         "cub": {},
     }
-    # Once there (the system package, or a copy a former run fetched), it waits for nothing.
-    os.makedirs(fetched)
-    assert planning.evaluation_dataset_inputs(datasets, HELDOUT, sources)["fashion-mnist"] == {}
+    assert planning.evaluation_dataset_inputs(datasets, HELDOUT, marker) == expected
+    # The same once the copy is there: a finished run's inputs do not change under it.
+    install_fashion_mnist(tmp_path / "res")
+    assert planning.evaluation_dataset_inputs(datasets, HELDOUT, marker) == expected
+    # An installed package (or any other folder) waits for nothing.
+    installed = {"fashion-mnist": str(tmp_path / "system/usr/share/datasets/fashion-mnist")}
+    assert planning.evaluation_dataset_inputs(installed, HELDOUT, marker) == {"fashion-mnist": {}}
 
 
 def test_the_fetched_copy_mirrors_the_system_path():

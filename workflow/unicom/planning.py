@@ -18,9 +18,15 @@ from typing import Any
 from unicom.errors import UnicomError
 from unicom.formats import batch_name, read_export_info
 
-# Where Debian's dataset-fashion-mnist installs the Fashion-MNIST files; demo_fetch unpacks
-# the same package under demo.resources_dir, at this path relative to the root.
+# Where Debian's dataset-fashion-mnist installs the Fashion-MNIST files; fetch_fashion_mnist
+# unpacks the same package under demo.resources_dir, at this path relative to the root.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 # The trainer the launcher starts on every rank.
 TRAIN_MODULE = "unicom.train.train"
 KMEANS_MODULE = "unicom.cluster.kmeans"
@@ -112,25 +118,25 @@ def check_export(path: str, key: str) -> None:
 
 
 def evaluation_datasets(
-    config: Mapping[str, Any],
-    demo_heldout: str,
-    system_fashion_mnist: str | os.PathLike = FASHION_MNIST_DIR,
+    config: Mapping[str, Any], demo_heldout: str
 ) -> tuple[dict[str, str], list[str]]:
     """The benchmarks to evaluate: (name -> path, names skipped).
 
     evaluate.datasets.<name> is a path, null (skipped), or "auto" for the demo sets:
-    openclipart = ``demo_heldout`` when the run builds the demo pool; fashion-mnist = the
-    Debian package's folder ``system_fashion_mnist``, else the copy demo_fetch unpacks under
-    demo.resources_dir (there already, or to be fetched by an openclipart demo run). An "auto"
-    that resolves to nothing is skipped like null.
+    openclipart = ``demo_heldout`` when the run builds the demo pool (else skipped);
+    fashion-mnist = the Debian package's folder under demo.system_root when it is installed
+    there, else the copy ``fetch_fashion_mnist`` unpacks under demo.resources_dir (every run,
+    demo or real, evaluates on it). With evaluate.enabled false there is nothing to evaluate.
     """
     datasets: dict[str, str] = {}
     skipped: list[str] = []
+    if not config["evaluate"]["enabled"]:
+        return datasets, list(config["evaluate"]["datasets"])
     for name, path in config["evaluate"]["datasets"].items():
         if path == "auto" and name == "openclipart":
             path = demo_heldout if uses_demo_pool(config) else None
         elif path == "auto" and name == "fashion-mnist":
-            path = _auto_fashion_mnist(config, system_fashion_mnist)
+            path = auto_fashion_mnist(config["demo"])
         if path is None:
             skipped.append(name)
         elif path == "auto":
@@ -138,6 +144,17 @@ def evaluation_datasets(
         else:
             datasets[name] = str(path)
     return datasets, skipped
+
+
+def check_evaluation(config: Mapping[str, Any], datasets: Mapping[str, str]) -> None:
+    """Before any job: a run that evaluates (evaluate.enabled) has a benchmark to evaluate on,
+    so that a real run never ends its training with nothing to score."""
+    if config["evaluate"]["enabled"] and not datasets:
+        raise UnicomError(
+            "config key evaluate.datasets: no benchmark to evaluate on (every one is null); "
+            "set evaluate.datasets.<name> to a benchmark folder (fashion-mnist: auto fetches "
+            "Debian's dataset-fashion-mnist), or evaluate.enabled: false to run without evaluation"
+        )
 
 
 def train_split_paths(
@@ -219,36 +236,46 @@ def finetune_options(
 
 
 def evaluation_dataset_inputs(
-    datasets: Mapping[str, str], demo_heldout: str, demo_sources: str
+    datasets: Mapping[str, str], demo_heldout: str, fashion_mnist_marker: str
 ) -> dict[str, dict[str, str]]:
     """Dataset name -> the files its evaluate jobs wait for, as ``unpack`` takes them: the
-    demo's held-out split ``demo_heldout``, or for a fashion-mnist folder that is not there yet,
-    ``demo_sources`` (what demo_fetch writes once it has unpacked it). Other paths are read
-    as they are, and none of their files is declared."""
+    demo's held-out split ``demo_heldout``; for the fetched fashion-mnist copy, the marker
+    ``fetch_fashion_mnist`` writes (declared whether or not the copy is there yet, so that a
+    finished run plans nothing); other paths are read as they are, with no file declared."""
+    fetched = fetched_fashion_mnist(os.path.dirname(fashion_mnist_marker))
     inputs: dict[str, dict[str, str]] = {}
     for name, path in datasets.items():
         if path == demo_heldout:
             inputs[name] = {"dataset": path}
-        elif name == "fashion-mnist" and not os.path.isdir(path):
-            inputs[name] = {"fetched": demo_sources}
+        elif name == "fashion-mnist" and os.path.normpath(path) == os.path.normpath(fetched):
+            inputs[name] = {"fetched": fashion_mnist_marker}
         else:
             inputs[name] = {}
     return inputs
 
 
 def fetched_fashion_mnist(resources_dir: str | os.PathLike) -> str:
-    """Where demo_fetch unpacks dataset-fashion-mnist under demo.resources_dir."""
+    """Where fetch_fashion_mnist unpacks dataset-fashion-mnist under demo.resources_dir."""
     return os.path.join(resources_dir, FASHION_MNIST_DIR.relative_to(FASHION_MNIST_DIR.anchor))
 
 
-def _auto_fashion_mnist(config: Mapping[str, Any], system: str | os.PathLike) -> str | None:
-    """The system package, else the copy demo_fetch unpacks (openclipart demo only)."""
-    if os.path.isdir(system):
-        return str(system)
-    fetched = fetched_fashion_mnist(config["demo"]["resources_dir"])
-    if os.path.isdir(fetched) or (uses_demo_pool(config) and not config["demo"]["image_dir"]):
-        return fetched
-    return None
+def fashion_mnist_marker(resources_dir: str | os.PathLike) -> str:
+    """The JSON file fetch_fashion_mnist writes once the copy is unpacked."""
+    return os.path.join(resources_dir, "fashion-mnist.json")
+
+
+def installed_fashion_mnist(system_root: str | os.PathLike) -> str | None:
+    """The Debian package's folder under ``system_root`` when its four files are there."""
+    folder = os.path.join(system_root, FASHION_MNIST_DIR.relative_to(FASHION_MNIST_DIR.anchor))
+    complete = all(os.path.isfile(os.path.join(folder, name)) for name in FASHION_MNIST_FILES)
+    return folder if complete else None
+
+
+def auto_fashion_mnist(demo: Mapping[str, Any]) -> str:
+    """fashion-mnist's "auto": the package installed under demo.system_root, else the copy
+    under demo.resources_dir (fetch_fashion_mnist makes it)."""
+    installed = installed_fashion_mnist(demo["system_root"])
+    return installed or fetched_fashion_mnist(demo["resources_dir"])
 
 
 # --------------------------------------------------------------------------- training

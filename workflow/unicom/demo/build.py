@@ -2,8 +2,10 @@
 
 Two sub-commands:
 
-- ``fetch``: make Debian's ``openclipart-png`` / ``openclipart-svg`` (and ``dataset-fashion-mnist``,
-  used later for evaluation) available without root, and record where they are in a JSON marker.
+- ``fetch``: make Debian's ``openclipart-png`` / ``openclipart-svg`` available without root, and
+  record where they are in a JSON marker.
+- ``fetch-fashion-mnist``: the same for ``dataset-fashion-mnist``, the evaluation set every run
+  (demo or real) scores on unless the package is installed.
 - ``pool``: turn the images into a LAION-style URL list (``file://`` URLs + captions) with a
   held-out split by image, stratified by category. Every image found is accounted for: train,
   held out, capped out, or dropped with a reason.
@@ -17,7 +19,7 @@ import time
 from pathlib import Path
 
 from unicom.cli import run_cli, setup_logging
-from unicom.demo.debian import fetch_sources, read_source_marker
+from unicom.demo.debian import fetch_fashion_mnist, fetch_sources, read_source_marker
 from unicom.demo.pool import build_pool, write_dropped
 from unicom.errors import UnicomError
 from unicom.io import write_json, write_parquet
@@ -47,6 +49,14 @@ def _parser() -> argparse.ArgumentParser:
         "--no-download", action="store_true", help="never call apt-get; fail if not found"
     )
 
+    fashion = sub.add_parser(
+        "fetch-fashion-mnist",
+        parents=[common],
+        help="make Debian's dataset-fashion-mnist available under --resources-dir",
+    )
+    fashion.add_argument("--resources-dir", type=Path, required=True)
+    fashion.add_argument("--out", type=Path, required=True, help="JSON marker to write")
+
     pool = sub.add_parser("pool", parents=[common], help="build the URL list and held-out split")
     source = pool.add_mutually_exclusive_group(required=True)
     source.add_argument("--source", type=Path, help="marker written by fetch")
@@ -71,6 +81,11 @@ def main(argv: list[str] | None = None) -> None:
         log.info(
             "%d PNGs at %s (source: %s)", marker["num_png"], marker["png_root"], marker["source"]
         )
+        return
+    if args.command == "fetch-fashion-mnist":
+        marker = fetch_fashion_mnist(args.resources_dir, allow_download=True)
+        write_json(args.out, marker)
+        log.info("Fashion-MNIST at %s", marker["fashion_mnist_dir"])
         return
 
     if args.source is not None:

@@ -1,5 +1,5 @@
-"""Debian's openclipart (and fashion-mnist) packages without root: find them installed or in the
-resources folder, else ``apt-get download`` + ``dpkg-deb -x``; and the JSON marker that records
+"""Debian's openclipart and fashion-mnist packages without root: find them installed or in the
+resources folder, else ``apt-get download`` + ``dpkg-deb -x``; and the JSON markers that record
 where they are."""
 
 from __future__ import annotations
@@ -16,19 +16,14 @@ from pathlib import Path
 
 from unicom.demo.pool import HOW_TO_GET_IMAGES, find_images
 from unicom.errors import UnicomError
+from unicom.planning import FASHION_MNIST_DIR, FASHION_MNIST_FILES
 
 log = logging.getLogger("unicom.demo.debian")
 
 CLIPART_PACKAGES = ("openclipart-png", "openclipart-svg")
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 CLIPART_REL = Path("usr/share/openclipart")
-FASHION_MNIST_REL = Path("usr/share/datasets/fashion-mnist")
-FASHION_MNIST_FILES = (
-    "train-images-idx3-ubyte.gz",
-    "train-labels-idx1-ubyte.gz",
-    "t10k-images-idx3-ubyte.gz",
-    "t10k-labels-idx1-ubyte.gz",
-)
+FASHION_MNIST_REL = FASHION_MNIST_DIR.relative_to(FASHION_MNIST_DIR.anchor)
 APT_TIMEOUT_S = 3600
 
 
@@ -158,11 +153,10 @@ def fetch_sources(resources_dir: Path, system_root: Path, allow_download: bool) 
     """Find or download the packages; returns the marker's content."""
     resources_dir = resources_dir.resolve()
     deb_dir = resources_dir / "debs"
-    packages = [*CLIPART_PACKAGES, FASHION_MNIST_PACKAGE]
     versions: dict[str, str] = {}
     if roots := _clipart_roots(resources_dir):
         source = "resources_dir"
-        versions.update(_versions_from_debs(deb_dir, packages))
+        versions.update(_versions_from_debs(deb_dir, CLIPART_PACKAGES))
     elif roots := _clipart_roots(system_root):
         source = "system"
         versions.update(_installed_versions(CLIPART_PACKAGES))
@@ -189,32 +183,46 @@ def fetch_sources(resources_dir: Path, system_root: Path, allow_download: bool) 
         source = "apt"
         versions.update(_versions_from_debs(deb_dir, CLIPART_PACKAGES))
 
-    fashion = _fashion_mnist_dir(resources_dir) or _fashion_mnist_dir(system_root)
-    if fashion is None and allow_download:
-        # Only needed for evaluation: a failure here is a warning, not an error.
-        try:
-            debs = apt_download([FASHION_MNIST_PACKAGE], deb_dir)
-            extract_debs(debs, resources_dir, [FASHION_MNIST_REL])
-            fashion = _fashion_mnist_dir(resources_dir)
-            versions.update(_versions_from_debs(deb_dir, [FASHION_MNIST_PACKAGE]))
-        except UnicomError as err:
-            log.warning("fashion-mnist unavailable: %s", err)
-    if fashion is None:
-        log.warning(
-            "fashion-mnist not found (apt-get install %s for the evaluation)", FASHION_MNIST_PACKAGE
-        )
-    elif fashion.is_relative_to(system_root) and not fashion.is_relative_to(resources_dir):
-        versions.update(_installed_versions([FASHION_MNIST_PACKAGE]))
-
     png_root, svg_root = roots
     return {
         "source": source,
         "png_root": str(png_root.resolve()),
         "svg_root": str(svg_root.resolve()),
-        "fashion_mnist_dir": None if fashion is None else str(fashion.resolve()),
         "versions": dict(sorted(versions.items())),
         "num_png": _count_pngs(png_root),
     }
+
+
+def fetch_fashion_mnist(resources_dir: Path, allow_download: bool) -> dict:
+    """Find under ``resources_dir`` or download (and unpack there) dataset-fashion-mnist;
+    returns its marker's content. An installed package is used in place by the planning
+    (demo.system_root), which asks for this copy only when there is none."""
+    resources_dir = resources_dir.resolve()
+    deb_dir = resources_dir / "debs"
+    if folder := _fashion_mnist_dir(resources_dir):
+        versions = _versions_from_debs(deb_dir, [FASHION_MNIST_PACKAGE])
+    else:
+        how = (
+            f"apt-get install {FASHION_MNIST_PACKAGE}, or set evaluate.datasets.fashion-mnist to "
+            "a folder with its four idx files (null: no Fashion-MNIST evaluation)"
+        )
+        if not allow_download:
+            raise UnicomError(
+                f"Fashion-MNIST not found under {resources_dir} (downloading disabled): {how}"
+            )
+        try:
+            extract_debs(
+                apt_download([FASHION_MNIST_PACKAGE], deb_dir), resources_dir, [FASHION_MNIST_REL]
+            )
+        except UnicomError as err:
+            raise UnicomError(f"Fashion-MNIST could not be fetched ({err}): {how}") from None
+        folder = _fashion_mnist_dir(resources_dir)
+        if folder is None:
+            raise UnicomError(
+                f"{FASHION_MNIST_PACKAGE} did not unpack to {resources_dir / FASHION_MNIST_REL}: {how}"
+            )
+        versions = _versions_from_debs(deb_dir, [FASHION_MNIST_PACKAGE])
+    return {"fashion_mnist_dir": str(folder.resolve()), "versions": versions}
 
 
 def read_source_marker(path: Path) -> tuple[Path, Path]:

@@ -7,13 +7,17 @@ import logging
 import torch
 
 from unicom.errors import UnicomError
+from unicom.gpus import claim_gpu
 
 log = logging.getLogger("unicom.devices")
 
 
 def resolve_device(name: str, key: str) -> torch.device:
     """``auto`` -> cuda when present, else cpu; anything else must be a usable torch device.
-    ``key`` is the config key that named it (``embed.device``, ``evaluate.device``)."""
+    ``key`` is the config key that named it (``embed.device``, ``evaluate.device``). A job
+    that may run on a GPU first takes one of its own (:func:`claim_gpu`)."""
+    if name in ("auto", "cuda"):
+        claim_gpu()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -23,6 +23,7 @@ from unicom import formats
 from unicom.cli import check_pairs, parse_options_json, run_cli, setup_logging
 from unicom.config import section_options
 from unicom.errors import UnicomError
+from unicom.gpus import claim_gpu
 from unicom.io import write_parquet
 from unicom.vectors import (
     centroid_index,
@@ -151,6 +152,8 @@ def assign_files(
     options = section_options("assign", options)
     kmeans = None if kmeans is None else section_options("kmeans", kmeans)
     tune_faiss(threads)
+    if str(options["gpu"]).lower() != "false":
+        claim_gpu()  # one GPU per assign job, before faiss or torch sees them all
     gpu = resolve_gpu(options["gpu"])
     centroids = load_centroids(centroids_path)
     index = centroid_search(centroids, gpu, kmeans)

@@ -1,19 +1,19 @@
-"""The rehearsal of config/laion400m.yaml itself, end to end on this machine.
+"""The rehearsal of config/laion400m.yaml itself, end to end on this machine: the README's
+commands as written (its blocks id=site and id=rehearsal), in a copy of the repository.
 
-Only three things are pointed at local stand-ins (through --config, the files stay unchanged):
-data.url_list (a LAION-format Parquet whose URLs a loopback HTTP server answers with openclipart
-PNGs, 404s, a stall past the download timeout and a corrupt file), embed.open_clip.pretrained
-(a randomly initialised ViT-B-32 written to a .safetensors: this proves the path, not the
-quality) and evaluate.datasets.openclipart (a held-out Parquet). Everything else is the LAION
-config under config/rehearsal.yaml: http/https only, open_clip image+text, fuse mean, faiss
-k-means, the ViT-B/16 trainer with the partial head at r1 = 0.1, r2 = 0.5 on 2 gloo ranks.
+Only the two user paths of the README's config/site.yaml are pointed at local stand-ins: the
+URL list (a LAION-format Parquet whose URLs a loopback HTTP server answers with openclipart
+PNGs, 404s, a stall past the download timeout and a corrupt file) and the open_clip weights (a
+randomly initialised ViT-B-32 written to a .safetensors: this proves the path, not the
+quality). Everything else is the LAION config under config/rehearsal.yaml: http/https only,
+open_clip image+text, fuse mean, faiss k-means, the ViT-B/16 trainer with the partial head at
+r1 = 0.1, r2 = 0.5 on 2 gloo ranks, and the evaluation on Fashion-MNIST the LAION config names.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -29,10 +29,11 @@ import yaml
 from PIL import Image
 
 from unicom import formats
-from unicom.config import annotated_keys, layered_config, parse_overrides
+from unicom.config import annotated_keys, layered_config
 from unicom.rehearsal import REHEARSAL_KEYS, changed_keys
 
 from conftest import REPO, loopback_http
+from readme import check_result, readme_block, repository_copy, run_block
 
 pytestmark = pytest.mark.slow
 
@@ -48,12 +49,13 @@ REPEATED_URL, SAME_BYTES, NSFW_ROW = (10, 11), (1, 12), 13
 LIST_ROWS = ROWS + 20  # data.max_rows leaves 20 out
 GOOD = LIST_ROWS - MISSING - CORRUPT - 2
 STALL_SECONDS = 15  # > download.timeout (10 s in config/laion400m.yaml)
-HELDOUT_CATEGORIES, HELDOUT_PER_CATEGORY = 6, 8
 # The served PNGs are the openclipart images shrunk to this side at most: some are thousands of
 # pixels wide, and decoding those is not what the rehearsal is about.
 SERVED_SIDE = 384
 MAX_PIXELS = 16_000_000
-SNAKEMAKE_TIMEOUT_S = 900
+SNAKEMAKE_TIMEOUT_S = 1200
+SITE_URL_LIST = "/data/laion400m-meta/*.parquet"
+SITE_WEIGHTS = "/models/open_clip/ViT-B-32-laion2b_s34b_b79k.safetensors"
 
 
 def openclipart_pngs() -> dict[str, list[Path]]:
@@ -115,17 +117,10 @@ def server():
 
 
 def write_inputs(root: Path, base_url: str) -> dict[str, Path]:
-    """The LAION-format URL list, the held-out Parquet and the ViT-B-32 weights."""
+    """The LAION-format URL list and the ViT-B-32 weights."""
     pngs = openclipart_pngs()
-    categories = sorted(c for c, files in pngs.items() if len(files) > HELDOUT_PER_CATEGORY)
-    held_out = categories[:HELDOUT_CATEGORIES]
-    heldout = [
-        {"path": str(p), "category": c}
-        for c in held_out
-        for p in usable(pngs[c][:HELDOUT_PER_CATEGORY])
-    ]
-    # Training rows round-robin over the categories, from files the held-out set does not use.
-    pool = [pngs[c][HELDOUT_PER_CATEGORY:] if c in held_out else pngs[c] for c in categories]
+    # Training rows round-robin over the categories.
+    pool = [pngs[c] for c in sorted(pngs)]
     train = [files[i] for i in range(max(map(len, pool))) for files in pool if i < len(files)]
     urls, captions = [], []
     for index, path in enumerate(usable(train[: 2 * GOOD])[:GOOD]):
@@ -149,7 +144,8 @@ def write_inputs(root: Path, base_url: str) -> dict[str, Path]:
         captions.insert(position, f"a bad row {offset}")
     rows = len(urls)
     assert rows == LIST_ROWS
-    url_list = root / "laion-part-00000.parquet"
+    (root / "laion400m-meta").mkdir()
+    url_list = root / "laion400m-meta/part-00000.parquet"
     pq.write_table(
         pa.table(
             {
@@ -168,11 +164,9 @@ def write_inputs(root: Path, base_url: str) -> dict[str, Path]:
         ),
         url_list,
     )
-    heldout_path = root / "heldout.parquet"
-    pd.DataFrame(heldout).to_parquet(heldout_path)
     weights = root / "vit-b-32-random.safetensors"
     write_random_clip(weights)
-    return {"url_list": url_list, "heldout": heldout_path, "weights": weights}
+    return {"url_list": url_list, "weights": weights}
 
 
 def shrunk_png(path: Path) -> bytes:
@@ -193,58 +187,52 @@ def write_random_clip(path: Path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
-def local_overrides(inputs: dict[str, Path]) -> list[str]:
-    """`--config` entries: the three things pointed at local stand-ins, nothing else."""
-    return [
-        f"data={{url_list: [{inputs['url_list']}]}}",
-        f"embed={{open_clip: {{pretrained: {inputs['weights']}}}}}",
-        f"evaluate={{datasets: {{openclipart: {inputs['heldout']}}}}}",
-    ]
-
-
-def snakemake(workdir: Path, configfiles, overrides, *args) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-        "--profile", str(REPO / "profiles/local"), "--cores", "2",
-        "--configfile", *map(str, configfiles), "--config", *overrides, *args,
-    ]  # fmt: skip
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run(
-        cmd, capture_output=True, text=True, timeout=SNAKEMAKE_TIMEOUT_S, env=env, cwd=workdir
-    )
-
-
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory, server):
     root = tmp_path_factory.mktemp("rehearsal")
     inputs = write_inputs(root, server)
-    overrides = local_overrides(inputs)
+    clone = repository_copy(root / "clone")
+    # The Debian packages' cache of this repository (Fashion-MNIST, fetched once).
+    (clone / "resources").symlink_to(REPO / "resources", target_is_directory=True)
+    fixtures = {
+        SITE_URL_LIST: str(inputs["url_list"].parent / "*.parquet"),
+        SITE_WEIGHTS: str(inputs["weights"]),
+    }
     started = time.monotonic()
-    result = snakemake(root, [LAION_CONFIG, REHEARSAL_CONFIG], overrides)
-    seconds = time.monotonic() - started
-    if result.returncode != 0:
-        raise AssertionError(f"rehearsal failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
-    print(f"rehearsal of config/laion400m.yaml: {seconds:.0f} s", file=sys.stderr)
+    for block in (readme_block("site"), readme_block("rehearsal")):
+        result = run_block(block, clone, fixtures, timeout=SNAKEMAKE_TIMEOUT_S)
+        problems = check_result(block, result)
+        if problems:
+            raise AssertionError("\n".join(problems))
+    print(
+        f"rehearsal of config/laion400m.yaml: {time.monotonic() - started:.0f} s", file=sys.stderr
+    )
     return {
         "root": root,
-        "results": root / "results-laion400m-rehearsal",
+        "clone": clone,
+        "results": clone / "results-laion400m-rehearsal",
         **inputs,
-        "overrides": overrides,
     }
 
 
-def test_rehearsal_runs_the_laion_config_to_the_summary(rehearsal):
+def test_rehearsal_runs_the_laion_config_to_the_summary_and_the_report(rehearsal):
     results = rehearsal["results"]
     summary = pd.read_csv(results / "evaluate/summary.csv")
-    assert {("base", "openclipart"), ("trained", "openclipart")} <= set(
-        zip(summary["model"], summary["dataset"], strict=True)
-    )
-    # The config it ran with is the LAION config + the rehearsal + the three local paths.
+    # The LAION config's own benchmark: Fashion-MNIST, base encoder and trained model alike.
+    assert set(zip(summary["model"], summary["dataset"], strict=True)) == {
+        ("base", "fashion-mnist"),
+        ("trained", "fashion-mnist"),
+    }
+    assert (summary["queries"] == REHEARSAL["evaluate_images"]).all()
+    # The config it ran with is the LAION config + the site file + the rehearsal, nothing else.
+    clone = rehearsal["clone"]
     ran = yaml.safe_load((results / "config.yaml").read_text())
-    # The same --config entries, read by Snakemake's own parser.
-    overrides = parse_overrides(rehearsal["overrides"])
-    assert ran == layered_config([LAION_CONFIG, REHEARSAL_CONFIG], overrides)
+    site = clone / "config/site.yaml"
+    assert ran == layered_config([LAION_CONFIG, site, REHEARSAL_CONFIG])
     assert ran["embed"]["open_clip"]["pretrained"] == str(rehearsal["weights"])
+    # The README's --report command wrote the report, with the run's plots in it.
+    report = (results / "report.html").read_text()
+    assert "retrieval.png" in report and "training.png" in report
 
 
 def test_download_over_http_accounts_for_every_row(rehearsal):

@@ -149,11 +149,11 @@ def test_training_evaluation_and_report_outputs(demo_run):
     assert rows[0].startswith("protocol,model,dataset,dim,recall@1")
     # base (1280 and 16 dims) and trained (32 and 16 dims) on the held-out openclipart split
     # and on the Fashion-MNIST installed under demo.system_root (used in place: no fetch job)
-    assert sorted("/".join(r.split(",")[1:4]) for r in rows[1:]) == [
+    assert sorted("/".join(r.split(",")[1:4]) for r in rows[1:]) == sorted(
         f"{model}/{dataset}/{dim}"
         for dataset in ("fashion-mnist", "openclipart")
         for model, dim in (("base", 1280), ("base", 16), ("trained", 16), ("trained", 32))
-    ]
+    )
     fashion = json.loads((results / "evaluate/trained/fashion-mnist.json").read_text())
     assert fashion["dataset"]["root"] == str(demo_run / "system/usr/share/datasets/fashion-mnist")
     assert not (results / "logs/fetch_fashion_mnist.log").exists()
@@ -465,6 +465,11 @@ def test_ten_shards_per_job_make_one_job_per_stage(tmp_path, small_image_folder)
         # The demo keeps the 4 nearest centroids per image (MLCD's positives): k must allow it.
         ({"kmeans": {"k": 3}}, "config key assign.top_labels: 4 nearest centroids of kmeans.k = 3"),
         ({"dedup": {"threshold": 1.5}}, "config key dedup.threshold: 1.5 is greater than"),
+        # A run that would train and then have nothing to score (issue 22: it crashed at the end)
+        (
+            {"evaluate": {"datasets": {"openclipart": None, "fashion-mnist": None}}},
+            "config key evaluate.datasets: no benchmark to evaluate on",
+        ),
         (
             {"filters": {"columns": [{"column": "NSFW", "op": "!=", "value": "NSFW"}]}},
             "config key filters.columns[0].column: 'NSFW' is not in data.extra_cols",
@@ -480,6 +485,13 @@ def test_bad_config_fails_with_one_line_before_any_job(
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("unicom: error")]
     assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
     assert not (tmp_path / "results").exists()
+
+
+def test_a_run_without_evaluation_says_so_and_plans_none(tmp_path, small_image_folder):
+    write_config(tmp_path, small_image_folder, evaluate={"enabled": False})
+    jobs = planned_jobs(tmp_path)
+    assert "report_plots" in jobs and "train" in jobs
+    assert not {"evaluate", "evaluate_summary", "linear_probe"} & set(jobs)
 
 
 # --------------------------------------------------------------------------- real configs

@@ -2,9 +2,6 @@
 # download.shards_per_job parts (each part its own shard); every input row is counted in
 # its part's summary.
 
-from unicom.rehearsal import check_rehearsal_rows
-from unicom.data.split_urls import url_list_rows
-
 DOWNLOAD = config["download"]
 DATA = config["data"]
 # The URL-list Parquet files: the expanded data.url_list patterns, or the demo's.
@@ -13,13 +10,11 @@ URL_LIST_FILES = (
     if DATA["url_list"]
     else [out("demo/urls.parquet")]
 )
-
-# A rehearsal stops here, before any job, when the URL list cannot give k-means its k rows.
-if config["rehearsal"]["enabled"] and DATA["url_list"]:
-    try:
-        check_rehearsal_rows(config, url_list_rows(URL_LIST_FILES))
-    except UnicomError as err:
-        sys.exit(f"unicom: error: {err}")
+# Before any job, from the Parquet footers alone: format, columns, rows, and kmeans.k against
+# the rows. In the main process only: every SLURM or group job parses this file again, and
+# must not read 40,000 footers each time.
+if DATA["url_list"] and workflow.is_main_process:
+    planned(planning.check_url_list_plan, config, URL_LIST_FILES)
 
 
 # On the login node: one pass over the URL list, and Snakemake needs its result to plan.

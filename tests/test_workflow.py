@@ -483,14 +483,17 @@ def test_the_laion_config_sees_no_demo_value(tmp_path):
     computed here independently and compared key by key with what the Snakefile used."""
     from test_config import deep_merge, leaves, schema_defaults
 
-    url_list = laion_url_list(tmp_path / "urls.parquet", ["https://example.org/a.jpg"])
-    override = {"data": {"url_list": [str(url_list)]}}
+    urls = ["https://example.org/a.jpg", "https://example.org/b.jpg"]
+    url_list = laion_url_list(tmp_path / "urls.parquet", urls)
+    # k-means' k within the list's rows, or the Snakefile stops before any job
+    override = {"data": {"url_list": [str(url_list)]}, "kmeans": {"k": 2}}
     snakemake_with(
         tmp_path,
         [REPO / "config/laion400m.yaml"],
         "results-laion400m/config.yaml",
         "--config",
         f"data={{url_list: [{url_list}]}}",
+        "kmeans={k: 2}",
         # its 8 training nodes need a profile's srun, or the Snakefile stops before any job
         "--set-resources",
         "train:mpi=srun",
@@ -518,6 +521,7 @@ def test_a_user_config_without_allowed_schemes_opens_no_file_url(tmp_path, small
             {
                 "output_dir": "out",
                 "data": {"url_list": [str(url_list)], "url_col": "URL", "caption_col": "TEXT"},
+                "kmeans": {"k": 2},  # at most the list's rows
                 "download": {"threads": 2},
             }
         )

@@ -15,6 +15,9 @@ URL_LIST_FILES = (
 # must not read 40,000 footers each time.
 if DATA["url_list"] and workflow.is_main_process:
     planned(planning.check_url_list_plan, config, URL_LIST_FILES)
+# The download success-rate floor reaches the commands as {config[...]}, not as a param: a
+# gate on the result, not a part of it, so changing it reruns no finished download.
+MIN_SUCCESS_RATE = "--min-success-rate {config[download][min_success_rate]:q}"
 
 
 # On the login node: one pass over the URL list, and Snakemake needs its result to plan.
@@ -80,7 +83,9 @@ rule download:
         options=stage_options("download"),
     shell:
         "python -m unicom.data.download --part {params.parts:q} --out-dir {params.out_dir:q}"
-        " --summary {output.summary:q} --options-json {params.options:q} 2> {log:q}"
+        " --summary {output.summary:q} --options-json {params.options:q} "
+        + MIN_SUCCESS_RATE
+        + " 2> {log:q}"
 
 
 rule download_summary:
@@ -101,5 +106,6 @@ rule download_summary:
         summaries=each_part("shards/{batch}.summary.json"),
     shell:
         "python -m unicom.data.summary --parts-dir {input.manifest:q}"
-        " --out {output.summary:q} --out-table {output.table:q}"
-        " {params.summaries:q} 2> {log:q}"
+        " --out {output.summary:q} --out-table {output.table:q} "
+        + MIN_SUCCESS_RATE
+        + " {params.summaries:q} 2> {log:q}"

@@ -135,3 +135,26 @@ def test_only_the_main_process_reads_the_footers(tmp_path):
     job = snakemake_with(tmp_path, configs, "--mode", "remote", "-n", "split_urls", check=False)
     assert job.returncode == 0, console(job)[-3000:]
     assert "unicom: error" not in console(job)
+
+
+# --------------------------------------------------------------------------- download time
+
+
+def test_no_url_downloaded_fails_the_download_job_and_embeds_nothing(tmp_path, small_image_folder):
+    """download.allowed_schemes [ftp] for a list of file:// URLs: every row rejected (0 %)."""
+    images = sorted(small_image_folder.rglob("*.png"))[:12]
+    url_list = laion_url_list(tmp_path / "urls.parquet", [image.as_uri() for image in images])
+    result = run(tmp_path, url_list, "kmeans", download={"allowed_schemes": ["ftp"]})
+    assert the_error_line(result) == (
+        "unicom: error: download part 00000: 0 of 12 rows downloaded (0.0 %), below "
+        "download.min_success_rate 0.2; likely cause: 12 rows not fetched: URL scheme 'file' "
+        "not in download.allowed_schemes ['ftp'] (set download.allowed_schemes)"
+    )
+    # The job ran for real, and nothing that reads its shards did: the planned embed, fuse,
+    # download_summary and k-means never started.
+    started = set(JOB_HEADER.findall(console(result)))
+    assert {"split_urls", "download"} <= started <= {"split_urls", "download", "prefetch_weights"}
+    results = tmp_path / "results"
+    assert not list(results.glob("shards/00000.*"))  # a failed job's outputs are removed
+    assert not (results / "download/summary.json").exists()
+    assert not list(results.glob("embed/*.parquet")) and not (results / "fused").exists()

@@ -522,7 +522,8 @@ def test_a_user_config_without_allowed_schemes_opens_no_file_url(tmp_path, small
                 "output_dir": "out",
                 "data": {"url_list": [str(url_list)], "url_col": "URL", "caption_col": "TEXT"},
                 "kmeans": {"k": 2},  # at most the list's rows
-                "download": {"threads": 2},
+                # every row is rejected: the floor would stop the job (tests/test_bad_inputs.py)
+                "download": {"threads": 2, "min_success_rate": 0},
             }
         )
     )

@@ -277,10 +277,13 @@ def test_cluster_stage_labels_every_fused_row(demo_run):
 def test_changing_k_reruns_only_the_cluster_stage(demo_run, small_image_folder):
     write_config(demo_run, small_image_folder, kmeans={"k": 5})
     assert planned_jobs(demo_run) == {**CLUSTER_JOBS, **DOWNSTREAM_JOBS, **CONFIG_JOBS}
-    # Only the report depends on min_cluster_size; scheduler-only keys rerun no stage.
+    # Only the report depends on min_cluster_size; scheduler-only keys rerun no stage, nor
+    # does the download floor (a gate on the downloads, not part of them).
     write_config(demo_run, small_image_folder, assign={"min_cluster_size": 5})
     assert planned_jobs(demo_run) == {"cluster_sizes": 1, **CONFIG_JOBS}
     write_config(demo_run, small_image_folder, assign={"mem_mb": 1234}, kmeans={"runtime": 99})
+    assert planned_jobs(demo_run) == CONFIG_JOBS
+    write_config(demo_run, small_image_folder, download={"min_success_rate": 0.5})
     assert planned_jobs(demo_run) == CONFIG_JOBS
     write_config(demo_run, small_image_folder)
 

@@ -43,6 +43,7 @@ rule ablation_kmeans:
         ),
         # the run's screen drops: every variant samples the same screened rows
         skip=SCREENED,
+        downloaded=rules.download_summary.output.summary,
     output:
         centroids=out("ablations/clusters/{clustering}/centroids.npy"),
         stats=out("ablations/clusters/{clustering}/kmeans.json"),

@@ -32,6 +32,8 @@ rule kmeans:
         fused=all_parts("fused/{part}.parquet"),
         # the screen's drops (content duplicates, filtered rows): left out of the sample
         skip=SCREENED,
+        # the whole list's download success rate, checked against download.min_success_rate
+        downloaded=rules.download_summary.output.summary,
     output:
         centroids=out("kmeans/centroids.npy"),
         stats=out("kmeans/kmeans.json"),

@@ -2,9 +2,6 @@
 # download.shards_per_job parts (each part its own shard); every input row is counted in
 # its part's summary.
 
-from unicom.rehearsal import check_rehearsal_rows
-from unicom.data.split_urls import url_list_rows
-
 DOWNLOAD = config["download"]
 DATA = config["data"]
 # The URL-list Parquet files: the expanded data.url_list patterns, or the demo's.
@@ -13,13 +10,14 @@ URL_LIST_FILES = (
     if DATA["url_list"]
     else [out("demo/urls.parquet")]
 )
-
-# A rehearsal stops here, before any job, when the URL list cannot give k-means its k rows.
-if config["rehearsal"]["enabled"] and DATA["url_list"]:
-    try:
-        check_rehearsal_rows(config, url_list_rows(URL_LIST_FILES))
-    except UnicomError as err:
-        sys.exit(f"unicom: error: {err}")
+# Before any job, from the Parquet footers alone: format, columns, rows, and kmeans.k against
+# the rows. In the main process only: every SLURM or group job parses this file again, and
+# must not read 40,000 footers each time.
+if DATA["url_list"] and workflow.is_main_process:
+    planned(planning.check_url_list_plan, config, URL_LIST_FILES)
+# The download success-rate floor reaches the commands as {config[...]}, not as a param: a
+# gate on the result, not a part of it, so changing it reruns no finished download.
+MIN_SUCCESS_RATE = "--min-success-rate {config[download][min_success_rate]:q}"
 
 
 # On the login node: one pass over the URL list, and Snakemake needs its result to plan.
@@ -85,7 +83,9 @@ rule download:
         options=stage_options("download"),
     shell:
         "python -m unicom.data.download --part {params.parts:q} --out-dir {params.out_dir:q}"
-        " --summary {output.summary:q} --options-json {params.options:q} 2> {log:q}"
+        " --summary {output.summary:q} --options-json {params.options:q} "
+        + MIN_SUCCESS_RATE
+        + " 2> {log:q}"
 
 
 rule download_summary:
@@ -106,5 +106,6 @@ rule download_summary:
         summaries=each_part("shards/{batch}.summary.json"),
     shell:
         "python -m unicom.data.summary --parts-dir {input.manifest:q}"
-        " --out {output.summary:q} --out-table {output.table:q}"
-        " {params.summaries:q} 2> {log:q}"
+        " --out {output.summary:q} --out-table {output.table:q} "
+        + MIN_SUCCESS_RATE
+        + " {params.summaries:q} 2> {log:q}"

@@ -25,6 +25,8 @@ rule screen:
         parts=out("parts"),
         tables=all_parts("shards/{part}.parquet"),
         embeddings=all_parts("embed/{part}.parquet") if CLIP_FILTER else [],
+        # the download success rate checked (download_summary) before anything is screened
+        downloaded=rules.download_summary.output.summary,
     output:
         drops=out("hygiene/screened.parquet"),
         summary=out("hygiene/screen.json"),

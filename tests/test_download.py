@@ -21,6 +21,7 @@ from PIL import Image
 
 from unicom.cli import run_cli
 from unicom.config import section_options
+from unicom.data.accounting import error_kind
 from unicom.data.download import (
     download_part,
     download_parts,
@@ -228,6 +229,35 @@ def test_failure_reasons(downloaded):
     (summary,) = json.loads((out_dir / "00000.summary.json").read_text())["parts"]
     assert summary["errors"]["Image decoding error"] == 2
     assert "success" not in summary["errors"]
+
+
+def test_each_real_failure_message_has_its_kind(downloaded):
+    """What the success-rate floor reads: img2dataset's own messages, as it wrote them here."""
+    out_dir, _ = downloaded
+    rows = [row for part in ("00000", "00001") for row in pq.read_table(out_dir / f"{part}.parquet").to_pylist()]  # fmt: skip
+    kinds = [error_kind(row["error_message"]) for row in rows if row["status"] != "success"]
+    assert kinds == [
+        "http", "decode", "decode", "timeout", "scheme", "scheme",  # part A
+        "scheme", "decode", "robots", "scheme", "scheme",  # part B
+    ]  # fmt: skip
+
+
+def test_a_job_below_the_floor_stops_with_the_cause(server, tmp_path):
+    """Every URL of the first part answers 404: the job stops there, before its second part,
+    with one line naming the HTTP code; it writes no job summary."""
+    parts = [tmp_path / "00020.parquet", tmp_path / "00021.parquet"]
+    write_part(parts[0], [(f"{server}/gone{i}.jpg", "") for i in range(3)])
+    write_part(parts[1], [(f"{server}/good0.png", "")])
+    out = tmp_path / "out"
+    with pytest.raises(UnicomError) as info:
+        download_parts(parts, out, tmp_path / "job.json", OPTIONS, min_success_rate=0.2)
+    assert str(info.value) == (
+        "download part 00020: 0 of 3 rows downloaded (0.0 %), below download.min_success_rate "
+        "0.2; likely cause: 3 HTTP errors, commonest HTTP 404 (3 rows): the links are gone "
+        "(an old URL list?)"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["00020.parquet", "00020.tar"]
+    assert not (tmp_path / "job.json").exists()
 
 
 def test_tar_holds_exactly_the_successes_with_unique_keys(downloaded):

@@ -109,6 +109,41 @@ def test_no_url_list_patterns_are_no_files():
     assert planning.url_list_files([]) == []
 
 
+def k_config(k, max_rows=None, rehearsal=False) -> dict:
+    return {"kmeans": {"k": k}, "data": {"max_rows": max_rows}, "rehearsal": {"enabled": rehearsal}}
+
+
+def test_k_may_be_as_large_as_the_rows_the_run_takes():
+    planning.check_k_rows(k_config(10), 10)
+    planning.check_k_rows(k_config(10, max_rows=10), 500)
+    for config, rows, message in [
+        (k_config(11), 10, "config key kmeans.k: 11 exceeds the 10 rows the run takes from "
+         "data.url_list: k-means needs at least k downloaded images"),
+        (k_config(11, max_rows=10), 500, "config key kmeans.k: 11 exceeds the 10 rows the run "
+         "takes from data.url_list (data.max_rows): k-means needs at least k downloaded images"),
+        # the rehearsal set k and max_rows: its own key is named
+        (k_config(200, max_rows=300, rehearsal=True), 50, "config key rehearsal.k: 200 exceeds "
+         "the 50 rows the rehearsal takes from data.url_list: k-means needs at least k "
+         "downloaded images"),
+    ]:  # fmt: skip
+        with pytest.raises(UnicomError) as error:
+            planning.check_k_rows(config, rows)
+        assert str(error.value) == message
+
+
+def test_the_url_list_plan_reads_only_footers_and_checks_k(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"URL": ["https://a.org/1.jpg"] * 5, "TEXT": ["a"] * 5}), path)
+    config = {**k_config(5), "data": {"url_col": "URL", "caption_col": "TEXT", "extra_cols": [],
+                                      "max_rows": None}}  # fmt: skip
+    assert planning.check_url_list_plan(config, [str(path)]) == 5
+    with pytest.raises(UnicomError, match="^config key kmeans.k: 6 exceeds the 5 rows"):
+        planning.check_url_list_plan({**config, "kmeans": {"k": 6}}, [str(path)])
+
+
 @pytest.mark.parametrize(
     ("enabled", "url_list", "expected"),
     [(True, [], True), (True, ["urls.parquet"], False), (False, [], False)],

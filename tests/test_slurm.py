@@ -156,6 +156,23 @@ def slurm_cluster():
 
 
 # ------------------------------------------------------------------------- runs and their logs
+def without_shown_logs(console: str) -> str:
+    """The console without the log files that show-failed-logs prints (the profile sets it): a
+    failed group's SLURM log holds the job blocks of the snakemake inside the allocation, whose
+    job ids are not the run's."""
+    kept: list[str] = []
+    lines = iter(console.splitlines())
+    for line in lines:
+        kept.append(line)
+        if line.startswith("Logfile ") and line.endswith(":"):
+            separator = next(lines, "")
+            if separator and set(separator) == {"="}:
+                next((inner for inner in lines if inner == separator), None)  # skip the body
+            else:
+                kept.append(separator)
+    return "\n".join(kept)
+
+
 @dataclass
 class Run:
     returncode: int
@@ -168,7 +185,7 @@ class Run:
         Blocks are keyed by job id: an error report repeats a started job's block.
         """
         started: dict[str, tuple[str, str | None]] = {}
-        lines = self.log.splitlines()
+        lines = without_shown_logs(self.log).splitlines()
         for i, line in enumerate(lines):
             header = re.match(r"\s*(?:local)?(?:rule|checkpoint) (\w+):$", line)
             if not header:

@@ -303,10 +303,13 @@ def test_cluster_stage_labels_every_fused_row(demo_run):
 def test_changing_k_reruns_only_the_cluster_stage(demo_run, small_image_folder):
     write_config(demo_run, small_image_folder, kmeans={"k": 5})
     assert planned_jobs(demo_run) == {**CLUSTER_JOBS, **DOWNSTREAM_JOBS, **CONFIG_JOBS}
-    # Only the report depends on min_cluster_size; scheduler-only keys rerun no stage.
+    # Only the report depends on min_cluster_size; scheduler-only keys rerun no stage, nor
+    # does the download floor (a gate on the downloads, not part of them).
     write_config(demo_run, small_image_folder, assign={"min_cluster_size": 5})
     assert planned_jobs(demo_run) == {"cluster_sizes": 1, **CONFIG_JOBS}
     write_config(demo_run, small_image_folder, assign={"mem_mb": 1234}, kmeans={"runtime": 99})
+    assert planned_jobs(demo_run) == CONFIG_JOBS
+    write_config(demo_run, small_image_folder, download={"min_success_rate": 0.5})
     assert planned_jobs(demo_run) == CONFIG_JOBS
     write_config(demo_run, small_image_folder)
 
@@ -521,14 +524,17 @@ def test_the_laion_config_sees_no_demo_value(tmp_path):
     computed here independently and compared key by key with what the Snakefile used."""
     from test_config import deep_merge, leaves, schema_defaults
 
-    url_list = laion_url_list(tmp_path / "urls.parquet", ["https://example.org/a.jpg"])
-    override = {"data": {"url_list": [str(url_list)]}}
+    urls = ["https://example.org/a.jpg", "https://example.org/b.jpg"]
+    url_list = laion_url_list(tmp_path / "urls.parquet", urls)
+    # k-means' k within the list's rows, or the Snakefile stops before any job
+    override = {"data": {"url_list": [str(url_list)]}, "kmeans": {"k": 2}}
     snakemake_with(
         tmp_path,
         [REPO / "config/laion400m.yaml"],
         "results-laion400m/config.yaml",
         "--config",
         f"data={{url_list: [{url_list}]}}",
+        "kmeans={k: 2}",
         # its 8 training nodes need a profile's srun, or the Snakefile stops before any job
         "--set-resources",
         "train:mpi=srun",
@@ -556,7 +562,9 @@ def test_a_user_config_without_allowed_schemes_opens_no_file_url(tmp_path, small
             {
                 "output_dir": "out",
                 "data": {"url_list": [str(url_list)], "url_col": "URL", "caption_col": "TEXT"},
-                "download": {"threads": 2},
+                "kmeans": {"k": 2},  # at most the list's rows
+                # every row is rejected: the floor would stop the job (tests/test_bad_inputs.py)
+                "download": {"threads": 2, "min_success_rate": 0},
             }
         )
     )

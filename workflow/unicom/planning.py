@@ -3,7 +3,8 @@
 The rule files call these with ``config`` values, paths and part names and turn a
 :class:`~unicom.errors.UnicomError` into one ``unicom: error: ...`` line before any job. Nothing
 here prints or exits, and nothing knows Snakemake's objects. Library layer: it imports only
-``unicom.errors``, ``unicom.formats`` and the standard library, never a stage package.
+``unicom.errors``, ``unicom.formats``, ``unicom.url_list`` and the standard library, never a
+stage package.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from unicom.errors import UnicomError
 from unicom.formats import batch_name, read_export_info
+from unicom.url_list import check_url_list
 
 # Where Debian's dataset-fashion-mnist installs the Fashion-MNIST files; fetch_fashion_mnist
 # unpacks the same package under demo.resources_dir, at this path relative to the root.
@@ -83,6 +85,35 @@ def url_list_files(patterns: Sequence[str]) -> list[str]:
             raise UnicomError(f"config key data.url_list: no file matches {pattern!r}")
         files.extend(matches)
     return files
+
+
+def check_url_list_plan(config: Mapping[str, Any], files: Sequence[str]) -> int:
+    """Before any job, from the Parquet footers of data.url_list's ``files`` only: each file
+    is Parquet with the configured columns, the list has rows, and k-means can find its k in
+    them. Returns the list's rows."""
+    data = config["data"]
+    rows = check_url_list(files, data["url_col"], data["caption_col"], data["extra_cols"])
+    check_k_rows(config, rows)
+    return rows
+
+
+def check_k_rows(config: Mapping[str, Any], url_list_rows: int) -> None:
+    """kmeans.k at most the rows the run takes of the URL list (data.max_rows applied): k-means
+    needs k images, and every failed download or dropped duplicate only lowers the count."""
+    rows = min(url_list_rows, config["data"]["max_rows"] or url_list_rows)
+    k = config["kmeans"]["k"]
+    if k <= rows:
+        return
+    if config["rehearsal"]["enabled"]:  # the rehearsal set kmeans.k and data.max_rows
+        raise UnicomError(
+            f"config key rehearsal.k: {k} exceeds the {rows} rows the rehearsal takes from "
+            "data.url_list: k-means needs at least k downloaded images"
+        )
+    taken = " (data.max_rows)" if rows < url_list_rows else ""
+    raise UnicomError(
+        f"config key kmeans.k: {k} exceeds the {rows} rows the run takes from "
+        f"data.url_list{taken}: k-means needs at least k downloaded images"
+    )
 
 
 def uses_demo_pool(config: Mapping[str, Any]) -> bool:

@@ -105,16 +105,3 @@ def changed_keys(before: Mapping[str, Any], after: Mapping[str, Any], prefix: st
         elif old != new:
             changed.add(path)
     return changed
-
-
-def check_rehearsal_rows(config: Mapping[str, Any], url_list_rows: int) -> None:
-    """A rehearsal must find rows in the URL list, and at least k of them."""
-    if url_list_rows == 0:
-        raise UnicomError("config key data.url_list: the URL list has no rows")
-    rows = min(url_list_rows, config["data"]["max_rows"] or url_list_rows)
-    k = config["kmeans"]["k"]
-    if config["rehearsal"]["enabled"] and k > rows:
-        raise UnicomError(
-            f"config key rehearsal.k: {k} exceeds the {rows} rows the rehearsal takes from "
-            "data.url_list: k-means needs at least k downloaded images"
-        )

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from unicom.cli import parse_options_json, run_cli, setup_logging
 from unicom.config import section_options
+from unicom.data.accounting import check_parts, summarize
 from unicom.data.rekey import rewrite_tar_keys
 from unicom.errors import UnicomError
 from unicom.formats import CAPTION_COLUMN, DUPLICATE_OF_COLUMN, URL_COLUMN, global_key
@@ -197,28 +198,6 @@ def merge_rows(schema: pa.Schema, tables: Sequence[pa.Table], input_rows: int) -
     return merged.drop_columns([ROW_COLUMN]).cast(schema)
 
 
-def summarize(part: str, table: pa.Table, input_rows: int, seconds: float) -> dict[str, Any]:
-    """Counts per status and per error message; raises if they do not add up to the input."""
-    statuses = table.column("status").to_pylist()
-    counts = Counter(status if status is not None else "unknown" for status in statuses)
-    errors = Counter(
-        message
-        for status, message in zip(statuses, table.column("error_message").to_pylist(), strict=True)
-        if status != "success" and message is not None
-    )
-    if sum(counts.values()) != input_rows:
-        raise RuntimeError(
-            f"part {part}: statuses add up to {sum(counts.values())}, not {input_rows} input rows"
-        )
-    return {
-        "part": part,
-        "input_rows": input_rows,
-        "counts": dict(sorted(counts.items())),
-        "errors": dict(errors.most_common()),
-        "seconds": round(seconds, 3),
-    }
-
-
 def empty_stats(seconds: float) -> dict[str, Any]:
     """img2dataset's stats shape for a shard it never saw (no URL was allowed)."""
     now = time.time()
@@ -373,12 +352,17 @@ def download_parts(
     out_dir: str | Path,
     summary_path: str | Path,
     options: Mapping[str, Any],
+    min_success_rate: float | None = None,
 ) -> list[dict]:
-    """Download the parts in turn, then write their summaries as one JSON (the job's last file)."""
+    """Download the parts in turn, then write their summaries as one JSON (the job's last file).
+    The job stops as soon as the parts fetched so far fall below ``min_success_rate``."""
     names = [Path(p).stem for p in part_paths]
     if len(set(names)) != len(names):
         raise UnicomError(f"a part is given twice: {names}")
-    summaries = [download_part(part, out_dir, options) for part in part_paths]
+    summaries: list[dict] = []
+    for part in part_paths:
+        summaries.append(download_part(part, out_dir, options))
+        check_parts(summaries, min_success_rate)
     write_json(summary_path, {"parts": summaries})
     return summaries
 
@@ -391,9 +375,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", required=True, help="folder receiving the shard files")
     parser.add_argument("--summary", required=True, help="JSON summary of the job's parts")
     parser.add_argument("--options-json", required=True, help="the config's download section")
+    parser.add_argument(
+        "--min-success-rate", type=float, help="download.min_success_rate (none: no floor)"
+    )
     args = parser.parse_args(argv)
     setup_logging()
-    download_parts(args.part, args.out_dir, args.summary, parse_options_json(args.options_json))
+    options = parse_options_json(args.options_json)
+    download_parts(args.part, args.out_dir, args.summary, options, args.min_success_rate)
 
 
 if __name__ == "__main__":

@@ -32,93 +32,13 @@ from unicom.cli import run_cli, setup_logging
 from unicom.errors import UnicomError
 from unicom.formats import CAPTION_COLUMN, DUPLICATE_OF_COLUMN, URL_COLUMN, global_key, part_name
 from unicom.io import atomic_dir, write_json
+from unicom.url_list import check_url_list
 
 log = logging.getLogger("unicom.data.split_urls")
 
-# Columns img2dataset writes itself; an extra column with one of these names would clash.
-RESERVED_COLUMNS = frozenset(
-    {
-        URL_COLUMN,
-        CAPTION_COLUMN,
-        "key",
-        "status",
-        "error_message",
-        "width",
-        "height",
-        "original_width",
-        "original_height",
-        "exif",
-        "md5",
-        "sha256",
-        "sha512",
-        DUPLICATE_OF_COLUMN,
-    }
-)
 BATCH_ROWS = 65_536
 # Parts per job: the parts of one job share all but the last log10(n) digits of their names.
 SHARDS_PER_JOB_CHOICES = (1, 10, 100, 1000)
-
-
-def check_extra_cols(extra_cols: Sequence[str]) -> None:
-    """Extra column names must be distinct and not clash with the columns img2dataset writes."""
-    seen: set[str] = set()
-    for name in extra_cols:
-        if name in RESERVED_COLUMNS:
-            raise UnicomError(
-                f"config key data.extra_cols: column '{name}' is reserved "
-                "(url/caption/img2dataset's own columns); leave it out"
-            )
-        if name in seen:
-            raise UnicomError(f"config key data.extra_cols: column '{name}' is listed twice")
-        seen.add(name)
-
-
-def _read_schema_and_rows(path: Path) -> tuple[pa.Schema, int]:
-    if not path.exists():
-        raise UnicomError(f"URL list {path}: file not found")
-    if not path.is_file():
-        raise UnicomError(f"URL list {path}: not a file")
-    try:
-        metadata = pq.read_metadata(path)
-    except (pa.ArrowInvalid, OSError) as err:
-        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UnicomError(f"URL list {path}: not a Parquet file ({first_line})") from None
-    return metadata.schema.to_arrow_schema(), metadata.num_rows
-
-
-def url_list_rows(paths: Sequence[str | Path]) -> int:
-    """Rows of the URL list, from the Parquet footers only (cheap at any size)."""
-    return sum(_read_schema_and_rows(Path(path))[1] for path in paths)
-
-
-def check_url_list(
-    paths: Sequence[str | Path], url_col: str, caption_col: str, extra_cols: Sequence[str]
-) -> int:
-    """Pre-flight check of the URL list from Parquet metadata only; return the total row count.
-
-    Raises UnicomError (one line) for: no files, a missing file, a non-Parquet file, a missing
-    column (naming the config key that names it) and a file without rows.
-    """
-    if not paths:
-        raise UnicomError("config key data.url_list: no input files")
-    check_extra_cols(extra_cols)
-    if url_col == caption_col:
-        raise UnicomError(f"config keys data.url_col and data.caption_col are both '{url_col}'")
-    wanted = [("data.url_col", url_col), ("data.caption_col", caption_col)]
-    wanted += [("data.extra_cols", name) for name in extra_cols]
-    total = 0
-    for path in map(Path, paths):
-        schema, rows = _read_schema_and_rows(path)
-        for key, column in wanted:
-            if column not in schema.names:
-                raise UnicomError(
-                    f"URL list {path}: no column '{column}' (config key {key}); "
-                    f"it has {', '.join(schema.names)}"
-                )
-        if rows == 0:
-            raise UnicomError(f"URL list {path} has no rows")
-        total += rows
-    return total
 
 
 def target_schema(

@@ -1,7 +1,8 @@
 """Gather the download jobs' summaries into one accounting of the whole URL list.
 
 Every row of the URL list must be counted exactly once: as a success or under the reason it
-was dropped. This stage refuses to write a summary whose counts do not add up.
+was dropped. This stage refuses to write a summary whose counts do not add up, or one below
+the success-rate floor: k-means and the screen wait for it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from tqdm import tqdm
 
 from unicom.cli import expand_parts, run_cli, setup_logging
+from unicom.data.accounting import check_success_rate
 from unicom.errors import UnicomError
 from unicom.formats import read_manifest
 from unicom.io import write_json, write_text
@@ -86,6 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parts-dir", required=True, help="split_urls output (has manifest.json)")
     parser.add_argument("--out", required=True, help="combined summary JSON")
     parser.add_argument("--out-table", required=True, help="per-part CSV table")
+    parser.add_argument(
+        "--min-success-rate", type=float, help="download.min_success_rate (none: no floor)"
+    )
     args = parser.parse_args(argv)
     setup_logging()
     manifest = read_manifest(args.parts_dir)
@@ -98,6 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     combined = combine_summaries(summaries, manifest["total_rows"] - left_out)
     combined["url_list_rows"] = manifest["total_rows"]
     combined["left_out_beyond_max_rows"] = left_out
+    # Each download job checked its own parts; this sees the whole list (and summaries that a
+    # run with another floor wrote: the floor is no param, so a new one reruns no download).
+    where = "download (the whole URL list)"
+    check_success_rate(combined["counts"], combined["errors"], args.min_success_rate, where)
     write_text(args.out_table, summary_table(summaries))
     write_json(args.out, combined)
     log.info(

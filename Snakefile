@@ -24,7 +24,7 @@ shell.prefix(
     "".join(["export PYTHONPATH=", _quoted_dir, "${{PYTHONPATH:+:$PYTHONPATH}}; "])
 )
 
-from unicom.config import layered_config
+from unicom.config import check_output_dir, layered_config
 from unicom.errors import UnicomError
 
 # Layers: the schema's defaults < the --configfile files (config/config.yaml, the demo, only
@@ -36,6 +36,7 @@ try:
         workflow.config_settings.config,
         default_configfile=os.path.join(workflow.basedir, "config/config.yaml"),
     )
+    check_output_dir(EFFECTIVE_CONFIG["output_dir"])
 except UnicomError as err:
     sys.exit(f"unicom: error: {err}")
 config.clear()

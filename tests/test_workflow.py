@@ -456,6 +456,19 @@ def test_bad_config_fails_with_one_line_before_any_job(
     assert not (tmp_path / "results").exists()
 
 
+def test_an_output_dir_that_is_a_file_fails_with_one_line_before_any_job(
+    tmp_path, small_image_folder
+):
+    (tmp_path / "results").write_text("")
+    write_config(tmp_path, small_image_folder)
+    result = snakemake(tmp_path, check=False)
+    assert result.returncode != 0
+    assert result.stderr.strip() == (
+        "unicom: error: config key output_dir: results is a file; name a folder"
+    )
+    assert result.stdout == ""  # no job planned, none started
+
+
 # --------------------------------------------------------------------------- real configs
 
 

@@ -70,13 +70,17 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
     return snakemake_with(workdir, [DEMO_CONFIG, workdir / "config.yaml"], *args, check=check)
 
 
-def snakemake_with(
-    workdir: Path, configfiles: list[Path], *args: str, check: bool = True
-) -> subprocess.CompletedProcess:
-    cmd = [
+def snakemake_command(workdir: Path, configfiles: list[Path], *args: str) -> list[str]:
+    return [
         sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
         "--cores", "2", *args, "--configfile", *map(str, configfiles),
     ]  # fmt: skip
+
+
+def snakemake_with(
+    workdir: Path, configfiles: list[Path], *args: str, check: bool = True
+) -> subprocess.CompletedProcess:
+    cmd = snakemake_command(workdir, configfiles, *args)
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")

@@ -5,6 +5,7 @@ folder and file the run wrote is then shared with the group."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -42,24 +43,20 @@ def gone(process: psutil.Process) -> bool:
         return True
 
 
-def describe(processes: list[psutil.Process]) -> list[str]:
-    described = []
-    for process in processes:
-        try:
-            described.append(f"{process.pid}: {' '.join(process.cmdline())[:200]}")
-        except psutil.Error:
-            described.append(f"{process.pid}: (gone)")
-    return described
-
-
-def jobs_once_training(run: subprocess.Popen, results: Path, output: Path) -> list[psutil.Process]:
-    """The run's job processes, once training has saved its first checkpoint."""
+def jobs_once_training(run: subprocess.Popen, results: Path, output: Path) -> dict:
+    """The run's job processes and their command lines, once training saved a checkpoint."""
     deadline = time.monotonic() + 600
     while not (results / "train/checkpoints/step-00000002").is_dir():
         assert run.poll() is None, f"the run ended early:\n{output.read_text()[-4000:]}"
         assert time.monotonic() < deadline, "training did not start in 10 minutes"
         time.sleep(0.2)
-    return psutil.Process(run.pid).children(recursive=True)
+    jobs = {}
+    for process in psutil.Process(run.pid).children(recursive=True):
+        try:
+            jobs[process] = " ".join(process.cmdline())
+        except psutil.NoSuchProcess:
+            pass  # a job that just ended
+    return jobs
 
 
 def not_shared(root: Path) -> list[str]:
@@ -94,13 +91,17 @@ def test_a_killed_run_ends_its_jobs_and_finishes_after_unlock(
         run.kill()  # SIGKILL: no cleanup, the lock stays
         run.wait()
     killed = time.monotonic()
-    ranks = [p for p in jobs if "unicom.train.train" in " ".join(p.cmdline())]
-    assert len(ranks) >= 3, describe(jobs)  # torchrun, its two ranks (and their workers)
+    ranks = [command for command in jobs.values() if "unicom.train.train" in command]
+    assert len(ranks) >= 3, jobs  # torchrun, its two ranks (and their loader workers)
 
     while not all(gone(p) for p in jobs) and time.monotonic() < killed + 60:
         time.sleep(0.1)
     seconds = time.monotonic() - killed
-    assert [p for p in jobs if not gone(p)] == [], describe([p for p in jobs if not gone(p)])
+    survivors = [command for p, command in jobs.items() if not gone(p)]
+    for process in jobs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()  # psutil checks it is still the same process
+    assert survivors == []
     print(f"the killed run's {len(jobs)} job processes ended {seconds:.1f} s after the kill")
     assert seconds < 30
     # Training stopped as on SIGTERM: it saved a checkpoint at the step it was in.

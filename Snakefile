@@ -18,14 +18,30 @@ min_version("9.0")
 # `python -m unicom.<stage>` jobs (local and cluster jobs alike run through this prefix).
 PACKAGE_DIR = str(Path(workflow.basedir) / "workflow")
 sys.path.insert(0, PACKAGE_DIR)
-# The prefix is formatted like a rule's command later, hence the doubled braces.
-_quoted_dir = shlex.quote(PACKAGE_DIR).replace("{", "{{").replace("}", "}}")
-shell.prefix(
-    "".join(["export PYTHONPATH=", _quoted_dir, "${{PYTHONPATH:+:$PYTHONPATH}}; "])
-)
 
-from unicom.config import layered_config
+from unicom.config import check_output_dir, layered_config
 from unicom.errors import UnicomError
+from unicom.watchdog import shell_export
+
+
+def _braces_doubled(text):
+    """The prefix is formatted like a rule's command later, hence the doubled braces."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+# Every job also learns which process runs it (this one: local jobs are its children; a
+# cluster job's own Snakemake parses this file again), so that a stage ends with it after a
+# hard kill instead of running on orphaned (unicom.watchdog).
+shell.prefix(
+    "".join(
+        [
+            "export PYTHONPATH=",
+            _braces_doubled(shlex.quote(PACKAGE_DIR)),
+            "${{PYTHONPATH:+:$PYTHONPATH}}; ",
+            _braces_doubled(shell_export()),
+        ]
+    )
+)
 
 # Layers: the schema's defaults < the --configfile files (config/config.yaml, the demo, only
 # when none is given) < --config. No `configfile:` directive: Snakemake would merge the demo
@@ -36,6 +52,7 @@ try:
         workflow.config_settings.config,
         default_configfile=os.path.join(workflow.basedir, "config/config.yaml"),
     )
+    check_output_dir(EFFECTIVE_CONFIG["output_dir"])
 except UnicomError as err:
     sys.exit(f"unicom: error: {err}")
 config.clear()

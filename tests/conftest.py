@@ -35,6 +35,7 @@ LONG_MODULES = (
     "test_rehearsal.py",
     "test_workflow.py",
     "test_hygiene_workflow.py",
+    "test_hard_kill.py",
 )
 
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +27,7 @@ from unicom.evaluate.loaders import GLDV2_DISTRACTOR
 from unicom.evaluate.sets import QUERY_GALLERY, SINGLE, load_image
 from unicom.io import write_parquet
 
-from conftest import write_idx
+from conftest import REPO, write_idx
 
 
 def touch(root: Path, rels) -> None:
@@ -273,8 +276,23 @@ def test_cli_summary(tmp_path, capsys):
     summary = json.loads(out.read_text())
     assert summary["items"] == 4 and summary["classes"] == 3
     assert "items=4" in capsys.readouterr().out
-    main(["sop"])
-    assert "sop: skipped, no path configured" in capsys.readouterr().out
+    with pytest.raises(UnicomError, match="^sop: no path given$"):
+        main(["sop"])
+
+
+def test_cli_fails_in_one_line_on_a_missing_folder(tmp_path):
+    """A check by hand: a folder that is not there is an error (the workflow's evaluate
+    plans no job for an unset path and fails its job on an absent one)."""
+    missing = tmp_path / "does/not/exist"
+    result = subprocess.run(
+        [sys.executable, "-m", "unicom.evaluate.benchmarks", "cub", str(missing)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "workflow")},
+        check=False,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == f"unicom: error: cub: {missing} does not exist"
 
 
 # --- train splits ---------------------------------------------------------------------------

@@ -8,7 +8,14 @@ import zipfile
 import pytest
 import yaml
 
-from unicom.config import layered_config, load_schema, parse_overrides, section, validate_config
+from unicom.config import (
+    check_output_dir,
+    layered_config,
+    load_schema,
+    parse_overrides,
+    section,
+    validate_config,
+)
 from unicom.errors import UnicomError
 
 from conftest import REPO
@@ -132,6 +139,16 @@ def test_bad_config_files_are_one_line(tmp_path):
         layered_config([listed])
     with pytest.raises(UnicomError, match=r"config key kmeans.clusters: unknown key"):
         layered_config([], {"kmeans": {"clusters": 3}}, REPO / "config/config.yaml")
+
+
+def test_an_output_dir_that_cannot_be_a_folder_is_one_line(tmp_path):
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(UnicomError, match=r"^config key output_dir: .*taken is a file; name a"):
+        check_output_dir(str(tmp_path / "taken"))
+    with pytest.raises(UnicomError, match=r"^config key output_dir: .*taken/run is below .*tak"):
+        check_output_dir(str(tmp_path / "taken/run"))
+    check_output_dir(str(tmp_path))  # an existing folder
+    check_output_dir(str(tmp_path / "new/run"))  # made by the run
 
 
 def test_sections_drop_what_only_snakemake_reads():

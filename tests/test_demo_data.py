@@ -6,6 +6,8 @@ import csv
 import hashlib
 import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
 import urllib.request
@@ -35,6 +37,8 @@ from unicom.demo.svg import (
     words_from_stem,
 )
 from unicom.errors import UnicomError
+
+from conftest import REPO
 
 
 def svg_text(title: str, tags: list[str], tail: str = "<rect width='1' height='1'/></svg>") -> str:
@@ -478,6 +482,48 @@ def test_fetch_without_packages_fails_with_one_line_instructions(tmp_path):
     assert "apt-get install openclipart-png openclipart-svg" in errors[0]
     assert "demo.image_dir" in errors[0]
     assert not marker.exists()
+
+
+# extract_debs in a process of its own under umask 002 (unicom.io reads the umask at import).
+EXTRACT_UNDER_UMASK_002 = """
+import sys
+from pathlib import Path
+from unicom.demo.debian import extract_debs
+extract_debs([Path(sys.argv[1])], Path(sys.argv[2]), [Path("usr/share/games/openclipart")])
+"""
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb (Debian)")
+def test_unpacked_packages_are_group_writable_under_umask_002(tmp_path):
+    """dpkg-deb -x keeps a package's modes (0644 / 0755); under umask 002 a group that shares
+    the resources folder must be able to replace what was unpacked."""
+    package = tmp_path / "pkg"
+    (package / "DEBIAN").mkdir(parents=True)
+    (package / "DEBIAN/control").write_text(
+        "Package: openclipart-png\nVersion: 1.0\nArchitecture: all\n"
+        "Maintainer: test <test@example.org>\nDescription: test\n"
+    )
+    folder = package / "usr/share/games/openclipart/png/animals"
+    folder.mkdir(parents=True)
+    (folder / "cat.png").write_bytes(b"png")
+    for path in [package, *package.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    deb = tmp_path / "openclipart-png_1.0_all.deb"
+    subprocess.run(["dpkg-deb", "--build", str(package), str(deb)], check=True, capture_output=True)
+    dest = tmp_path / "resources"
+    subprocess.run(
+        ["bash", "-c", 'umask 002 && exec "$@"', "-", sys.executable, "-c"]
+        + [EXTRACT_UNDER_UMASK_002, str(deb), str(dest)],
+        env={**os.environ, "PYTHONPATH": str(REPO / "workflow")},
+        check=True,
+    )
+    unpacked = dest / "usr/share/games/openclipart"
+    modes = {
+        str(path.relative_to(unpacked)): stat.S_IMODE(path.stat().st_mode)
+        for path in [unpacked, *unpacked.rglob("*")]
+    }
+    assert modes == {".": 0o775, "png": 0o775, "png/animals": 0o775, "png/animals/cat.png": 0o664}
+    assert [p.name for p in dest.iterdir()] == ["usr"]  # the staging folder is gone
 
 
 def test_fetch_reports_missing_apt_get(tmp_path, no_apt):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -14,10 +15,12 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from test_watchdog import gone, scheduler_env
 
 from unicom.cli import run_cli
 from unicom.config import section_options
@@ -89,6 +92,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send(200, image_bytes("PNG", (4, 4), (0, 0, 0)), "image/png")
         elif self.path == "/noai.png":  # the site opts out of AI use
             self.send(200, GOOD["/good0.png"][0], "image/png", {"X-Robots-Tag": "noai"})
+        elif self.path.startswith("/stall"):  # until the server stops
+            self.stop.wait(120)
+            self.send(200, *GOOD["/good1.jpg"])
         elif self.path == "/slow.jpg":
             deadline = time.monotonic() + SLOW_SECONDS
             while time.monotonic() < deadline and not self.stop.is_set():
@@ -299,6 +305,43 @@ def test_no_leftovers(downloaded):
     out_dir, expected = downloaded
     wanted = {f"{p}{s}" for p in expected for s in (".tar", ".parquet", ".summary.json")}
     assert {p.name for p in out_dir.iterdir()} == wanted  # no .work, no temp files
+
+
+def test_a_download_ends_with_its_scheduler_and_takes_img2dataset_along(server, tmp_path):
+    """The download job of a Snakemake that was SIGKILLed (unicom.watchdog): img2dataset's
+    spawned pool and logger end with it, before any output is written."""
+    part = tmp_path / "00000.parquet"
+    write_part(part, [(f"{server}/stall{i}.jpg", "") for i in range(8)])
+    options = {**OPTIONS, "timeout": 60}
+    command = [sys.executable, "-m", "unicom.data.download", "--part", str(part)]
+    command += ["--out-dir", str(tmp_path / "shards"), "--options-json", json.dumps(options)]
+    command += ["--summary", str(tmp_path / "summary.json")]
+    scheduler = subprocess.Popen(["sleep", "600"])
+    stage = subprocess.Popen(
+        command, env={**os.environ, **scheduler_env(scheduler)}, stderr=subprocess.PIPE, text=True
+    )
+    workers: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers) < 2:  # img2dataset's pool worker and its logger, at least
+            assert stage.poll() is None and time.monotonic() < deadline, stage.communicate()
+            time.sleep(0.2)
+            workers = psutil.Process(stage.pid).children(recursive=True)
+        scheduler.kill()
+        stage.wait(timeout=20)
+        deadline = time.monotonic() + 10
+        while not all(gone(w.pid) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [w.pid for w in workers if not gone(w.pid)] == []
+    finally:
+        for process in (scheduler, stage):
+            process.kill()
+            process.wait()
+        for worker in workers:
+            if not gone(worker.pid):
+                worker.kill()
+    assert stage.returncode == -signal.SIGTERM, stage.stderr.read()[-2000:]
+    assert not (tmp_path / "shards/00000.tar").exists()
 
 
 def test_no_allowed_row_gives_valid_empty_outputs(tmp_path):

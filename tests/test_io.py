@@ -1,10 +1,16 @@
 import json
+import os
+import stat
+import subprocess
+import sys
 
 import pytest
 
 from unicom.cli import check_pairs, expand_parts
 from unicom.errors import UnicomError
 from unicom.formats import batch_name
+
+from conftest import REPO
 
 
 @pytest.fixture
@@ -56,3 +62,52 @@ def test_expand_parts_over_job_batches(tmp_path):
         "s/0000.summary.json",
         "s/0001.summary.json",
     ]
+
+
+# A group sharing a results folder runs under umask 002: what a stage writes must be group-
+# writable then. The umask is read when unicom.io is imported, hence a process of its own.
+UMASK_002_WRITES = """
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from unicom.io import atomic_dir, atomic_path, follow_umask
+
+root = Path(sys.argv[1])
+with atomic_path(root / "model.safetensors") as tmp:
+    save_file({"w": torch.zeros(2)}, str(tmp))  # safetensors writes 0600 itself
+with atomic_dir(root / "parts") as tmp:  # mkdtemp: 0700
+    (tmp / "manifest.json").write_text("{}")
+follow_umask(root / "unpacked")
+"""
+
+
+def test_outputs_are_group_writable_under_umask_002(tmp_path):
+    unpacked = tmp_path / "unpacked"
+    (unpacked / "bin").mkdir(parents=True)
+    (unpacked / "data.txt").write_text("")
+    (unpacked / "bin/tool").write_text("")
+    for path, mode in ((unpacked / "data.txt", 0o644), (unpacked / "bin/tool", 0o755)):
+        path.chmod(mode)  # as a package's files come
+    (unpacked / "bin").chmod(0o700)
+    subprocess.run(
+        ["bash", "-c", 'umask 002 && exec "$@"', "-", sys.executable, "-c", UMASK_002_WRITES]
+        + [str(tmp_path)],
+        env={**os.environ, "PYTHONPATH": str(REPO / "workflow")},
+        check=True,
+    )
+    modes = {
+        str(path.relative_to(tmp_path)): stat.S_IMODE(path.stat().st_mode)
+        for path in tmp_path.rglob("*")
+    }
+    assert modes == {
+        "model.safetensors": 0o664,
+        "parts": 0o775,
+        "parts/manifest.json": 0o664,
+        "unpacked": 0o775,
+        "unpacked/data.txt": 0o664,
+        "unpacked/bin": 0o775,
+        "unpacked/bin/tool": 0o775,
+    }

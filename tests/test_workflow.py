@@ -70,13 +70,17 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
     return snakemake_with(workdir, [DEMO_CONFIG, workdir / "config.yaml"], *args, check=check)
 
 
-def snakemake_with(
-    workdir: Path, configfiles: list[Path], *args: str, check: bool = True
-) -> subprocess.CompletedProcess:
-    cmd = [
+def snakemake_command(workdir: Path, configfiles: list[Path], *args: str) -> list[str]:
+    return [
         sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
         "--cores", "2", *args, "--configfile", *map(str, configfiles),
     ]  # fmt: skip
+
+
+def snakemake_with(
+    workdir: Path, configfiles: list[Path], *args: str, check: bool = True
+) -> subprocess.CompletedProcess:
+    cmd = snakemake_command(workdir, configfiles, *args)
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
@@ -499,6 +503,19 @@ def test_a_run_without_evaluation_says_so_and_plans_none(tmp_path, small_image_f
     jobs = planned_jobs(tmp_path)
     assert "report_plots" in jobs and "train" in jobs
     assert not {"evaluate", "evaluate_summary", "linear_probe"} & set(jobs)
+
+
+def test_an_output_dir_that_is_a_file_fails_with_one_line_before_any_job(
+    tmp_path, small_image_folder
+):
+    (tmp_path / "results").write_text("")
+    write_config(tmp_path, small_image_folder)
+    result = snakemake(tmp_path, check=False)
+    assert result.returncode != 0
+    assert result.stderr.strip() == (
+        "unicom: error: config key output_dir: results is a file; name a folder"
+    )
+    assert result.stdout == ""  # no job planned, none started
 
 
 # --------------------------------------------------------------------------- real configs

@@ -1,5 +1,6 @@
 """Command-line plumbing shared by every stage: logging, errors as one line, option parsing,
-and the ``--each-part`` expansion of per-shard file arguments."""
+the ``--each-part`` expansion of per-shard file arguments, and the watchdog that ends a stage
+with the Snakemake process that started it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 from unicom.errors import UnicomError
 from unicom.formats import batch_name, read_manifest
+from unicom.watchdog import watch
 
 
 def parse_options_json(text: str) -> dict[str, Any]:
@@ -81,8 +83,10 @@ def setup_logging(verbose: bool = False) -> logging.Logger:
 
 
 def run_cli(main, argv: list[str] | None = None) -> None:
-    """Run a stage's ``main``; a ``UnicomError`` becomes one clear line and exit code 2."""
+    """Run a stage's ``main``; a ``UnicomError`` becomes one clear line and exit code 2.
+    Under Snakemake, the stage ends when the Snakemake process does (``unicom.watchdog``)."""
     try:
+        watch()
         main(argv)
     except UnicomError as err:
         print(f"unicom: error: {err}", file=sys.stderr)

@@ -170,6 +170,19 @@ def check_consistency(config: Mapping[str, Any]) -> None:
         )
 
 
+def check_output_dir(output_dir: str) -> None:
+    """Before any job: ``output_dir`` (relative to the working folder) is a folder or can
+    become one; Snakemake would otherwise stop with a NotADirectoryError traceback."""
+    path = Path(output_dir)
+    for existing in (path, *path.parents):
+        if not existing.exists():
+            continue
+        if existing.is_dir():
+            return
+        problem = "is a file" if existing == path else f"is below {existing}, a file"
+        raise UnicomError(f"config key output_dir: {output_dir} {problem}; name a folder")
+
+
 # ---------------------------------------------------------------------------------------------
 # Sections: what one stage receives
 

@@ -20,6 +20,9 @@ import pyarrow.parquet as pq
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+# What open() and mkdir() give a new file / folder under the process's umask.
+FILE_MODE = 0o666 & ~_UMASK
+DIR_MODE = 0o777 & ~_UMASK
 
 
 @contextlib.contextmanager
@@ -30,10 +33,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    # mkstemp creates 0600; give the result the permissions of an ordinary new file.
-    os.chmod(tmp_path, 0o666 & ~_UMASK)
     try:
         yield tmp_path
+        # mkstemp creates 0600, and so do some writers (safetensors): give the result the
+        # permissions of an ordinary new file, so that a group shares it under umask 002.
+        os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -47,6 +51,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp_path, DIR_MODE)  # mkdtemp's 0700 would survive the rename
     try:
         yield tmp_path
         if path.exists():
@@ -55,6 +60,19 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp_path, ignore_errors=True)
         raise
+
+
+def follow_umask(root: str | os.PathLike) -> None:
+    """Give ``root`` and everything below it the permissions a new file or folder gets here,
+    executables keeping their x bits: for trees written by tools that set their own modes
+    (dpkg-deb -x keeps a package's 0644 / 0755)."""
+    for folder, _dirs, files in os.walk(root):
+        os.chmod(folder, DIR_MODE)
+        for name in files:
+            file = os.path.join(folder, name)
+            if not os.path.islink(file):
+                executable = os.stat(file).st_mode & 0o111
+                os.chmod(file, DIR_MODE if executable else FILE_MODE)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from unicom.demo.pool import HOW_TO_GET_IMAGES, find_images
 from unicom.errors import UnicomError
+from unicom.io import DIR_MODE, FILE_MODE, follow_umask
 from unicom.planning import FASHION_MNIST_DIR, FASHION_MNIST_FILES
 
 log = logging.getLogger("unicom.demo.debian")
@@ -108,6 +109,7 @@ def apt_download(packages: Sequence[str], deb_dir: Path) -> list[Path]:
         deb = _newest_deb(deb_dir, package)
         if deb is None:
             raise UnicomError(f"apt-get download left no {package}_*.deb in {deb_dir}")
+        os.chmod(deb, FILE_MODE)  # apt-get sets its own mode (0644 under umask 002, as root)
         debs.append(deb)
     return debs
 
@@ -122,6 +124,7 @@ def extract_debs(debs: Sequence[Path], dest: Path, wanted: Sequence[Path]) -> No
         raise UnicomError("dpkg-deb is not available to unpack the downloaded packages")
     dest.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".extract.", suffix=".tmp", dir=dest))
+    os.chmod(staging, DIR_MODE)
     try:
         for deb in debs:
             log.info("dpkg-deb -x %s", deb.name)
@@ -140,6 +143,9 @@ def extract_debs(debs: Sequence[Path], dest: Path, wanted: Sequence[Path]) -> No
             target.parent.mkdir(parents=True, exist_ok=True)
             if target.exists():
                 shutil.rmtree(target)
+            # dpkg-deb keeps the package's modes (0644, 0755): a group that shares the
+            # folder under umask 002 could not replace what it unpacked.
+            follow_umask(staging / rel)
             os.replace(staging / rel, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 from unicom.cli import run_cli, setup_logging
 from unicom.errors import UnicomError
@@ -160,12 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
 
-    ok, message = available(args.name, args.path)
-    if not ok:
-        log.warning("%s", message)
-        summary: dict[str, Any] = {"name": args.name, "skipped": message}
-    else:
-        summary = load(args.name, args.path, check_files=not args.no_check_files).summary()
+    # A check by hand: a folder that is missing is an error, never "skipped".
+    summary = load(args.name, args.path, check_files=not args.no_check_files).summary()
     print(" ".join(f"{key}={value}" for key, value in summary.items()))
     if args.out is not None:
         write_json(args.out, summary)

@@ -296,7 +296,7 @@ def run_steps(
                 if done % options["log_every"] == 0 or done == run.steps:
                     record = window.record(done, result, trainer)
                     progress.set_postfix(loss=f"{record['loss']:.3f}")
-                signum = int(distributed.all_reduce_max(stop.signum, run.device))
+                signum = int(distributed.all_reduce_max(stop.signum))
                 if signum or done % options["checkpoint_every"] == 0 or done == run.steps:
                     save_checkpoint(
                         run.root,

@@ -14,7 +14,9 @@ Launch:
 
 Output folder:
     model.safetensors, model.json   the trained backbone + embedding; ``load_trained_model(dir)``
-    metrics.jsonl                   one line per ``log_every`` steps (written at the end)
+    metrics.jsonl                   one line per ``log_every`` steps (written at the end): loss,
+                                    rates, head sampling, and seconds per step waiting for the
+                                    loader vs in the step (``unicom.train.metrics``)
     metrics.partial.jsonl           the same, live
     data.json                       every input sample counted: kept / dropped and why
     checkpoints/step-NNNNNNNN/      model.pt (rank 0: model, optimizer, scheduler, step, data

@@ -206,6 +206,7 @@ def training_batches(run: Run, start_step: int) -> TrainBatches:
         run.info.rank,
         start_batch=start_step * run.accum,
         shuffle_shards=run.options["shuffle_shards"],
+        decode=run.options["decode"],
     )
 
 

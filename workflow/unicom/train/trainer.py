@@ -14,7 +14,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from unicom import distributed
+from unicom.decoding import DecodeError, PendingImages
 from unicom.distributed import WorldInfo
+from unicom.errors import UnicomError
 from unicom.images import normalise_pixels
 from unicom.models import build_model, preprocessing
 from unicom.train.optim import build_optimizer, clip_gradients, lr_factor, parameter_groups
@@ -110,9 +112,17 @@ class Trainer:
         self.autocast = precision == "bf16" or (precision == "auto" and device.type == "cuda")
         self.step = 0
 
-    def device_images(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, S, S) from the loader (a quarter of float32's bytes to move) -> float."""
-        return normalise_pixels(images.to(self.device, non_blocking=True), self.mean, self.std)
+    def device_images(self, images: torch.Tensor | PendingImages) -> torch.Tensor:
+        """The loader's uint8 (B, 3, S, S) on the device, JPEGs decoded there (train.decode
+        cuda) -> normalised floats."""
+        if isinstance(images, PendingImages):
+            try:
+                pixels = images.finish(self.device)
+            except DecodeError as err:
+                raise UnicomError(f"cannot decode {images.names[err.row]} ({err})") from None
+        else:  # a quarter of float32's bytes to move
+            pixels = images.to(self.device, non_blocking=True)
+        return normalise_pixels(pixels, self.mean, self.std)
 
     def train_step(self, micro_batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """One optimizer step; returns the loss (mean over micro-batches) and gradient norm."""

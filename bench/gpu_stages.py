@@ -81,10 +81,13 @@ def stage_env(device: torch.device) -> dict[str, str]:
 
 
 def scratch() -> Path:
-    """A folder for checkpoints and shards that goes at exit: in memory where there is one
+    """A folder for checkpoints and shards that goes at exit: in memory where there is room
     (a LAION checkpoint with its 1M-class head and AdamW moments is ~7 GB)."""
-    root = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    folder = tempfile.mkdtemp(prefix="gpu_check_stages_", dir=root)
+    memory = Path("/dev/shm")
+    roomy = memory.is_dir() and os.access(memory, os.W_OK) and shutil.disk_usage(memory).free
+    folder = tempfile.mkdtemp(
+        prefix="gpu_check_stages_", dir=memory if roomy > 32 * 2**30 else None
+    )
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return Path(folder)
 

@@ -1,6 +1,7 @@
 """What a lent GPU says about the real path: correctness of the partial head on CUDA, and the
 rates that the README's LAION-400M cost table extrapolates (training and embedding images/s,
-GEMM throughput for k-means and assignment, head memory at 1M classes).
+GEMM throughput for k-means and assignment, head memory at 1M classes); and the train and embed
+stages themselves at LAION's settings, today's against the speed options (``gpu_stages``).
 
 Needs only torch and timm (a lent machine has no faiss, open_clip or Snakemake, and no network:
 every model is randomly initialised). Each check prints its numbers or why it failed, and the
@@ -27,6 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
+from gpu_stages import (  # noqa: E402
+    check_embed_stage_speed,
+    check_matmul_rates,
+    check_train_stage_speed,
+    stage_env,
+)
+
 from unicom.train.partial_fc import PartialFC  # noqa: E402  (torch + numpy only)
 
 GB = 2**30
@@ -211,16 +219,6 @@ def embedding_model(sizes: dict, device: torch.device) -> tuple[str, Callable, i
     return f"open_clip {name}", model.encode_image, int(image_size)
 
 
-def stage_env(device: torch.device) -> dict[str, str]:
-    """The environment of a ``python -m unicom...`` subprocess: our package first, then whatever
-    PYTHONPATH already holds (the carried wheels); no GPU visible when checking a CPU."""
-    paths = [str(Path(__file__).resolve().parents[1] / "workflow"), os.environ.get("PYTHONPATH")]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
-    if device.type != "cuda":
-        env["CUDA_VISIBLE_DEVICES"] = ""  # the stage's device auto must mean this device
-    return env
-
-
 def run_train_stage(
     root: Path, data: dict, options: dict, device: torch.device
 ) -> tuple[Path, float, str]:
@@ -276,6 +274,8 @@ def check_trainer(device: torch.device, sizes: dict) -> None:
                 "num_workers": 2,
                 "log_every": 1,
                 "checkpoint_every": sizes["trainer_steps"],
+                # A minute of compilation per run: check_train_stage_speed measures it.
+                "compile": False,
             }
             out_dir, seconds, log = run_train_stage(root, data, options, device)
             lines = (out_dir / "metrics.jsonl").read_text().splitlines()
@@ -340,7 +340,8 @@ def check_gemm_rate(device: torch.device, sizes: dict) -> None:
 
 def check_torch_kmeans(device: torch.device, sizes: dict) -> None:
     """The kmeans.backend: torch iteration (unicom.cluster.torch_kmeans, one rank) against a
-    bare torch.matmul of the same shapes: how much of the GEMM rate k-means keeps."""
+    bare matmul of the same shapes in its own precision (fp32 with TF32 off, tf32, bf16): how
+    much of the GEMM rate k-means keeps. Report-only."""
     from unicom.cluster.torch_kmeans import kmeans
 
     n, k, d, niter = sizes["kmeans_n"], sizes["kmeans_k"], 512, sizes["kmeans_niter"]
@@ -349,20 +350,30 @@ def check_torch_kmeans(device: torch.device, sizes: dict) -> None:
     init = x[torch.randperm(n, device=device, generator=generator)[:k]]
     flops = 2 * n * d * k
     chunk = sizes["kmeans_chunk"]
-    block = x[:chunk]
-    matmul = timed(lambda: block @ init.T, device, repeats=5) * (n / chunk)
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "tf32", "bf16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        block, centroids = x[:chunk].to(dtype), init.to(dtype)
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        try:
+            product = lambda a=block, b=centroids: a @ b.T  # noqa: E731
+            matmul = timed(product, device, repeats=5) * (n / chunk)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
         result = kmeans(x, init, niter, seed=0, chunk=chunk, precision=precision)
         best = min(it["time"] for it in result.iterations)
         print(
             f"torch k-means n {n} k {k} d {d} {precision}: {flops / best / 1e9:.0f} GFLOP/s per "
-            f"iteration vs torch.matmul fp32 {flops / matmul / 1e9:.0f} (ratio {matmul / best:.2f}); "
-            f"objective {result.iterations[0]['obj']:.0f} -> {result.iterations[-1]['obj']:.0f}"
+            f"iteration vs torch.matmul {precision} {flops / matmul / 1e9:.0f} (ratio "
+            f"{matmul / best:.2f}); objective {result.iterations[0]['obj']:.0f} -> "
+            f"{result.iterations[-1]['obj']:.0f}"
         )
 
 
 def check_nccl(device: torch.device, sizes: dict) -> None:
-    """A one-rank NCCL process group and an all-reduce: the backend DDP uses on GPUs."""
+    """A one-rank process group as the trainer makes it on GPUs (unicom.distributed: nccl for
+    CUDA tensors, gloo for host ones) and a collective of each kind: the labels' gather and
+    the stop signal go over gloo, DDP over NCCL."""
     import torch.distributed as dist
 
     if device.type != "cuda":
@@ -371,12 +382,21 @@ def check_nccl(device: torch.device, sizes: dict) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
     dist.init_process_group(
-        "nccl", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60), device_id=device
+        "cpu:gloo,cuda:nccl",
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=60),
+        device_id=device,
     )
     try:
         value = torch.ones(4, device=device)
         dist.all_reduce(value)
-        print(f"nccl {torch.cuda.nccl.version()}: one-rank all_reduce {value.tolist()}")
+        host = [torch.zeros(3, dtype=torch.long)]
+        dist.all_gather(host, torch.arange(3))
+        print(
+            f"nccl {torch.cuda.nccl.version()}: one-rank all_reduce {value.tolist()}; "
+            f"gloo all_gather of a host tensor {host[0].tolist()}"
+        )
     finally:
         dist.destroy_process_group()
 
@@ -389,8 +409,11 @@ CHECKS = (
     check_trainer,
     check_embedding_rate,
     check_gemm_rate,
+    check_matmul_rates,
     check_torch_kmeans,
     check_nccl,
+    check_train_stage_speed,
+    check_embed_stage_speed,
 )
 SIZES = {
     "check_classes": 10_000,
@@ -414,6 +437,14 @@ SIZES = {
     "trainer_batch": 64,
     "trainer_steps": 60,
     "trainer_per_shard": 128,
+    "matmul_n": 8192,
+    "stage_shards": 8,
+    "stage_per_shard": 512,
+    "stage_steps": 60,
+    "stage_log_every": 10,
+    "stage_timeout": 240,
+    "phase_steps": 10,
+    "embed_repeats": 8,
 }
 QUICK = {
     **SIZES,
@@ -437,6 +468,12 @@ QUICK = {
     "trainer_batch": 8,
     "trainer_steps": 6,
     "trainer_per_shard": 16,
+    "matmul_n": 256,
+    "stage_per_shard": 4,
+    "stage_steps": 4,
+    "stage_log_every": 2,
+    "phase_steps": 2,
+    "embed_repeats": 1,
 }
 
 

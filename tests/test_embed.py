@@ -209,3 +209,76 @@ def test_one_clip_model_adds_the_image_caption_cosine():
     expected = (image * text).sum(axis=1)
     assert np.allclose(shared["clip_score"].to_numpy(), expected, atol=2e-3)
     assert "clip_score" not in result_table(result, {"shared_space": False}).column_names
+
+
+def write_photo_shard(path: Path, count: int, cut: str | None = None) -> list[str]:
+    """Photo-like JPEGs, a PNG with transparency among them; ``cut``: that key's JPEG ends
+    after its headers (every decoder refuses it, but its header reads fine)."""
+    from unicom.synthetic import photo_like_image
+
+    rng = np.random.default_rng(len(path.name))
+    keys, members = [], []
+    for i in range(count):
+        key = f"{path.stem}_{i:09d}"
+        if i == 1:
+            data, ext = image_bytes((200, 90, 40, 100), "PNG", size=(70, 50), mode="RGBA"), "png"
+        else:
+            data, ext = image_bytes(photo_like_image(80, rng), quality=95), "jpg"
+        if key == cut:
+            data = data[: data.index(b"\xff\xda") + 40]
+        members += sample_members(key, data, f"caption {i}", {"key": key}, extension=ext)
+        keys.append(key)
+    write_tar(path, members)
+    return keys
+
+
+def test_decoding_paths_embed_alike(tmp_path, demo_encoder):
+    """torchvision: JPEGs by libjpeg-turbo and tensor resizing, close to PIL's; cuda (its GPU
+    half run on the CPU here): the torchvision path's embeddings exactly, and a JPEG no
+    decoder reads is skipped with its reason, as PIL's path skips it."""
+    path = tmp_path / "00007.tar"
+    keys = write_photo_shard(path, 7, cut="00007_000000004")
+    results = {
+        decode: embed_shard(path, demo_encoder, 3, 1, show_progress=False, decode=decode)
+        for decode in ("pil", "torchvision", "cuda")
+    }
+    expected = [key for key in keys if key != "00007_000000004"]
+    for decode, result in results.items():
+        assert result.keys == expected, decode
+        assert [key for key, _ in result.skipped] == ["00007_000000004"], decode
+        assert result.skipped[0][1].startswith("undecodable jpg"), result.skipped
+    pil, vision, cuda = (results[d].image_emb.astype(np.float32) for d in results)
+    cosines = (pil * vision).sum(axis=1)
+    assert cosines.min() > 0.98, cosines
+    assert np.array_equal(cuda, vision)
+    assert np.array_equal(results["cuda"].text_emb, results["pil"].text_emb)
+
+
+def test_one_job_embeds_its_shards_in_turn(tmp_path):
+    """Shards of one job through one loader (an empty one among them): a Parquet per shard,
+    each with its own rows, and one skipped list."""
+    shards = [tmp_path / "00000.tar", tmp_path / "00001.tar", tmp_path / "00002.tar"]
+    first = write_photo_shard(shards[0], 5)
+    write_tar(shards[1], [])
+    third = write_photo_shard(shards[2], 4, cut="00002_000000003")
+    outs = [tmp_path / "embed" / f"{shard.stem}.parquet" for shard in shards]
+    options = {**DEMO_OPTIONS, "num_workers": 2, "decode": "torchvision"}
+    main(
+        ["--shard", *map(str, shards), "--out", *map(str, outs), "--no-progress",
+         "--skipped", str(tmp_path / "skipped.csv"), "--options-json", json.dumps(options)]
+    )  # fmt: skip
+    tables = [pq.read_table(out) for out in outs]
+    assert tables[0]["key"].to_pylist() == first
+    assert tables[1].num_rows == 0 and tables[1].schema == tables[0].schema
+    assert tables[2]["key"].to_pylist() == third[:3]
+    with open(tmp_path / "skipped.csv", newline="") as handle:
+        assert [row[0] for row in csv.reader(handle)] == ["key", "00002_000000003"]
+
+
+def test_cuda_decoding_needs_a_gpu(shard, tmp_path):
+    path, _ = shard
+    options = {**DEMO_OPTIONS, "decode": "cuda"}
+    args = ["--shard", str(path), "--out", str(tmp_path / "o.parquet"), "--skipped"]
+    args += [str(tmp_path / "s.csv"), "--options-json", json.dumps(options)]
+    with pytest.raises(UnicomError, match="embed.decode: cuda decodes on the GPU"):
+        main(args)

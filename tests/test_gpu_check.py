@@ -17,7 +17,7 @@ def test_every_check_runs_on_a_cpu_at_tiny_sizes(tmp_path):
     )  # fmt: skip
     output = (tmp_path / "gpu_check.txt").read_text()
     assert result.returncode == 0, output[-3000:]
-    assert "9 checks ran, 0 failed" in output, output[-3000:]
+    assert "12 checks ran, 0 failed" in output, output[-3000:]
     for line in (
         "head C=",
         "train ",
@@ -26,6 +26,14 @@ def test_every_check_runs_on_a_cpu_at_tiny_sizes(tmp_path):
         "embed ",
         "GEMM+argmax",
         "torch k-means n 4096 k 256 d 512 bf16",
+        "vs torch.matmul tf32",
+        "matmul 256^3: fp32",
+        "in-process, batch on the device:",
+        "median phases (ms): input",
+        "train stage, today (compile False, fused_optimizer False, decode pil):",
+        "train stage, speed options + GPU decoding",
+        "of bf16 matmul",
+        "embed stage ViT-B-32 batch 4, decode torchvision, 8 workers:",
     ):
         assert line in output, (line, output[-3000:])
 

@@ -162,6 +162,10 @@ def check_consistency(config: Mapping[str, Any]) -> None:
             raise UnicomError(
                 f"config key filters.columns[{index}].value: op {rule['op']} needs a list"
             )
+    train = config["train"]
+    conflict = decode_conflict(train["decode"], train["augment"])
+    if conflict:
+        raise UnicomError(conflict)
     positives, kept = config["train"]["positives"], config["assign"]["top_labels"]
     if positives > kept:
         raise UnicomError(
@@ -181,6 +185,21 @@ def check_output_dir(output_dir: str) -> None:
             return
         problem = "is a file" if existing == path else f"is below {existing}, a file"
         raise UnicomError(f"config key output_dir: {output_dir} {problem}; name a folder")
+
+
+def decode_conflict(decode: str, augment: Mapping[str, Any]) -> str | None:
+    """Why train.decode cannot run ``augment`` (None when it can): the tensor paths run the
+    crop and the flip, torchvision also random erasing; colour jitter and RandAugment are PIL
+    operations."""
+    unsupported = [key for key in ("color_jitter", "rand_augment_ops") if augment.get(key)]
+    if decode == "cuda" and augment.get("random_erasing"):
+        unsupported.append("random_erasing")
+    if decode == "pil" or not unsupported:
+        return None
+    return (
+        f"config key train.decode: {decode} decoding does not run train.augment."
+        f"{unsupported[0]} (use decode pil, or set it to 0)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

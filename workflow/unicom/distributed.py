@@ -184,10 +184,14 @@ def world_info_from_env(
 
 
 def init_distributed(info: WorldInfo, device: torch.device, timeout_s: float = 600) -> None:
-    """Join the process group (nccl on GPU, gloo on CPU); nothing for world size 1."""
+    """Join the process group (nccl on GPU, gloo on CPU); nothing for world size 1.
+
+    On GPUs the group also has gloo for tensors on the host: the trainer's per-step exchanges
+    of labels and stop signals go through it, so that they never wait for the GPU's queue.
+    """
     if not info.distributed:
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     host = f"[{info.master_addr}]" if ":" in info.master_addr else info.master_addr  # IPv6
     log.info(
         "rank %d/%d (%s): %s rendezvous at %s:%d",
@@ -217,11 +221,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_max(value: float, device: torch.device) -> float:
-    """The largest ``value`` of all ranks (every rank gets it)."""
+def all_reduce_max(value: float) -> float:
+    """The largest ``value`` of all ranks (every rank gets it), exchanged on the host."""
     if not is_distributed():
         return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    tensor = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return float(tensor.item())
 

@@ -59,9 +59,12 @@ class SquareTransform:
 
 
 def normalise_pixels(
-    images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
+    images: torch.Tensor,
+    mean: Sequence[float] | torch.Tensor,
+    std: Sequence[float] | torch.Tensor,
 ) -> torch.Tensor:
-    """uint8 (n, 3, H, W) -> float32 ``(x / 255 - mean) / std`` (as ToTensor + Normalize)."""
+    """uint8 (n, 3, H, W) -> float32 ``(x / 255 - mean) / std`` (as ToTensor + Normalize).
+    ``mean`` and ``std`` already on the images' device spare a blocking copy per call."""
     pixels = images.float().div_(255.0)
     mean_t = torch.as_tensor(mean, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
     std_t = torch.as_tensor(std, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)

@@ -247,7 +247,8 @@ def finetune_options(
     weights and, for base, the demo encoder's image tower."""
     finetune = config["finetune"]
     options = {**train_stage, **{key: finetune[key] for key in FINETUNE_KEYS}}
-    options.update(positives=1, min_label_margin=None)
+    # RandAugment (fine-tuning's default augmentation) is a PIL operation: PIL decodes.
+    options.update(positives=1, min_label_margin=None, decode="pil")
     if model == "trained":
         return {**options, "pretrained": trained_dir}
     embed = config["embed"]

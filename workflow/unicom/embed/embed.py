@@ -1,9 +1,13 @@
 """Embed webdataset shards: image and caption embeddings per sample -> one Parquet per shard.
 
 Each shard (a tar written by img2dataset) is streamed; DataLoader workers decode and
-transform images while the main process runs the encoders, loaded once for all the shards of
-the job. Samples whose image cannot be decoded are skipped and listed, with the reason, in
-one CSV for the job.
+transform images (``embed.decode``: PIL, torchvision.io, or only the JPEG bytes for the GPU
+to decode) while the main process runs both encoders on each batch, loaded once for all the
+shards of the job. One loader reads the job's shards in turn, so that its workers never
+restart between shards; the host never waits for the GPU except where a finished shard's
+embeddings are collected, on the writer thread that writes its Parquet
+(``unicom.embed.results``). Samples whose image cannot be decoded are skipped and listed, with
+the reason, in one CSV for the job.
 
 Output columns: ``key``, ``caption``, ``url``, ``image_emb``, ``text_emb`` (fixed-size lists
 of float16, L2-normalised), rows in shard order, encoder identity in the file metadata; with
@@ -23,18 +27,16 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import csv
+import functools
 import io
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -43,22 +45,27 @@ from tqdm import tqdm
 from unicom import formats
 from unicom.cli import check_pairs, parse_options_json, run_cli, setup_logging
 from unicom.config import section_options
+from unicom.decoding import SQUARE, PendingImages, decode_rgb, jpeg_header, square
 from unicom.devices import resolve_device
+from unicom.embed.results import (
+    EmbedResult,
+    ShardEmbeddings,
+    ShardWriter,
+    result_table,
+    write_skipped_csv,
+)
 from unicom.encoders import build_encoder
 from unicom.encoders.base import Encoder
 from unicom.errors import UnicomError
 from unicom.faults import fail_once_if_marked
-from unicom.io import atomic_path, write_parquet
 from unicom.shards import TarSample, iter_samples, sample_image, scan_tar_samples
-from unicom.vectors import l2_normalize
 from unicom.workers import decoding_worker, iterate
+
+__all__ = ["EmbedResult", "result_table", "write_skipped_csv"]  # re-exported
 
 log = logging.getLogger("unicom.embed.embed")
 
-SKIPPED_COLUMNS = ("key", "reason")
-
-
-# ----------------------------------------------------------------------------- tar reading
+Transform = Callable[[Image.Image], torch.Tensor]
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -66,12 +73,13 @@ SKIPPED_COLUMNS = ("key", "reason")
 
 @dataclass
 class DecodedSample:
-    """A sample after decoding: ``image`` is None exactly when ``error`` says why."""
+    """A sample after decoding: ``image`` is None exactly when ``error`` says why; with
+    embed.decode cuda a plain JPEG's image is its (bytes, crop), decoded on the GPU."""
 
     key: str
     caption: str
     url: str | None
-    image: torch.Tensor | None
+    image: torch.Tensor | tuple[bytes, tuple[int, ...]] | None
     error: str | None = None
 
 
@@ -79,10 +87,22 @@ def _text(data: bytes | None) -> str | None:
     return None if data is None else data.decode("utf-8", errors="replace")
 
 
+def _decode_image(data: bytes, transform: Transform, decode: str, size: int):
+    if decode == "pil":
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return transform(image)
+    if decode == "cuda" and jpeg_header(data) is not None:
+        return data, SQUARE
+    return square(decode_rgb(data), size)
+
+
 def decode_sample(
-    sample: TarSample, transform: Callable[[Image.Image], torch.Tensor]
+    sample: TarSample, transform: Transform, decode: str = "pil", size: int = 0
 ) -> DecodedSample:
-    """Decode caption, URL and image of one sample; a failure is recorded, never raised."""
+    """Decode caption, URL and image of one sample; a failure is recorded, never raised.
+    ``decode`` (unicom.decoding): pil runs ``transform``, the others the centred ``size``
+    square of the encoder (its ``square_size``)."""
     meta: dict[str, Any] = {}
     if "json" in sample.files:
         try:
@@ -101,30 +121,30 @@ def decode_sample(
         return DecodedSample(sample.key, caption, url, None, "no image member")
     extension, data = image_member
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            tensor = transform(image)
+        image = _decode_image(data, transform, decode, size)
     except Exception as err:  # PIL raises many types for corrupt data; all mean "skip it"
-        reason = str(err).splitlines()[0] if str(err) else ""
-        return DecodedSample(
-            sample.key,
-            caption,
-            url,
-            None,
-            f"undecodable {extension}: {type(err).__name__}: {reason}",
-        )
-    return DecodedSample(sample.key, caption, url, tensor)
+        return DecodedSample(sample.key, caption, url, None, undecodable(extension, err))
+    return DecodedSample(sample.key, caption, url, image)
+
+
+def undecodable(extension: str, err: BaseException | str) -> str:
+    if isinstance(err, str):
+        return f"undecodable {extension}: {err}"
+    reason = str(err).splitlines()[0] if str(err) else ""
+    return f"undecodable {extension}: {type(err).__name__}: {reason}"
 
 
 @dataclass
 class Batch:
-    """Decoded samples ready for the encoders, plus those that were dropped."""
+    """Decoded samples ready for the encoders, plus those that were dropped; ``shard``: its
+    position among the shards of the job."""
 
     keys: list[str] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
     urls: list[str | None] = field(default_factory=list)
-    images: torch.Tensor | None = None
+    images: torch.Tensor | PendingImages | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    shard: int = 0
 
     def pin_memory(self) -> Batch:
         # Called by the DataLoader (pin_memory=True) so host->GPU copies can be asynchronous.
@@ -133,7 +153,7 @@ class Batch:
         return self
 
 
-def collate_samples(samples: list[DecodedSample]) -> Batch:
+def collate_samples(samples: list[DecodedSample], size: int = 0) -> Batch:
     """Stack the decodable samples; list the others as (key, reason)."""
     batch = Batch()
     images = []
@@ -145,56 +165,78 @@ def collate_samples(samples: list[DecodedSample]) -> Batch:
         batch.captions.append(sample.caption)
         batch.urls.append(sample.url)
         images.append(sample.image)
-    if images:
+    if images and any(not torch.is_tensor(image) for image in images):
+        batch.images = PendingImages.pack(size, images, batch.keys)
+    elif images:
         batch.images = torch.stack(images)
     return batch
 
 
-class ShardDataset(IterableDataset):
-    """Yields lists of ``batch_size`` decoded samples, in shard order.
+def _collate_item(item: tuple[int, list[DecodedSample]], size: int) -> Batch:
+    shard, samples = item
+    batch = collate_samples(samples, size)
+    batch.shard = shard
+    return batch
 
-    With several workers, worker w takes batches w, w + n, w + 2n...; the DataLoader
-    collects from workers in turn, so batches arrive in shard order.
+
+class ShardDataset(IterableDataset):
+    """Yields (shard position, ``batch_size`` decoded samples), shard after shard, each shard's
+    samples in order; an empty shard yields one empty list, so that every shard shows up.
+
+    With several workers, worker w takes batches w, w + n, w + 2n... (counted over all the
+    shards); the DataLoader collects from workers in turn, so batches arrive in order.
     """
 
     def __init__(
         self,
-        shard: str | os.PathLike,
-        transform: Callable[[Image.Image], torch.Tensor],
+        shards: str | os.PathLike | Sequence[str | os.PathLike],
+        transform: Transform,
         batch_size: int,
+        decode: str = "pil",
+        size: int = 0,
     ):
         super().__init__()
-        self.shard = str(shard)
+        single = isinstance(shards, (str, os.PathLike))
+        self.shards = [str(shards)] if single else [str(s) for s in shards]
         self.transform = transform
         self.batch_size = batch_size
+        self.decode, self.size = decode, size
 
-    def __iter__(self) -> Iterator[list[DecodedSample]]:
+    def _decoded(self, chunk: list[TarSample]) -> list[DecodedSample]:
+        return [decode_sample(s, self.transform, self.decode, self.size) for s in chunk]
+
+    def __iter__(self) -> Iterator[tuple[int, list[DecodedSample]]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        chunk: list[TarSample] = []
         index = 0
-        for sample in iter_samples(self.shard):
-            chunk.append(sample)
-            if len(chunk) == self.batch_size:
-                if index % workers == worker:
-                    yield [decode_sample(s, self.transform) for s in chunk]
-                chunk, index = [], index + 1
-        if chunk and index % workers == worker:
-            yield [decode_sample(s, self.transform) for s in chunk]
+        for position, shard in enumerate(self.shards):
+            chunk: list[TarSample] = []
+            first = index
+            for sample in iter_samples(shard):
+                chunk.append(sample)
+                if len(chunk) == self.batch_size:
+                    if index % workers == worker:
+                        yield position, self._decoded(chunk)
+                    chunk, index = [], index + 1
+            if (chunk or index == first) and index % workers == worker:
+                yield position, self._decoded(chunk)
+            index += 1 if chunk or index == first else 0
 
 
 def shard_batches(
-    shard: str | os.PathLike,
-    transform: Callable[[Image.Image], torch.Tensor],
+    shards: str | os.PathLike | Sequence[str | os.PathLike],
+    transform: Transform,
     batch_size: int,
     num_workers: int,
     pin_memory: bool = False,
+    decode: str = "pil",
+    size: int = 0,
 ) -> Iterator[Batch]:
-    """Batches of one shard, decoded by ``num_workers`` background processes."""
+    """Batches of one shard or of several in turn, decoded by ``num_workers`` processes."""
     loader = DataLoader(
-        ShardDataset(shard, transform, batch_size),
+        ShardDataset(shards, transform, batch_size, decode, size),
         batch_size=None,  # the dataset yields whole batches already
-        collate_fn=collate_samples,
+        collate_fn=functools.partial(_collate_item, size=size),
         num_workers=num_workers,
         worker_init_fn=decoding_worker if num_workers else None,
         pin_memory=pin_memory,
@@ -205,78 +247,16 @@ def shard_batches(
 # ----------------------------------------------------------------------------- embedding
 
 
-@dataclass
-class EmbedResult:
-    keys: list[str]
-    captions: list[str]
-    urls: list[str | None]
-    image_emb: np.ndarray
-    text_emb: np.ndarray
-    skipped: list[tuple[str, str]]
-
-    @property
-    def rows(self) -> int:
-        return len(self.keys)
-
-
 def embed_batches(
     batches: Iterable[Batch], encoder: Encoder, progress: tqdm | None = None
 ) -> EmbedResult:
-    """Run the encoders over ``batches``; rows keep the order of the batches."""
-    keys: list[str] = []
-    captions: list[str] = []
-    urls: list[str | None] = []
-    image_parts: list[np.ndarray] = []
-    text_parts: list[np.ndarray] = []
-    skipped: list[tuple[str, str]] = []
+    """Run the encoders over ``batches`` (one shard); rows keep the order of the batches."""
+    collected = ShardEmbeddings(encoder)
     for batch in batches:
-        skipped.extend(batch.skipped)
-        if batch.keys:
-            image_parts.append(encoder.encode_images(batch.images).numpy().astype(np.float16))
-            text_parts.append(encoder.encode_texts(batch.captions).numpy().astype(np.float16))
-            keys.extend(batch.keys)
-            captions.extend(batch.captions)
-            urls.extend(batch.urls)
+        collected.add(batch)
         if progress is not None:
             progress.update(len(batch.keys) + len(batch.skipped))
-    return EmbedResult(
-        keys=keys,
-        captions=captions,
-        urls=urls,
-        image_emb=_stack(image_parts, encoder.image_dim),
-        text_emb=_stack(text_parts, encoder.text_dim),
-        skipped=skipped,
-    )
-
-
-def _stack(parts: list[np.ndarray], dim: int) -> np.ndarray:
-    return np.concatenate(parts) if parts else np.zeros((0, dim), dtype=np.float16)
-
-
-def result_table(result: EmbedResult, identity: Mapping[str, Any]) -> pa.Table:
-    """The Parquet table of one shard, with the encoder identity in its metadata."""
-    columns = {
-        "key": pa.array(result.keys, type=pa.string()),
-        formats.CAPTION_COLUMN: pa.array(result.captions, type=pa.string()),
-        formats.URL_COLUMN: pa.array(result.urls, type=pa.string()),
-        "image_emb": formats.embedding_array(result.image_emb),
-        "text_emb": formats.embedding_array(result.text_emb),
-    }
-    if identity.get("shared_space"):
-        image = result.image_emb.astype(np.float32)
-        text = result.text_emb.astype(np.float32)
-        columns[formats.CLIP_SCORE_COLUMN] = pa.array(
-            (l2_normalize(image) * l2_normalize(text)).sum(axis=1), pa.float32()
-        )
-    table = pa.table(columns)
-    return formats.with_metadata(table, {formats.ENCODER_METADATA_KEY: dict(identity)})
-
-
-def write_skipped_csv(path: str | os.PathLike, skipped: list[tuple[str, str]]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(SKIPPED_COLUMNS)
-        writer.writerows(skipped)
+    return collected.result()
 
 
 def embed_shard(
@@ -285,6 +265,7 @@ def embed_shard(
     batch_size: int,
     num_workers: int,
     show_progress: bool = True,
+    decode: str = "pil",
 ) -> EmbedResult:
     """Embed every decodable sample of ``shard`` with an already built ``encoder``."""
     if not Path(shard).is_file():
@@ -296,11 +277,83 @@ def embed_shard(
         batch_size,
         num_workers,
         pin_memory=encoder.device.type == "cuda",
+        decode=decode,
+        size=check_decode(decode, encoder),
     )
     with tqdm(
         total=total, unit="img", desc=f"embed {Path(shard).name}", disable=not show_progress
     ) as progress:
         return embed_batches(batches, encoder, progress)
+
+
+def check_decode(decode: str, encoder: Encoder) -> int:
+    """The square side the tensor paths resize to (0 for pil)."""
+    if decode == "pil":
+        return 0
+    if encoder.square_size is None:
+        raise UnicomError(
+            f"config key embed.decode: {decode} does the shorter side + centred square, but "
+            "this encoder's preprocessing is another; use pil"
+        )
+    return encoder.square_size
+
+
+def embed_job(
+    shards: Sequence[str],
+    outs: Sequence[str],
+    encoder: Encoder,
+    options: dict[str, Any],
+    show_progress: bool = True,
+) -> list[tuple[str, str]]:
+    """Embed and write every shard of the job; returns the skipped samples (keys name their
+    shard). A shard is handed to the writer when the next one's first batch arrives."""
+    totals = [scan_tar_samples(shard) for shard in shards]
+    batches = shard_batches(
+        shards,
+        encoder.image_transform,
+        options["batch_size"],
+        options["num_workers"],
+        pin_memory=encoder.device.type == "cuda",
+        decode=options["decode"],
+        size=check_decode(options["decode"], encoder),
+    )
+    writer = ShardWriter(encoder.identity)
+    total = None if None in totals else sum(totals)  # type: ignore[arg-type]
+    started, waited = time.perf_counter(), 0.0
+    current: ShardEmbeddings | None = None
+    position = -1
+    try:
+        with tqdm(total=total, unit="img", desc="embed", disable=not show_progress) as progress:
+            while True:
+                asked = time.perf_counter()
+                batch = next(batches, None)
+                if current is not None and (batch is None or batch.shard != position):
+                    writer.submit(shards[position], outs[position], current)
+                if batch is None:
+                    break
+                if batch.shard != position:
+                    position = batch.shard
+                    fail_once_if_marked("embed", Path(shards[position]).stem)  # rerun tests
+                    current = ShardEmbeddings(encoder)
+                current.waited += time.perf_counter() - asked
+                waited += time.perf_counter() - asked
+                current.add(batch)
+                current.seconds += time.perf_counter() - asked
+                progress.update(len(batch.keys) + len(batch.skipped))
+    except BaseException:
+        writer.pool.shutdown(wait=True)  # the shards before this one are written
+        raise
+    results = writer.close()
+    seconds = time.perf_counter() - started
+    rows = sum(result.rows for result in results)
+    log.info(
+        "job: %d images in %.1f s (%.1f img/s, %.0f%% of it waiting for data)",
+        rows,
+        seconds,
+        rows / seconds,
+        100 * waited / seconds,
+    )
+    return [skip for result in results for skip in result.skipped]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -331,25 +384,9 @@ def main(argv: list[str] | None = None) -> None:
     encoder = build_encoder(options, device)  # once for all the job's shards
     log.info("encoder %s on %s, %d threads", options["encoder"], device, torch.get_num_threads())
 
-    skipped: list[tuple[str, str]] = []  # keys name their shard
-    for shard, out in zip(args.shard, args.out, strict=True):
-        fail_once_if_marked("embed", Path(shard).stem)  # rerun tests only
-        start = time.perf_counter()
-        result = embed_shard(
-            shard, encoder, options["batch_size"], options["num_workers"], not args.no_progress
-        )
-        seconds = time.perf_counter() - start
-        skipped += result.skipped
-        write_parquet(out, result_table(result, encoder.identity))
-        log.info(
-            "%s: embedded %d images, skipped %d, in %.1f s (%.1f img/s) -> %s",
-            shard,
-            result.rows,
-            len(result.skipped),
-            seconds,
-            result.rows / seconds if seconds > 0 else float("nan"),
-            out,
-        )
+    if options["decode"] == "cuda" and device.type != "cuda":
+        raise UnicomError("config key embed.decode: cuda decodes on the GPU, but there is none")
+    skipped = embed_job(args.shard, args.out, encoder, options, not args.no_progress)
     write_skipped_csv(args.skipped, skipped)
 
 

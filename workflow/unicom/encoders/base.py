@@ -114,6 +114,9 @@ class Encoder(ABC):
     """Image + text encoder; ``image_transform`` runs in data workers, the rest in the main one."""
 
     image_transform: Callable[[Image.Image], torch.Tensor]  # -> uint8 (3, H, W)
+    # The side when image_transform is SquareTransform's rule (shorter side bicubic, centred
+    # square): the tensor decoding paths (embed.decode) can then do it; else None.
+    square_size: int | None = None
     pixel_mean: tuple[float, ...]
     pixel_std: tuple[float, ...]
     identity: dict[str, Any]
@@ -125,23 +128,40 @@ class Encoder(ABC):
     @abstractmethod
     def _text_features(self, texts: list[str]) -> torch.Tensor: ...
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Stacked ``image_transform`` outputs, uint8 (n, 3, H, W) -> (n, d_img) unit-norm
-        float32 on the CPU. Pixels are scaled and normalised here, on the device."""
+    def _pixel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std on the device, made once (a tensor made from Python numbers at every
+        batch is a blocking copy, which waits for the GPU's queue)."""
+        stats = getattr(self, "_stats", None)
+        if stats is None:
+            stats = tuple(
+                torch.tensor(v, dtype=torch.float32).to(self.device)
+                for v in (self.pixel_mean, self.pixel_std)
+            )
+            self._stats = stats
+        return stats
+
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """Stacked ``image_transform`` outputs, uint8 (n, 3, H, W) on any device -> (n, d_img)
+        unit-norm float32 on the device. Pixels are scaled and normalised there."""
         if images.dtype != torch.uint8:
             raise ValueError(f"encode_images expects uint8 images, got {images.dtype}")
         with torch.inference_mode():
             pixels = images.to(self.device, non_blocking=True)
-            features = self._image_features(
-                normalise_pixels(pixels, self.pixel_mean, self.pixel_std)
-            )
-            return F.normalize(features.float(), dim=-1).cpu()
+            features = self._image_features(normalise_pixels(pixels, *self._pixel_stats()))
+            return F.normalize(features.float(), dim=-1)
+
+    def text_embeddings(self, texts: list[str]) -> torch.Tensor:
+        """Captions -> (n, d_txt) unit-norm float32 on the device."""
+        with torch.inference_mode():
+            return F.normalize(self._text_features(list(texts)).float(), dim=-1)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``image_embeddings`` on the CPU."""
+        return self.image_embeddings(images).cpu()
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        """Captions -> (n, d_txt) unit-norm float32 on the CPU."""
-        with torch.inference_mode():
-            features = self._text_features(list(texts))
-            return F.normalize(features.float(), dim=-1).cpu()
+        """``text_embeddings`` on the CPU."""
+        return self.text_embeddings(texts).cpu()
 
     @property
     def image_dim(self) -> int:

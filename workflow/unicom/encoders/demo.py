@@ -46,6 +46,7 @@ class DemoEncoder(Encoder):
             .eval()
         )
         self.image_transform = SquareTransform(image_size)
+        self.square_size = image_size
         self.pixel_mean, self.pixel_std = DEMO_MEAN, DEMO_STD
         self.text_model = build_demo_text_model(int(options["text_max_tokens"]), device)
 

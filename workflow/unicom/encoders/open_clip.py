@@ -61,6 +61,7 @@ class OpenClipEncoder(Encoder):
         dim = int(self._text_features([""]).shape[-1])
         fingerprint = state_dict_fingerprint(model)
         preprocessing = _jsonable(open_clip.get_model_preprocess_cfg(model))
+        self.square_size = square_size(preprocessing)
         preprocessing["alpha"] = "composited on white"
         side = {"model": model_name, "weights": weights, "fingerprint": fingerprint, "dim": dim}
         self.identity = {
@@ -82,8 +83,17 @@ class OpenClipEncoder(Encoder):
 
     def _text_features(self, texts: list[str]) -> torch.Tensor:
         with torch.inference_mode():
-            tokens = self.tokenizer(texts).to(self.device)
+            tokens = self.tokenizer(texts).to(self.device, non_blocking=True)
             return self.model.encode_text(tokens)
+
+
+def square_size(preprocessing: Mapping[str, Any]) -> int | None:
+    """The side of open_clip's eval preprocessing when it is SquareTransform's rule (its usual
+    ``shortest`` resize, bicubic, then the centred square), else None."""
+    size = preprocessing.get("size")
+    side = size if isinstance(size, int) else (size[0] if size and size[0] == size[-1] else None)
+    usual = preprocessing.get("resize_mode", "shortest") == "shortest"
+    return side if usual and preprocessing.get("interpolation") == "bicubic" else None
 
 
 def _check_open_clip_source(model_name: str, pretrained: str | None, cache_dir: str | None) -> str:

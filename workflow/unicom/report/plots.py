@@ -46,15 +46,32 @@ def plot_kmeans(stats: dict, path: str) -> None:
 
 
 def plot_training(metrics_path: str, path: str) -> None:
+    """Loss; images/s; and each window's seconds per step, waiting for the loader vs in the
+    step: a loader-bound run shows the first, a compute-bound one the second."""
     records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
     steps = [r["step"] for r in records]
-    fig, (loss_ax, speed_ax) = plt.subplots(1, 2, figsize=(9, 3))
+    fig, (loss_ax, speed_ax, time_ax) = plt.subplots(1, 3, figsize=(13, 3))
     loss_ax.plot(steps, [r["loss"] for r in records], marker=".")
     loss_ax.set_xlabel("step")
     loss_ax.set_ylabel("partial ArcFace loss")
     speed_ax.plot(steps, [r["samples_per_s"] for r in records], marker=".", color="tab:green")
     speed_ax.set_xlabel("step")
-    speed_ax.set_ylabel("samples / s")
+    speed_ax.set_ylabel("images / s (all ranks)")
+    timed = [r for r in records if "data_wait_s" in r]  # older runs did not measure it
+    if timed:
+        wait = [r["data_wait_s"] for r in timed]
+        busy = [r["step_s"] for r in timed]
+        x = [r["step"] for r in timed]
+        time_ax.stackplot(x, wait, busy, labels=["waiting for data", "in the step"])
+        time_ax.legend(fontsize=8, loc="upper right")
+        share = sum(r["data_wait_share"] for r in timed) / len(timed)
+        time_ax.set_title(f"mean data-wait share {share:.0%} (the slowest rank's)", fontsize=9)
+    else:
+        time_ax.text(
+            0.5, 0.5, "not measured", ha="center", va="center", transform=time_ax.transAxes
+        )
+    time_ax.set_xlabel("step")
+    time_ax.set_ylabel("seconds per step")
     fig.suptitle("Training")
     _save(fig, path)
 

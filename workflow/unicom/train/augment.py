@@ -13,6 +13,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from unicom.decoding import resized_crop
 from unicom.images import to_rgb
 from unicom.train.randaugment import rand_augment, random_erase
 
@@ -66,9 +67,21 @@ class TrainTransform:
     rand_augment_std: float = 0.5
     random_erasing: float = 0.0
 
+    def draw(
+        self, width: int, height: int, rng: np.random.Generator
+    ) -> tuple[tuple[int, int, int, int], bool]:
+        """The crop (top, left, height, width) and the flip, the first draws of every path."""
+        box = crop_box(width, height, self.scale, self.ratio, rng)
+        return box, bool(rng.random() < self.hflip)
+
+    def crop_tensor(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """The same draws on a decoded uint8 (3, H, W) tensor (train.decode torchvision)."""
+        box, flip = self.draw(image.shape[-1], image.shape[-2], rng)
+        return random_erase(resized_crop(image, box, self.size, flip), rng, self.random_erasing)
+
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
         image = to_rgb(image)
-        top, left, height, width = crop_box(image.width, image.height, self.scale, self.ratio, rng)
+        (top, left, height, width), flip = self.draw(image.width, image.height, rng)
         image = TF.resized_crop(
             image,
             top,
@@ -79,7 +92,7 @@ class TrainTransform:
             interpolation=InterpolationMode.BICUBIC,
             antialias=True,
         )
-        if rng.random() < self.hflip:
+        if flip:
             image = TF.hflip(image)
         if self.color_jitter > 0:
             low, high = max(0.0, 1 - self.color_jitter), 1 + self.color_jitter

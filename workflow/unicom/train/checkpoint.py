@@ -29,6 +29,8 @@ log = logging.getLogger("unicom.train.checkpoint")
 RESUMABLE_KEYS = frozenset(
     {
         "num_workers",
+        "compile",
+        "fused_optimizer",
         "checkpoint_every",
         "keep_checkpoints",
         "log_every",

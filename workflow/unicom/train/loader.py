@@ -3,6 +3,7 @@ the number of workers (see unicom.train.data for the scheme)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 from collections.abc import Iterator, Sequence
@@ -12,6 +13,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from unicom.config import decode_conflict
+from unicom.decoding import PendingImages, decode_rgb, jpeg_header
 from unicom.errors import UnicomError
 from unicom.train.augment import TrainTransform
 from unicom.train.data import ShardLabels
@@ -28,12 +31,22 @@ from unicom.workers import iterate, training_worker
 log = logging.getLogger("unicom.train.loader")
 
 
-def decode(sample: Sample, transform: TrainTransform, shard_path: str) -> torch.Tensor:
+def decode(
+    sample: Sample, transform: TrainTransform, shard_path: str, path: str = "pil"
+) -> torch.Tensor | tuple[bytes, tuple[int, ...]]:
+    """One sample's crop, uint8 (3, S, S), by ``path`` (unicom.decoding); for ``cuda``, a plain
+    JPEG comes back as its bytes and crop (top, left, height, width, flip), decoded later."""
     try:
-        with Image.open(io.BytesIO(sample.image)) as image:
-            image.load()
-            return transform(image, sample.rng)
-    except Exception as err:  # PIL raises many types for corrupt data
+        if path == "pil":
+            with Image.open(io.BytesIO(sample.image)) as image:
+                image.load()
+                return transform(image, sample.rng)
+        header = jpeg_header(sample.image) if path == "cuda" else None
+        if header is not None:
+            box, flip = transform.draw(*header, sample.rng)
+            return sample.image, (*box, int(flip))
+        return transform.crop_tensor(decode_rgb(sample.image), sample.rng)
+    except Exception as err:  # PIL and torchvision raise many types for corrupt data
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UnicomError(
             f"{shard_path}: cannot decode the image of {sample.key!r} ({reason})"
@@ -43,7 +56,8 @@ def decode(sample: Sample, transform: TrainTransform, shard_path: str) -> torch.
 class TrainBatches(IterableDataset):
     """Endless micro-batches ``start_batch, start_batch + 1, ...`` of one rank (see module doc).
 
-    Each item: ``images (B, 3, S, S)`` uint8, ``labels (B,)``, ``batch_index`` and ``shard_reads``
+    Each item: ``images (B, 3, S, S)`` uint8 (with ``decode`` cuda, a ``PendingImages`` that
+    the trainer finishes on the GPU), ``labels (B,)``, ``batch_index`` and ``shard_reads``
     (counts of the shards read since the previous item: (index, tar samples, unlabelled)).
     """
 
@@ -57,10 +71,15 @@ class TrainBatches(IterableDataset):
         rank: int,
         start_batch: int = 0,
         shuffle_shards: int = 1,
+        decode: str = "pil",
     ):
         super().__init__()
+        conflict = decode_conflict(decode, dataclasses.asdict(transform))
+        if conflict:
+            raise UnicomError(conflict)
         self.shards = list(shards)
         self.transform = transform
+        self.decode = decode
         self.batch_size = batch_size
         self.streams = streams
         self.seed = seed
@@ -87,7 +106,12 @@ class TrainBatches(IterableDataset):
                 skip = batches_before(batch, stream, self.streams) * self.batch_size
                 iterators[stream] = stream_samples(self.shards, self.plan, stream, skip, on_read)
             samples = [next(iterators[stream]) for _ in range(self.batch_size)]
-            images = torch.stack([decode(s, self.transform, paths[s.shard]) for s in samples])
+            crops = [decode(s, self.transform, paths[s.shard], self.decode) for s in samples]
+            if self.decode == "cuda":
+                names = [f"the image of {s.key!r} in {paths[s.shard]}" for s in samples]
+                images = PendingImages.pack(self.transform.size, crops, names)
+            else:
+                images = torch.stack(crops)  # type: ignore[arg-type]
             yield {
                 "images": images,
                 "labels": torch.tensor([s.label for s in samples], dtype=torch.long),

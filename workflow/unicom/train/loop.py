@@ -37,6 +37,7 @@ from unicom.train.checkpoint import (
 )
 from unicom.train.data import RankData, ShardInput, prepare_rank_data
 from unicom.train.loader import TrainBatches, make_loader
+from unicom.train.metrics import MetricsWindow
 from unicom.train.optim import total_steps
 from unicom.train.signals import StopRequest, TrainingInterrupted
 from unicom.train.trainer import Trainer
@@ -205,6 +206,7 @@ def training_batches(run: Run, start_step: int) -> TrainBatches:
         run.info.rank,
         start_batch=start_step * run.accum,
         shuffle_shards=run.options["shuffle_shards"],
+        decode=run.options["decode"],
     )
 
 
@@ -221,43 +223,6 @@ def next_micro_batches(
             shard_reads[index] = (tar_samples, unlabelled)
         micro.append(batch)
     return micro
-
-
-class MetricsWindow:
-    """Loss and throughput over the steps since the last metrics line."""
-
-    def __init__(self, run: Run):
-        self.run = run
-        self.loss = torch.zeros((), device=run.device)
-        self.steps, self.start = 0, time.perf_counter()
-
-    def add(self, result: Mapping[str, Any]) -> None:
-        self.loss += result["loss"]
-        self.steps += 1
-
-    def record(self, done: int, result: Mapping[str, Any], trainer: Trainer) -> dict[str, Any]:
-        """The metrics line of step ``done`` (collective); rank 0 appends it to the live file."""
-        # Every rank's head shard of this step: r1 < 1 shows in negatives < all.
-        selection = distributed.all_gather_objects(trainer.head_selection())
-        seconds = time.perf_counter() - self.start
-        samples_per_step, total = self.run.samples_per_step, self.run.data.total_samples
-        record = {
-            "step": done,
-            "loss": float(self.loss.item()) / self.steps,
-            "lr": result["lr"],
-            "head_lr": result["head_lr"],
-            "grad_norm": float(result["grad_norm"].item()),
-            "samples_per_s": self.steps * samples_per_step / seconds,
-            "epoch": done * samples_per_step / total,
-            "head_prototypes": sum(n for n, _ in selection),
-            "head_negatives": sum(n - p for n, p in selection),
-        }
-        if self.run.info.rank == 0:
-            with open(self.run.live_metrics, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-        self.loss.zero_()
-        self.steps, self.start = 0, time.perf_counter()
-        return record
 
 
 def run_steps(
@@ -288,16 +253,19 @@ def run_steps(
     try:
         with StopRequest() as stop:
             for step in range(start_step, run.steps):
+                asked = time.perf_counter()
                 micro = next_micro_batches(batches, run.accum, step * run.accum, shard_reads)
+                waited = time.perf_counter() - asked
                 result = trainer.train_step(micro)
-                window.add(result)
+                window.add(result, waited)
                 done = step + 1
                 progress.update(1)
                 if done % options["log_every"] == 0 or done == run.steps:
                     record = window.record(done, result, trainer)
                     progress.set_postfix(loss=f"{record['loss']:.3f}")
-                signum = int(distributed.all_reduce_max(stop.signum, run.device))
+                signum = int(distributed.all_reduce_max(stop.signum))
                 if signum or done % options["checkpoint_every"] == 0 or done == run.steps:
+                    saving = time.perf_counter()
                     save_checkpoint(
                         run.root,
                         done,
@@ -306,6 +274,7 @@ def run_steps(
                         {"shard_reads": dict(shard_reads)},
                         options["keep_checkpoints"],
                     )
+                    window.excluded += time.perf_counter() - saving
                 if signum and done < run.steps:
                     raise TrainingInterrupted(signum, done)
     finally:

@@ -26,6 +26,7 @@ so scale the backbone's gradients by the world size (or register a summing comm 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -179,6 +180,21 @@ class _ShardedArcFaceLoss(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
+@dataclass
+class HeadSelection:
+    """What one step of the head uses (``PartialFC.select``): ``classes (K,)`` sorted local
+    rows of the prototypes, ``rows, cols (n,)`` the batch row of each label this rank owns and
+    its column among ``classes``, ``dims (D',)`` the feature dimensions, ``sizes`` every rank's
+    batch rows, and whether the labels are MLCD's several per row."""
+
+    classes: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    dims: torch.Tensor
+    sizes: list[int]
+    multi_label: bool
+
+
 class PartialFC(nn.Module):
     """ArcFace head, sampled prototypes and features; ``weight (num_local, dim)``: this rank's rows.
 
@@ -225,38 +241,39 @@ class PartialFC(nn.Module):
         self.last_selected_dims: torch.Tensor | None = None  # (D',)
         self.last_num_positives = 0  # classes of the batch among last_selected_classes
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor | HeadSelection
+    ) -> torch.Tensor:
         """``embeddings (B_r, dim)``, ``labels (B_r,)`` -> scalar loss, mean over the global B.
 
         ``labels (B_r, l)`` with ``l > 1``: each row's ``l`` positive classes (MLCD), all kept
         among the sampled prototypes; the loss is then ``unicom.train.mlcd``'s. ``(B_r, 1)`` is
-        the ArcFace head, as ``(B_r,)``.
+        the ArcFace head, as ``(B_r,)``. ``labels`` may also be ``select``'s result for them.
         """
         if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
             raise UnicomError(
                 f"PartialFC expects embeddings (batch, {self.dim}), got {tuple(embeddings.shape)}"
             )
-        if labels.ndim not in (1, 2) or labels.shape[:1] != embeddings.shape[:1]:
-            raise UnicomError(
-                f"PartialFC labels shape {tuple(labels.shape)} does not match "
-                f"{len(embeddings)} embeddings"
-            )
-        if labels.ndim == 2 and labels.shape[1] == 1:
-            labels = labels[:, 0]
+        if isinstance(labels, HeadSelection):
+            selection = labels
+            if selection.sizes[self.rank] != len(embeddings):
+                raise UnicomError(
+                    f"PartialFC labels of {selection.sizes[self.rank]} rows do not match "
+                    f"{len(embeddings)} embeddings"
+                )
+        else:
+            if labels.ndim not in (1, 2) or labels.shape[:1] != embeddings.shape[:1]:
+                raise UnicomError(
+                    f"PartialFC labels shape {tuple(labels.shape)} does not match "
+                    f"{len(embeddings)} embeddings"
+                )
+            selection = self.select(labels.to(embeddings.device), embeddings.device)
         embeddings = embeddings.to(self.weight.dtype)
-        labels = labels.to(embeddings.device, torch.long)
         if self.distributed:
-            count = torch.tensor([len(labels)], device=labels.device)
-            sizes = _all_gather(count, [1] * self.world).tolist()
-            labels = _all_gather(labels, sizes)  # (B,)
-        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
-            bad = labels[(labels < 0) | (labels >= self.num_classes)][0].item()
-            raise UnicomError(f"PartialFC label {bad} is outside [0, {self.num_classes})")
-        if self.distributed:
-            embeddings = _GatherWithGrad.apply(embeddings, sizes, self.rank)  # (B, dim)
+            embeddings = _GatherWithGrad.apply(embeddings, selection.sizes, self.rank)  # (B, dim)
 
-        classes, rows, cols = self._select_classes(labels)
-        dims = self._select_dims(embeddings.device)
+        classes, rows, cols = selection.classes, selection.rows, selection.cols
+        dims = selection.dims
         if self.sample_rate < 1.0:
             # Only the K selected rows enter the graph, hence the only rows with a gradient.
             protos = F.embedding(classes, self.weight, sparse=self.sparse_grad)  # (K, dim)
@@ -272,9 +289,39 @@ class PartialFC(nn.Module):
         cos = F.normalize(embeddings, dim=1) @ protos.T * inv_norm
         if cos.dtype in (torch.float16, torch.bfloat16):  # (under autocast)
             cos = cos.float()  # a sum of up to K exps overflows half precision
-        self.last_selected_classes, self.last_selected_dims = classes + self.start, dims
-        loss = ShardedMultiLabelLoss if labels.ndim == 2 else _ShardedArcFaceLoss
+        loss = ShardedMultiLabelLoss if selection.multi_label else _ShardedArcFaceLoss
         return loss.apply(cos, rows, cols, self.margin, self.scale, self.distributed)
+
+    def select(self, labels: torch.Tensor, device: torch.device | None = None) -> HeadSelection:
+        """This step's prototypes and dimensions for ``labels`` (``(B_r,)`` or ``(B_r, l)``),
+        computed where the labels are and moved to ``device`` (default: the labels').
+
+        The trainer calls it with the loader's labels, still on the host, before the backbone
+        runs: the bounds check, ``nonzero``, ``unique`` and the CPU draw of the negatives then
+        never wait for the GPU (labels on a GPU make each of them a synchronisation), and the
+        result is the same integers either way. Collective when distributed (the labels are
+        gathered where they are: over gloo on the host, see ``unicom.distributed``).
+        """
+        if labels.ndim not in (1, 2):
+            raise UnicomError(f"PartialFC labels shape {tuple(labels.shape)} is not (B,) or (B, l)")
+        if labels.ndim == 2 and labels.shape[1] == 1:
+            labels = labels[:, 0]
+        device = labels.device if device is None else device
+        labels = labels.to(torch.long)
+        sizes = [len(labels)]
+        if self.distributed:
+            count = torch.tensor([len(labels)], device=labels.device)
+            sizes = _all_gather(count, [1] * self.world).tolist()
+            labels = _all_gather(labels, sizes)  # (B,)
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+            bad = labels[(labels < 0) | (labels >= self.num_classes)][0].item()
+            raise UnicomError(f"PartialFC label {bad} is outside [0, {self.num_classes})")
+        classes, rows, cols = (
+            t.to(device, non_blocking=True) for t in self._select_classes(labels)
+        )
+        dims = self._select_dims(device)
+        self.last_selected_classes, self.last_selected_dims = classes + self.start, dims
+        return HeadSelection(classes, rows, cols, dims, sizes, labels.ndim == 2)
 
     def _select_classes(self, labels: torch.Tensor):
         """``labels (B,)`` or ``(B, l)`` -> ``classes (K,)``: sorted local rows used this step,
@@ -302,7 +349,7 @@ class PartialFC(nn.Module):
         if self.feature_rate >= 1.0:
             return torch.arange(self.dim, device=device)
         order = torch.randperm(self.dim, generator=self._dim_rng)
-        return order[: self.num_dims].sort().values.to(device)
+        return order[: self.num_dims].sort().values.to(device, non_blocking=True)
 
     def get_extra_state(self) -> dict:
         return {

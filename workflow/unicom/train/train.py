@@ -14,7 +14,9 @@ Launch:
 
 Output folder:
     model.safetensors, model.json   the trained backbone + embedding; ``load_trained_model(dir)``
-    metrics.jsonl                   one line per ``log_every`` steps (written at the end)
+    metrics.jsonl                   one line per ``log_every`` steps (written at the end): loss,
+                                    rates, head sampling, and seconds per step waiting for the
+                                    loader vs in the step (``unicom.train.metrics``)
     metrics.partial.jsonl           the same, live
     data.json                       every input sample counted: kept / dropped and why
     checkpoints/step-NNNNNNNN/      model.pt (rank 0: model, optimizer, scheduler, step, data
@@ -48,7 +50,7 @@ from unicom.cli import (
     run_cli,
     setup_logging,
 )
-from unicom.config import section_options
+from unicom.config import decode_conflict, section_options
 from unicom.devices import rank_device
 from unicom.distributed import WorldInfo
 from unicom.errors import UnicomError
@@ -61,7 +63,11 @@ log = logging.getLogger("unicom.train.train")
 
 def train_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """The ``train`` section (maybe partial) with the schema's defaults, checked."""
-    return section_options("train", options)
+    options = section_options("train", options)
+    conflict = decode_conflict(options["decode"], options["augment"])
+    if conflict:
+        raise UnicomError(conflict)
+    return options
 
 
 def compute_threads(
@@ -99,6 +105,8 @@ def train(
     info = info or distributed.world_info_from_env()
     out_dir = Path(out_dir)
     device = rank_device(str(options["device"]), info.local_rank)
+    if options["decode"] == "cuda" and device.type != "cuda":
+        raise UnicomError("config key train.decode: cuda decodes on the GPU, but there is none")
     if threads:
         torch.set_num_threads(compute_threads(threads, info, options["num_workers"], device))
     if num_classes < 2:

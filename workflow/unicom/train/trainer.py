@@ -14,16 +14,31 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from unicom import distributed
+from unicom.decoding import DecodeError, PendingImages
 from unicom.distributed import WorldInfo
+from unicom.errors import UnicomError
 from unicom.images import normalise_pixels
 from unicom.models import build_model, preprocessing
 from unicom.train.optim import build_optimizer, clip_gradients, lr_factor, parameter_groups
 from unicom.train.partial_fc import PartialFC, derived_seed
 
 
+def switch(value: bool | str, device: torch.device) -> bool:
+    """A speed option's setting: ``auto`` is on where it helps, on CUDA."""
+    return device.type == "cuda" if value == "auto" else bool(value)
+
+
 class Trainer:
     """Model (DDP), head shard, two optimizers (shared backbone / this rank's head) and their
-    schedules; ``train_step`` runs one optimizer step over ``grad_accum_steps`` micro-batches."""
+    schedules; ``train_step`` runs one optimizer step over ``grad_accum_steps`` micro-batches.
+
+    Speed options (train.compile, train.fused_optimizer; ``auto``: on CUDA only): the backbone
+    and embedding run through ``torch.compile`` (``compile_backend``; the checkpoints and the
+    export hold the plain module's names, no ``_orig_mod.``), the optimizers take their fused
+    step and the clipping its multi-tensor norms. Nothing in a step waits for the GPU: the
+    head's selection is computed from the labels on the host (``PartialFC.select``) and the
+    pixel statistics live on the device.
+    """
 
     def __init__(
         self,
@@ -32,11 +47,14 @@ class Trainer:
         steps: int,
         info: WorldInfo,
         device: torch.device,
+        compile_backend: str = "inductor",
     ):
         self.options = options
         self.info = info
         self.device = device
         self.steps = steps
+        self.compiled = switch(options["compile"], device)
+        self.fused = switch(options["fused_optimizer"], device)
         self.model = build_model(options).to(device)
         self.head = PartialFC(
             num_classes,
@@ -59,13 +77,21 @@ class Trainer:
             self.ddp.register_comm_hook(None, distributed.sum_allreduce_hook)
         else:
             self.ddp = self.model
+        # What the step calls; its state stays in self.model, under the plain names.
+        self.forward_model = (
+            torch.compile(self.ddp, backend=compile_backend) if self.compiled else self.ddp
+        )
         self.optimizer = build_optimizer(
-            parameter_groups(self.model, options["weight_decay"]), options, options["lr"]
+            parameter_groups(self.model, options["weight_decay"]),
+            options,
+            options["lr"],
+            self.fused,
         )
         self.head_optimizer = build_optimizer(
             parameter_groups(self.head, options["weight_decay"]),
             options,
             options["lr"] * options["head_lr_mult"],
+            self.fused,
         )
         warmup = round(options["warmup_fraction"] * steps)
         min_ratio = options["min_lr_ratio"]
@@ -78,16 +104,27 @@ class Trainer:
             for opt in (self.optimizer, self.head_optimizer)
         ]
         pixels = preprocessing(self.model)
-        self.mean, self.std = tuple(pixels["mean"]), tuple(pixels["std"])
+        # On the device once: a tensor made from Python numbers at every step is a blocking
+        # copy, which waits for the GPU's queue.
+        self.mean = torch.tensor(pixels["mean"], dtype=torch.float32).to(device)
+        self.std = torch.tensor(pixels["std"], dtype=torch.float32).to(device)
         precision = options["precision"]
         self.autocast = precision == "bf16" or (precision == "auto" and device.type == "cuda")
         self.step = 0
 
-    def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, S, S) from the loader (a quarter of float32's bytes to move) -> float."""
-        return normalise_pixels(images, self.mean, self.std)
+    def device_images(self, images: torch.Tensor | PendingImages) -> torch.Tensor:
+        """The loader's uint8 (B, 3, S, S) on the device, JPEGs decoded there (train.decode
+        cuda) -> normalised floats."""
+        if isinstance(images, PendingImages):
+            try:
+                pixels = images.finish(self.device)
+            except DecodeError as err:
+                raise UnicomError(f"cannot decode {images.names[err.row]} ({err})") from None
+        else:  # a quarter of float32's bytes to move
+            pixels = images.to(self.device, non_blocking=True)
+        return normalise_pixels(pixels, self.mean, self.std)
 
-    def train_step(self, micro_batches: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, Any]:
+    def train_step(self, micro_batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """One optimizer step; returns the loss (mean over micro-batches) and gradient norm."""
         self.ddp.train()
         self.head.train()
@@ -97,11 +134,13 @@ class Trainer:
             sync = contextlib.nullcontext()
             if self.info.distributed and not last:
                 sync = self.ddp.no_sync()  # accumulate locally; all-reduce on the last one
-            images = self.normalise(batch["images"].to(self.device, non_blocking=True))
-            labels = batch["labels"].to(self.device, non_blocking=True)
+            # From the labels on the host, before the backbone is queued (see PartialFC.select).
+            selection = self.head.select(batch["labels"], self.device)
+            images = self.device_images(batch["images"])
             with sync:
                 with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-                    loss = self.head(self.ddp(images), labels) / len(micro_batches)
+                    embeddings = self.forward_model(images)
+                    loss = self.head(embeddings, selection) / len(micro_batches)
                 loss.backward()
             total_loss += loss.detach()
         grad_norm = clip_gradients(
@@ -109,6 +148,7 @@ class Trainer:
             list(self.head.parameters()),
             self.options["grad_clip_norm"],
             self.info.distributed,
+            foreach=self.fused,
         )
         lrs = self.lrs  # the rates this step uses
         for optimizer in (self.optimizer, self.head_optimizer):

@@ -23,18 +23,16 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import csv
 import io
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -44,18 +42,16 @@ from unicom import formats
 from unicom.cli import check_pairs, parse_options_json, run_cli, setup_logging
 from unicom.config import section_options
 from unicom.devices import resolve_device
+from unicom.embed.outputs import EmbedResult, result_table, write_skipped_csv
 from unicom.encoders import build_encoder
 from unicom.encoders.base import Encoder
 from unicom.errors import UnicomError
 from unicom.faults import fail_once_if_marked
-from unicom.io import atomic_path, write_parquet
+from unicom.io import write_parquet
 from unicom.shards import TarSample, iter_samples, sample_image, scan_tar_samples
-from unicom.vectors import l2_normalize
 from unicom.workers import decoding_worker, iterate
 
 log = logging.getLogger("unicom.embed.embed")
-
-SKIPPED_COLUMNS = ("key", "reason")
 
 
 # ----------------------------------------------------------------------------- tar reading
@@ -205,20 +201,6 @@ def shard_batches(
 # ----------------------------------------------------------------------------- embedding
 
 
-@dataclass
-class EmbedResult:
-    keys: list[str]
-    captions: list[str]
-    urls: list[str | None]
-    image_emb: np.ndarray
-    text_emb: np.ndarray
-    skipped: list[tuple[str, str]]
-
-    @property
-    def rows(self) -> int:
-        return len(self.keys)
-
-
 def embed_batches(
     batches: Iterable[Batch], encoder: Encoder, progress: tqdm | None = None
 ) -> EmbedResult:
@@ -251,32 +233,6 @@ def embed_batches(
 
 def _stack(parts: list[np.ndarray], dim: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, dim), dtype=np.float16)
-
-
-def result_table(result: EmbedResult, identity: Mapping[str, Any]) -> pa.Table:
-    """The Parquet table of one shard, with the encoder identity in its metadata."""
-    columns = {
-        "key": pa.array(result.keys, type=pa.string()),
-        formats.CAPTION_COLUMN: pa.array(result.captions, type=pa.string()),
-        formats.URL_COLUMN: pa.array(result.urls, type=pa.string()),
-        "image_emb": formats.embedding_array(result.image_emb),
-        "text_emb": formats.embedding_array(result.text_emb),
-    }
-    if identity.get("shared_space"):
-        image = result.image_emb.astype(np.float32)
-        text = result.text_emb.astype(np.float32)
-        columns[formats.CLIP_SCORE_COLUMN] = pa.array(
-            (l2_normalize(image) * l2_normalize(text)).sum(axis=1), pa.float32()
-        )
-    table = pa.table(columns)
-    return formats.with_metadata(table, {formats.ENCODER_METADATA_KEY: dict(identity)})
-
-
-def write_skipped_csv(path: str | os.PathLike, skipped: list[tuple[str, str]]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(SKIPPED_COLUMNS)
-        writer.writerows(skipped)
 
 
 def embed_shard(

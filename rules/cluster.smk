@@ -32,6 +32,8 @@ rule kmeans:
         fused=all_parts("fused/{part}.parquet"),
         # the screen's drops (content duplicates, filtered rows): left out of the sample
         skip=SCREENED,
+        # data.embeddings: their accounting, whose threshold stops the run before k-means
+        precomputed=PRECOMPUTED_SUMMARY,
     output:
         centroids=out("kmeans/centroids.npy"),
         stats=out("kmeans/kmeans.json"),

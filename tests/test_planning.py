@@ -21,10 +21,12 @@ def demo_config() -> dict:
     return layered_config([], {}, default_configfile=REPO / "config/config.yaml")
 
 
-def config_with(demo_enabled=True, url_list=(), image_dir=None, resources_dir="res", **datasets):
+def config_with(
+    demo_enabled=True, url_list=(), image_dir=None, resources_dir="res", shards=(), **datasets
+):
     return {
         "demo": {"enabled": demo_enabled, "image_dir": image_dir, "resources_dir": resources_dir},
-        "data": {"url_list": list(url_list)},
+        "data": {"url_list": list(url_list), "shards": list(shards)},
         "evaluate": {"datasets": datasets, "extra_models": []},
     }
 
@@ -93,6 +95,10 @@ def test_no_url_list_patterns_are_no_files():
 )
 def test_the_demo_pool_is_built_only_without_a_url_list(enabled, url_list, expected):
     assert planning.uses_demo_pool(config_with(enabled, url_list)) is expected
+
+
+def test_existing_shards_replace_the_demo_pool():
+    assert planning.uses_demo_pool(config_with(True, shards=["shards/*.tar"])) is False
 
 
 # --------------------------------------------------------------------------- diagnostics

@@ -32,8 +32,8 @@ rule kmeans:
         fused=all_parts("fused/{part}.parquet"),
         # the screen's drops (content duplicates, filtered rows): left out of the sample
         skip=SCREENED,
-        # data.embeddings: their accounting, whose threshold stops the run before k-means
-        precomputed=PRECOMPUTED_SUMMARY,
+        # data.shards / data.embeddings: the checks of rules/sources.smk
+        sources=SOURCE_CHECKS,
     output:
         centroids=out("kmeans/centroids.npy"),
         stats=out("kmeans/kmeans.json"),

@@ -13,8 +13,9 @@ SOURCES = config["data"]
 SHARD_FILES = (
     planned(sources.shard_files, SOURCES["shards"]) if SOURCES["shards"] else []
 )
+TRAIN_RANKS = config["train"]["nodes"] * config["train"]["nproc_per_node"]
 SHARDS_TAKEN, SAMPLES_TAKEN = (
-    planned(sources.shards_taken, SHARD_FILES, SOURCES["max_rows"])
+    planned(sources.shards_taken, SHARD_FILES, SOURCES["max_rows"], TRAIN_RANKS)
     if SHARD_FILES
     else (0, None)
 )
@@ -34,10 +35,11 @@ if EMBEDDINGS is not None and workflow.is_main_process:
         sources.expected_dims(config["embed"]),
         f"embed.open_clip.model {config['embed']['open_clip']['model']}",
     )
-# k-means waits for the embeddings' accounting (its threshold stops the run before it).
-PRECOMPUTED_SUMMARY = (
-    [out("embed/precomputed/summary.json")] if EMBEDDINGS is not None else []
-)
+# What k-means waits for: the check that the shards' keys do not interleave, and the
+# embeddings' accounting (its threshold stops the run before k-means).
+SOURCE_CHECKS = [out("shards/keys.json")] if SHARD_FILES else []
+if EMBEDDINGS is not None:
+    SOURCE_CHECKS.append(out("embed/precomputed/summary.json"))
 
 
 def batch_parts(wildcards):
@@ -49,6 +51,8 @@ if SHARD_FILES:
 
     localrules:
         index_shards,
+        shard_keys,
+        shard_keys,
 
     # Instead of split_urls and download (rules/download.smk), which stay defined.
     ruleorder: index_shards > split_urls
@@ -106,6 +110,25 @@ if SHARD_FILES:
             " --source {params.sources:q} --out-dir {params.out_dir:q}"
             " --summary {output.summary:q} 2> {log:q}"
 
+    rule shard_keys:
+        input:
+            parts=out("parts"),
+            summaries=lambda wildcards: expand(
+                out("shards/{batch}.summary.json"),
+                batch=planning.batch_names(part_names(), SHARDS_PER_JOB),
+            ),
+        output:
+            out("shards/keys.json"),
+        log:
+            out("logs/shard_keys.log"),
+        conda:
+            "../envs/data.yaml"
+        params:
+            summaries=each_part("shards/{batch}.summary.json"),
+        shell:
+            "python -m unicom.data.existing keys --each-part {input.parts:q}"
+            " {params.summaries:q} --out {output:q} 2> {log:q}"
+
 
 if EMBEDDINGS is not None:
 
@@ -118,10 +141,7 @@ if EMBEDDINGS is not None:
     rule locate_embeddings:
         input:
             parts=out("parts"),
-            summaries=lambda wildcards: expand(
-                out("shards/{batch}.summary.json"),
-                batch=planning.batch_names(part_names(), SHARDS_PER_JOB),
-            ),
+            key_ranges=out("shards/keys.json"),
             embeddings=lambda wildcards: sources.embedding_paths(EMBEDDINGS),
         output:
             scatter=directory(out("embed/precomputed/scatter")),
@@ -138,11 +158,10 @@ if EMBEDDINGS is not None:
             mem_mb=8000,
             runtime=120,
         params:
-            summaries=each_part("shards/{batch}.summary.json"),
             folder=EMBEDDINGS,
         shell:
-            "python -m unicom.embed.precomputed locate --each-part {input.parts:q}"
-            " {params.summaries:q} --embeddings {params.folder:q}"
+            "python -m unicom.embed.precomputed locate --parts-dir {input.parts:q}"
+            " --key-ranges {input.key_ranges:q} --embeddings {params.folder:q}"
             " --scatter-dir {output.scatter:q} --out-index {output.index:q} 2> {log:q}"
 
     rule import_embeddings:
@@ -181,7 +200,7 @@ if EMBEDDINGS is not None:
                 batch=planning.batch_names(part_names(), SHARDS_PER_JOB),
             ),
         output:
-            PRECOMPUTED_SUMMARY,
+            out("embed/precomputed/summary.json"),
         log:
             out("logs/embeddings_summary.log"),
         conda:

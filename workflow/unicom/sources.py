@@ -86,10 +86,13 @@ def status_table(tar: str) -> str | None:
     return table if os.path.isfile(table) else None
 
 
-def shards_taken(files: Sequence[str], max_rows: int | None) -> tuple[int, int | None]:
+def shards_taken(
+    files: Sequence[str], max_rows: int | None, ranks: int = 1
+) -> tuple[int, int | None]:
     """How many of ``files`` the run takes, and the samples they hold: all of them (samples
     not counted) without data.max_rows, else whole shards from the first until they hold
-    max_rows samples (tar headers only)."""
+    max_rows samples (tar headers only), and at least one per training rank (a rank with no
+    shard would have no sample)."""
     if max_rows is None:
         return len(files), None
     samples = 0
@@ -98,7 +101,7 @@ def shards_taken(files: Sequence[str], max_rows: int | None) -> tuple[int, int |
         if found is None:
             raise UnicomError(f"{SHARDS_KEY}: {path} is not an uncompressed tar")
         samples += found
-        if samples >= max_rows:
+        if samples >= max_rows and count >= ranks:
             return count, samples
     return len(files), samples
 
@@ -317,3 +320,34 @@ def check_outside_run(files: Sequence[str], shards_dir: str) -> None:
                 f"{SHARDS_KEY}: {path} is in this run's own shards folder; give the run "
                 "another output_dir"
             )
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def key_ranges(summaries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The first and last key of every shard with samples (the link jobs' summaries), sorted.
+    Ranges that interleave are an error: keys must be unique across the shards (the drops and
+    the training's skip lists name samples by key) and a precomputed embedding's key must name
+    one shard; img2dataset's keys of one output folder never interleave."""
+    ranges = sorted(
+        ({"first": s["keys"][0], "last": s["keys"][1], "part": s["part"], "source": s.get("source")}
+         for s in summaries if s.get("keys")),
+        key=lambda r: (r["first"], r["last"]),
+    )  # fmt: skip
+    for before, after in zip(ranges, ranges[1:], strict=False):
+        if after["first"] <= before["last"]:
+            raise UnicomError(
+                f"{SHARDS_KEY}: the keys of {before['source']} ({before['first']}.."
+                f"{before['last']}) and {after['source']} ({after['first']}..{after['last']}) "
+                "interleave; give shards whose keys are apart (one img2dataset output folder)"
+            )
+    return ranges
+
+
+def range_arrays(ranges: Sequence[Mapping[str, Any]]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(parts, first keys, last keys) as UTF-8 bytes arrays: numpy compares them in str order."""
+    parts = [r["part"] for r in ranges]
+    firsts = np.array([r["first"].encode() for r in ranges], dtype=bytes)
+    lasts = np.array([r["last"].encode() for r in ranges], dtype=bytes)
+    return parts, firsts, lasts

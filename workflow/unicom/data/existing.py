@@ -9,7 +9,10 @@ have made, without copying a byte of the images:
 - ``{part}.parquet``  one row per sample and per failed row: img2dataset's status table
                       beside the tar when there is one, reconciled with the tar's headers
 - ``{batch}.summary.json`` per part the counts per status, as download writes them, plus
-                      the tar, its table and the key range (for the precomputed embeddings)
+                      the tar, its table and its key range
+
+``keys`` (one local job) checks that the shards' key ranges do not interleave (keys must be
+unique across shards) and writes them (``keys.json``: where precomputed embeddings go).
 
 Every sample is accounted for: a table row whose sample is not in the tar is
 ``missing_from_shard``; a sample in the tar that its table lacks (or every sample, without a
@@ -32,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from unicom import sources
-from unicom.cli import run_cli, setup_logging
+from unicom.cli import add_each_part_option, expand_parts, run_cli, setup_logging
 from unicom.data.download import IMG2DATASET_COLUMNS, summarize
 from unicom.errors import UnicomError
 from unicom.formats import CAPTION_COLUMN, URL_COLUMN
@@ -294,6 +297,14 @@ def link_parts(
     return summaries
 
 
+def write_key_ranges(summaries: Sequence[str], out: str) -> list[dict[str, Any]]:
+    """Check that the shards' keys do not interleave; write their ranges (sorted)."""
+    found = [s for path in summaries for s in json.loads(Path(path).read_text())["parts"]]
+    ranges = sources.key_ranges(found)
+    write_json(out, {"ranges": ranges})
+    return ranges
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m unicom.data.existing", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -310,9 +321,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     link.add_argument("--out-dir", required=True, help="the shards folder")
     link.add_argument("--summary", required=True, help="the job's summary JSON")
+    keys = commands.add_parser("keys", help="check and write the shards' key ranges")
+    keys.add_argument("summaries", nargs="+", help="link summaries ({batch} with --each-part)")
+    add_each_part_option(keys)
+    keys.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     setup_logging()
-    if args.command == "index":
+    if args.command == "keys":
+        write_key_ranges(expand_parts(args.summaries, args.each_part), args.out)
+    elif args.command == "index":
         index_shards(args.patterns, args.out_dir, args.take, args.shards_per_job, args.digest)
     else:
         link_parts(args.part, args.source, args.out_dir, args.summary)

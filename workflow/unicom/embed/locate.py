@@ -3,7 +3,7 @@
 clip-retrieval numbers its files by its own partitions (partition i takes every n-th tar), so
 one shard's rows can be in any file. Each metadata file's keys (``image_path``) are placed in
 the part whose key range holds them (the ranges come from the link jobs' summaries and may not
-interleave); ``scatter/{N}.parquet`` keeps file N's placed rows (batch, part, key, row) sorted
+interleave: shards/keys.json); ``scatter/{N}.parquet`` keeps file N's placed rows (batch, part, key, row) sorted
 by job batch, one row group per batch, and the index says which files each batch needs. A file
 whose keys (footer statistics) miss every range is not read: a rehearsal's first shards read
 only the files that hold them.
@@ -22,33 +22,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from unicom import sources
-from unicom.errors import UnicomError
 from unicom.formats import batch_name, read_manifest
 from unicom.io import atomic_path, write_json
 
 log = logging.getLogger("unicom.embed.locate")
 
 BATCH_INDEX_KEY = b"unicom.precomputed.batches"
-
-
-def key_ranges(summaries: Sequence[Mapping[str, Any]]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(parts, first keys, last keys) of the shards with samples, sorted by first key, as
-    UTF-8 bytes (numpy compares them in str order). Interleaving ranges are an error: a key
-    could then belong to either shard."""
-    entries = sorted(
-        (s["keys"][0], s["keys"][1], s["part"], s.get("source")) for s in summaries if s.get("keys")
-    )
-    for (_, last, _, source), (first, after, _, other) in zip(entries, entries[1:], strict=False):
-        if first <= last:
-            raise UnicomError(
-                f"config key data.embeddings: the keys of {source} ({entries[0][0]!r}...) and "
-                f"{other} ({first!r}..{after!r}) interleave, so a key cannot name its shard; "
-                "give shards whose key ranges are apart (one img2dataset output folder)"
-            )
-    parts = [entry[2] for entry in entries]
-    firsts = np.array([entry[0].encode() for entry in entries], dtype=bytes)
-    lasts = np.array([entry[1].encode() for entry in entries], dtype=bytes)
-    return parts, firsts, lasts
 
 
 def place_keys(keys: Sequence[str], firsts: np.ndarray, lasts: np.ndarray) -> np.ndarray:
@@ -129,12 +108,13 @@ def read_batch(scatter_dir: str | Path, number: int, batch: str) -> pa.Table | N
 
 
 def locate(
-    summaries: Sequence[str], parts_dir: str, folder: str, scatter_dir: str, index_path: str
+    key_ranges: str, parts_dir: str, folder: str, scatter_dir: str, index_path: str
 ) -> dict[str, Any]:
-    """Scatter every embedding file's rows to the job batches of the shards that hold them."""
+    """Scatter every embedding file's rows to the job batches of the shards that hold them
+    (``key_ranges``: the shards' key ranges, shards/keys.json)."""
     manifest = read_manifest(parts_dir)
-    found = [s for path in summaries for s in json.loads(Path(path).read_text())["parts"]]
-    parts, firsts, lasts = key_ranges(found)
+    ranges = json.loads(Path(key_ranges).read_text())["ranges"]
+    parts, firsts, lasts = sources.range_arrays(ranges)
     places = {"parts": parts, "firsts": firsts, "lasts": lasts}
     files = sources.embedding_files(folder)
     out = Path(scatter_dir)

@@ -260,10 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m unicom.embed.precomputed", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     where = commands.add_parser("locate", help="place every embedding row in its job batch")
-    where.add_argument(
-        "summaries", nargs="+", help="the link jobs' summaries ({batch} with --each-part)"
-    )
-    add_each_part_option(where)
+    where.add_argument("--key-ranges", required=True, help="shards/keys.json")
+    where.add_argument("--parts-dir", required=True, help="the parts folder (manifest.json)")
     where.add_argument("--embeddings", required=True, help="data.embeddings")
     where.add_argument("--scatter-dir", required=True)
     where.add_argument("--out-index", required=True)
@@ -285,8 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging()
     if args.command == "locate":
-        summaries = expand_parts(args.summaries, args.each_part)
-        locate(summaries, args.each_part, args.embeddings, args.scatter_dir, args.out_index)
+        locate(args.key_ranges, args.parts_dir, args.embeddings, args.scatter_dir, args.out_index)
     elif args.command == "import":
         import_batch(args.batch, args.tables, args.out, args.index, args.scatter_dir,
                      args.encoder, args.skipped, args.stats)  # fmt: skip

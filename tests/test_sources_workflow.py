@@ -300,12 +300,15 @@ def test_embeddings_without_a_sample_are_counted_and_stop_the_run_before_k_means
 
 
 def test_the_rehearsal_takes_the_first_shards_and_their_embeddings(run, inputs, tmp_path):
-    laion, rehearsal = REPO / "config/laion400m.yaml", REPO / "config/rehearsal.yaml"
+    """config/laion400m.yaml + config/existing.yaml (as the README runs them) + the rehearsal,
+    with the user's paths (shards, embeddings, weights) pointed at the test's, and the columns
+    the LAION filters read (NSFW) replaced by the test shards' own (similarity)."""
+    layers = [REPO / "config/laion400m.yaml", REPO / "config/existing.yaml",
+              REPO / "config/rehearsal.yaml"]  # fmt: skip
     overrides = {
-        "data": {"url_list": [], "shards": [str(inputs["shards"] / "*.tar")],
-                 "embeddings": str(FIXTURE), "extra_cols": ["similarity"]},
-        "filters": {"columns": []},
-        "dedup": {"urls": False},
+        "data": {"shards": [str(inputs["shards"] / "*.tar")], "embeddings": str(FIXTURE),
+                 "extra_cols": ["similarity"]},
+        "filters": {"columns": [{"column": "similarity", "op": ">=", "value": 0.0}]},
         "embed": {"open_clip": {"pretrained": str(inputs["weights"])}},
         "rehearsal": {"rows": 5, "k": 4},
         "evaluate": {"datasets": {"fashion-mnist": None}},
@@ -313,16 +316,14 @@ def test_the_rehearsal_takes_the_first_shards_and_their_embeddings(run, inputs, 
     encoder = tmp_path / "results-laion400m-rehearsal/embed/encoder.json"
     encoder.parent.mkdir(parents=True)
     shutil.copy2(run / "results/embed/encoder.json", encoder)
-    plan = job_counts(
-        succeeded(snakemake(tmp_path, overrides, "-n", configfiles=[laion, rehearsal]))
-    )
+    plan = job_counts(succeeded(snakemake(tmp_path, overrides, "-n", configfiles=layers)))
     # the first shards: 9 samples >= 5 rows, but one for each of the 2 ranks; 8 empty parts
     # make a batch of 10: one job per stage
     assert plan["index_shards"] == plan["link_shards"] == plan["import_embeddings"] == 1
     assert plan["fuse"] == plan["assign"] == plan["train"] == 1
     assert not {"split_urls", "download", "embed"} & set(plan)
     target = "results-laion400m-rehearsal/embed/precomputed/summary.json"
-    succeeded(snakemake(tmp_path, overrides, target, configfiles=[laion, rehearsal]))
+    succeeded(snakemake(tmp_path, overrides, target, configfiles=layers))
     results = tmp_path / "results-laion400m-rehearsal"
     index = json.loads((results / "embed/precomputed/index.json").read_text())
     assert [item["placed"] for item in index["files"]] == [9, 10]  # shard 00002's 5: outside

@@ -177,6 +177,14 @@ def test_link_accounts_for_every_row_and_sample(tmp_path):
     assert json.loads((out / "0000.summary.json").read_text())["parts"] == summaries
 
 
+def test_a_key_twice_in_a_status_table_is_an_error(tmp_path):
+    source = shard(tmp_path / "in/00000.tar", ["k0"])
+    pq.write_table(pa.table({"key": ["k0", "k0"], "status": ["success"] * 2}),
+                   tmp_path / "in/00000.parquet")  # fmt: skip
+    with pytest.raises(UnicomError, match="key 'k0' is in the status table twice"):
+        existing.link_parts(["00000"], [str(source)], str(tmp_path / "out"), str(tmp_path / "s"))
+
+
 def test_the_run_may_not_link_its_own_shards(tmp_path):
     tar = shard(tmp_path / "results/shards/00000.tar", ["k0"])
     with pytest.raises(UnicomError, match="in this run's own shards folder"):

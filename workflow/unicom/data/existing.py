@@ -27,6 +27,7 @@ import json
 import logging
 import tarfile
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -117,9 +118,9 @@ def reconcile(
     """The part's rows: ``table`` (the status table) with its statuses set from the tar, then
     ``extra_rows`` (samples of the tar the table lacks). Returns the rows and what changed."""
     keys = table.column("key").to_pylist()
-    if len(set(keys)) != len(keys):
-        twice = next(k for k in keys if keys.count(k) > 1)
-        raise UnicomError(f"key {twice!r} is in the status table twice")
+    twice = [key for key, count in Counter(keys).items() if count > 1]
+    if twice:
+        raise UnicomError(f"key {twice[0]!r} is in the status table twice")
     statuses = table.column("status").to_pylist()
     messages = table.column("error_message").to_pylist()
     missing = corrected = 0

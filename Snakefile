@@ -60,6 +60,7 @@ config.update(EFFECTIVE_CONFIG)
 
 
 include: "rules/common.smk"
+include: "rules/sources.smk"
 include: "rules/demo.smk"
 include: "rules/download.smk"
 include: "rules/embed.smk"

@@ -34,6 +34,8 @@ rule kmeans:
         skip=SCREENED,
         # the whole list's download success rate, checked against download.min_success_rate
         downloaded=rules.download_summary.output.summary,
+        # data.shards / data.embeddings: the checks of rules/sources.smk
+        sources=SOURCE_CHECKS,
     output:
         centroids=out("kmeans/centroids.npy"),
         stats=out("kmeans/kmeans.json"),

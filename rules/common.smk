@@ -45,7 +45,10 @@ def stage_options(name):
 
 
 def part_names():
-    """Names of the URL-list parts (= shards), known once the split checkpoint ran."""
+    """Names of the parts (= shards): data.shards' (rules/sources.smk, known at parse time),
+    else the URL-list parts, known once the split checkpoint ran."""
+    if SOURCE_PARTS:
+        return SOURCE_PARTS
     parts_dir = checkpoints.split_urls.get().output[0]
     return sorted(Path(p).stem for p in glob.glob(os.path.join(parts_dir, "*.parquet")))
 

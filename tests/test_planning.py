@@ -28,6 +28,7 @@ def config_with(
     resources_dir="res",
     system_root="/nonexistent-system",
     enabled=True,
+    shards=(),
     **datasets,
 ):
     return {
@@ -37,7 +38,7 @@ def config_with(
             "resources_dir": resources_dir,
             "system_root": system_root,
         },
-        "data": {"url_list": list(url_list)},
+        "data": {"url_list": list(url_list), "shards": list(shards)},
         "evaluate": {"enabled": enabled, "datasets": datasets, "extra_models": []},
     }
 
@@ -150,6 +151,10 @@ def test_the_url_list_plan_reads_only_footers_and_checks_k(tmp_path):
 )
 def test_the_demo_pool_is_built_only_without_a_url_list(enabled, url_list, expected):
     assert planning.uses_demo_pool(config_with(enabled, url_list)) is expected
+
+
+def test_existing_shards_replace_the_demo_pool():
+    assert planning.uses_demo_pool(config_with(True, shards=["shards/*.tar"])) is False
 
 
 # --------------------------------------------------------------------------- diagnostics

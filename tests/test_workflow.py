@@ -228,6 +228,34 @@ def test_results_match_the_numbers_pinned_before_the_refactor(demo_run):
         assert observed["summary"][name] == pytest.approx(numbers, **tolerance), name
 
 
+def test_its_own_shards_fed_back_give_the_same_vectors_labels_and_weights(demo_run, tmp_path):
+    """The shards the run downloaded, given as data.shards to a new run of the same config:
+    linked, not downloaded again, and everything after them the same (same seed, CPU)."""
+    from safetensors.numpy import load_file
+
+    config = yaml.safe_load((demo_run / "config.yaml").read_text())
+    config["data"] = {"shards": [str(demo_run / "results/shards/*.tar")]}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    parts = ("00000", "00001", "00002")
+    targets = [f"results/{stage}/{part}.parquet" for stage in ("fused", "assign") for part in parts]
+    targets += ["results/train/model.safetensors", "results/download/summary.json"]
+    ran = job_counts(snakemake(tmp_path, *targets))
+    assert ran["link_shards"] == ran["embed"] == 3 and "download" not in ran
+    for part in parts:
+        for stage, columns in (("fused", ["key", "emb"]), ("assign", ["key", "label"])):
+            again = pq.read_table(tmp_path / f"results/{stage}/{part}.parquet", columns=columns)
+            first = pq.read_table(demo_run / f"results/{stage}/{part}.parquet", columns=columns)
+            assert again.equals(first), (stage, part)
+    weights = load_file(tmp_path / "results/train/model.safetensors")
+    original = load_file(demo_run / "results/train/model.safetensors")
+    assert weights.keys() == original.keys()
+    assert all(np.array_equal(weights[name], original[name]) for name in weights)
+    # the download's accounting comes along: every row of the URL list, by status
+    summary = json.loads((tmp_path / "results/download/summary.json").read_text())
+    first = json.loads((demo_run / "results/download/summary.json").read_text())
+    assert summary["counts"] == first["counts"] and summary["input_rows"] == first["input_rows"]
+
+
 def test_rerun_is_a_no_op(demo_run):
     assert planned_jobs(demo_run) == {}
 

@@ -127,13 +127,34 @@ def validate_config(config: dict, schema: Mapping | None = None) -> dict:
     return config
 
 
+def check_data_sources(config: Mapping[str, Any]) -> None:
+    """data.shards / data.embeddings (unicom.sources) with the keys they cannot go with."""
+    data = config["data"]
+    if data["shards"] and data["url_list"]:
+        raise UnicomError(
+            "config key data.shards: give data.url_list (to download) or data.shards (already "
+            "downloaded), not both"
+        )
+    if data["embeddings"] is not None and not data["shards"]:
+        raise UnicomError(
+            "config key data.embeddings: needs data.shards, the images the embeddings were "
+            "made from (training reads them; clip-retrieval's files hold no images)"
+        )
+    if data["shards"] and config["dedup"]["urls"]:
+        raise UnicomError(
+            "config key dedup.urls: marks repeated URLs before a download, and data.shards "
+            "has none; set it false (dedup.content still finds repeated images)"
+        )
+
+
 def check_consistency(config: Mapping[str, Any]) -> None:
     """Checks that involve more than one key."""
     demo, data = config["demo"], config["data"]
-    if not demo["enabled"] and not data["url_list"]:
+    if not demo["enabled"] and not data["url_list"] and not data["shards"]:
         raise UnicomError(
             "config key data.url_list: empty, and demo.enabled is false: nothing to do"
         )
+    check_data_sources(config)
     if config["fuse"]["mode"] == "mean" and config["embed"]["encoder"] != "open_clip":
         raise UnicomError(
             "config key fuse.mode: 'mean' needs image and text in one shared space (a single CLIP "

@@ -1,8 +1,9 @@
 """Dropped rows: one Parquet format for every hygiene stage, read by k-means and training.
 
 Columns: ``part``, ``key``, ``reason`` (``duplicate_content``, ``filtered``, ``near_duplicate``),
-``twin`` (the kept row it repeats, or null), ``similarity`` (near-duplicates) and ``detail``
-(which filter). Files are sorted by part, so a reader that wants a few parts prunes row groups.
+``twin`` (the kept row it repeats, or null) and ``twin_part`` (its part), ``similarity``
+(near-duplicates) and ``detail`` (which filter). Parts are named, never parsed from a key:
+existing shards (data.shards) keep their own keys. Files are sorted by part, so a reader that wants a few parts prunes row groups.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ SCHEMA = pa.schema(
         ("twin", pa.string()),
         ("similarity", pa.float32()),
         ("detail", pa.string()),
+        ("twin_part", pa.string()),
     ]
 )
 DUPLICATE_CONTENT = "duplicate_content"
@@ -32,11 +34,6 @@ FILTERED = "filtered"
 NEAR_DUPLICATE = "near_duplicate"
 REASONS = (DUPLICATE_CONTENT, FILTERED, NEAR_DUPLICATE)
 ROW_GROUP_ROWS = 65_536
-
-
-def part_of(key: str) -> str:
-    """The part of a global key (``{part}_{row}``)."""
-    return key.rsplit("_", 1)[0]
 
 
 def table(rows: Sequence[dict]) -> pa.Table:

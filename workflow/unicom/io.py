@@ -75,6 +75,17 @@ def follow_umask(root: str | os.PathLike) -> None:
                 os.chmod(file, DIR_MODE if executable else FILE_MODE)
 
 
+def atomic_symlink(target: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Make ``path`` a symlink to ``target``, replacing whatever was there in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.link.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, path)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -117,8 +117,10 @@ def check_k_rows(config: Mapping[str, Any], url_list_rows: int) -> None:
 
 
 def uses_demo_pool(config: Mapping[str, Any]) -> bool:
-    """Whether the run builds the offline demo pool: demo.enabled and no data.url_list."""
-    return bool(config["demo"]["enabled"] and not config["data"]["url_list"])
+    """Whether the run builds the offline demo pool: demo.enabled, no data.url_list and no
+    data.shards."""
+    data = config["data"]
+    return bool(config["demo"]["enabled"] and not data["url_list"] and not data["shards"])
 
 
 def diagnostic_parts(parts: Sequence[str], diagnostics: Mapping[str, Any]) -> list[str]:

@@ -100,9 +100,13 @@ def main(argv: list[str] | None = None) -> None:
     # Rows after data.max_rows never reached a part: counted here, so the summary still
     # accounts for every row of the URL list.
     left_out = manifest.get("rows_left_out", 0)
-    combined = combine_summaries(summaries, manifest["total_rows"] - left_out)
-    combined["url_list_rows"] = manifest["total_rows"]
+    # data.shards: no URL list; the rows are the shards' own, counted by the link jobs
+    total = manifest["total_rows"]
+    combined = combine_summaries(summaries, None if total is None else total - left_out)
+    combined["url_list_rows"] = combined["input_rows"] + left_out if total is None else total
     combined["left_out_beyond_max_rows"] = left_out
+    if "shards_left_out" in manifest:
+        combined["shards_left_out"] = manifest["shards_left_out"]
     # Each download job checked its own parts; this sees the whole list (and summaries that a
     # run with another floor wrote: the floor is no param, so a new one reruns no download).
     where = "download (the whole URL list)"

@@ -47,13 +47,8 @@ from unicom.cli import check_pairs, parse_options_json, run_cli, setup_logging
 from unicom.config import section_options
 from unicom.decoding import SQUARE, PendingImages, decode_rgb, jpeg_header, square
 from unicom.devices import resolve_device
-from unicom.embed.results import (
-    EmbedResult,
-    ShardEmbeddings,
-    ShardWriter,
-    result_table,
-    write_skipped_csv,
-)
+from unicom.embed.outputs import EmbedResult, result_table, write_skipped_csv
+from unicom.embed.results import ShardEmbeddings, ShardWriter
 from unicom.encoders import build_encoder
 from unicom.encoders.base import Encoder
 from unicom.errors import UnicomError

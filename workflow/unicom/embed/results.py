@@ -1,46 +1,26 @@
 """What the embed stage keeps of a shard and how it leaves: the encoders' outputs of each batch,
-copied back from the GPU without waiting for it; the Parquet table; and a writer thread that
-writes a finished shard while the GPU goes on with the next one."""
+copied back from the GPU without waiting for it, and a writer thread that writes a finished
+shard (unicom.embed.outputs' table) while the GPU goes on with the next one."""
 
 from __future__ import annotations
 
-import csv
 import logging
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 
-from unicom import formats
 from unicom.decoding import PendingImages
+from unicom.embed.outputs import EmbedResult, result_table
 from unicom.encoders.base import Encoder
-from unicom.io import atomic_path, write_parquet
-from unicom.vectors import l2_normalize
+from unicom.io import write_parquet
 
 if TYPE_CHECKING:
     from unicom.embed.embed import Batch
 
 log = logging.getLogger("unicom.embed.results")
-
-SKIPPED_COLUMNS = ("key", "reason")
-
-
-@dataclass
-class EmbedResult:
-    keys: list[str]
-    captions: list[str]
-    urls: list[str | None]
-    image_emb: np.ndarray
-    text_emb: np.ndarray
-    skipped: list[tuple[str, str]]
-
-    @property
-    def rows(self) -> int:
-        return len(self.keys)
 
 
 def _host(tensor: torch.Tensor) -> torch.Tensor:
@@ -106,32 +86,6 @@ class ShardEmbeddings:
         return EmbedResult(
             self.keys, self.captions, self.urls, stacked[0], stacked[1], self.skipped
         )
-
-
-def result_table(result: EmbedResult, identity: dict[str, Any]) -> pa.Table:
-    """The Parquet table of one shard, with the encoder identity in its metadata."""
-    columns = {
-        "key": pa.array(result.keys, type=pa.string()),
-        formats.CAPTION_COLUMN: pa.array(result.captions, type=pa.string()),
-        formats.URL_COLUMN: pa.array(result.urls, type=pa.string()),
-        "image_emb": formats.embedding_array(result.image_emb),
-        "text_emb": formats.embedding_array(result.text_emb),
-    }
-    if identity.get("shared_space"):
-        image = result.image_emb.astype(np.float32)
-        text = result.text_emb.astype(np.float32)
-        columns[formats.CLIP_SCORE_COLUMN] = pa.array(
-            (l2_normalize(image) * l2_normalize(text)).sum(axis=1), pa.float32()
-        )
-    table = pa.table(columns)
-    return formats.with_metadata(table, {formats.ENCODER_METADATA_KEY: dict(identity)})
-
-
-def write_skipped_csv(path: str | os.PathLike, skipped: list[tuple[str, str]]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(SKIPPED_COLUMNS)
-        writer.writerows(skipped)
 
 
 class ShardWriter:

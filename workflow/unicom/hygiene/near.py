@@ -132,7 +132,7 @@ def scatter(
     options: Mapping[str, Any],
     groups: int,
 ) -> dict[str, Any]:
-    """Write the batch's kept rows (key, label, vector) sorted by group, a row group each.
+    """Write the batch's kept rows (key, part, label, vector) sorted by group, a row group each.
     ``options``: {"space": dedup.space} (nothing else, so a new threshold reuses the files)."""
     column = SPACE_COLUMNS[options["space"]]
     parts = [Path(a).name.removesuffix(".parquet") for a in assignments]
@@ -154,6 +154,7 @@ def scatter(
                     "group": pa.array(label % groups, pa.int32()),
                     "label": pa.array(label, pa.int32()),
                     "key": labels["key"].filter(pa.array(kept)),
+                    "part": pa.array([Path(assignment).stem] * int(kept.sum()), pa.string()),
                     "vector": formats.embedding_array(vectors[where[kept]]),
                 }
             )
@@ -192,7 +193,7 @@ def dedup_group(
         return drops.table([]), {"group": group, "clusters": 0, "items": 0, "dropped": 0}
     table = pa.concat_tables(pieces).sort_by([("label", "ascending"), ("key", "ascending")])
     labels = table["label"].to_numpy()
-    keys = table["key"].to_pylist()
+    keys, parts = table["key"].to_pylist(), table["part"].to_pylist()
     # Stored as float16 like the embeddings: normalise again so self-cosines are 1.
     vectors = l2_normalize(formats.column_to_numpy(table["vector"]).astype(np.float32))
     rows: list[dict[str, Any]] = []
@@ -209,10 +210,11 @@ def dedup_group(
                 detail += f"; most similar earlier item {keys[start + trigger[i]]} (dropped too)"
             rows.append(
                 {
-                    "part": drops.part_of(key),
+                    "part": parts[start + i],
                     "key": key,
                     "reason": drops.NEAR_DUPLICATE,
                     "twin": keys[start + twin[i]],
+                    "twin_part": parts[start + twin[i]],
                     "similarity": float(sim[i]),
                     "detail": detail,
                 }

@@ -66,10 +66,19 @@ def near_groups(near: Any, largest: int) -> list[tuple[str, list[tuple[str, floa
     return [(kept, sorted(members, key=lambda m: -m[1])) for kept, members in ordered[:largest]]
 
 
-def load_images(keys: Sequence[str], shard_pattern: str) -> dict[str, Image.Image]:
+def parts_of(near: Any) -> dict[str, str]:
+    """Key -> part of every dropped and kept sample the near-duplicate drops name."""
+    columns = ("key", "part", "twin", "twin_part")
+    keys, parts, twins, twin_parts = (near[c].to_pylist() for c in columns)
+    return {**dict(zip(twins, twin_parts, strict=True)), **dict(zip(keys, parts, strict=True))}
+
+
+def load_images(
+    keys: Sequence[str], part_of: Mapping[str, str], shard_pattern: str
+) -> dict[str, Image.Image]:
     by_part: dict[str, list[str]] = defaultdict(list)
     for key in keys:
-        by_part[drops.part_of(key)].append(key)
+        by_part[part_of[key]].append(key)
     images = {}
     for part, wanted in sorted(by_part.items()):
         for key, sample in shards.read_samples(shard_pattern.format(part=part), wanted).items():
@@ -157,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.out_grid:
         groups = near_groups(near_table, args.grid_groups)
         keys = [k for kept, members in groups for k in [kept, *(m for m, _ in members)]]
-        plot_groups(groups, load_images(keys, args.shards), args.threshold, args.out_grid)
+        images = load_images(keys, parts_of(near_table), args.shards)
+        plot_groups(groups, images, args.threshold, args.out_grid)
     write_json(args.out, summary)
     log.info("hygiene: %s", counts)
 

@@ -145,6 +145,7 @@ def content_duplicates(passing: Passes, survivors_total: int, work: str) -> tupl
             "key": key_of[row][1],
             "reason": drops.DUPLICATE_CONTENT,
             "twin": key_of[first][1],
+            "twin_part": key_of[first][0],
         }
         for row, first in zip(found.rows.tolist(), found.firsts.tolist(), strict=True)
     ]

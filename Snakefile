@@ -5,7 +5,6 @@ Run the offline demo with `snakemake --profile profiles/local`, a real run with
 """
 
 import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -21,27 +20,13 @@ sys.path.insert(0, PACKAGE_DIR)
 
 from unicom.config import check_output_dir, layered_config
 from unicom.errors import UnicomError
+from unicom.planning import job_shell_prefix
 from unicom.watchdog import shell_export
-
-
-def _braces_doubled(text):
-    """The prefix is formatted like a rule's command later, hence the doubled braces."""
-    return text.replace("{", "{{").replace("}", "}}")
-
 
 # Every job also learns which process runs it (this one: local jobs are its children; a
 # cluster job's own Snakemake parses this file again), so that a stage ends with it after a
 # hard kill instead of running on orphaned (unicom.watchdog).
-shell.prefix(
-    "".join(
-        [
-            "export PYTHONPATH=",
-            _braces_doubled(shlex.quote(PACKAGE_DIR)),
-            "${{PYTHONPATH:+:$PYTHONPATH}}; ",
-            _braces_doubled(shell_export()),
-        ]
-    )
-)
+shell.prefix(job_shell_prefix(PACKAGE_DIR, shell_export()))
 
 # Layers: the schema's defaults < the --configfile files (config/config.yaml, the demo, only
 # when none is given) < --config. No `configfile:` directive: Snakemake would merge the demo

@@ -95,6 +95,11 @@ def grid_section(configs, key, name):
     return as_json(section(configs[key], name))
 
 
+def batch_parts(wildcards):
+    """The part names of one batch job."""
+    return [wildcards.batch + suffix for suffix in PART_SUFFIXES]
+
+
 def files_of_batch(pattern, batch):
     """`pattern`'s files ({part} left in) of one batch job."""
     return [out(pattern.replace("{part}", batch + suffix)) for suffix in PART_SUFFIXES]

@@ -15,9 +15,10 @@ URL_LIST_FILES = (
 # must not read 40,000 footers each time.
 if DATA["url_list"] and workflow.is_main_process:
     planned(planning.check_url_list_plan, config, URL_LIST_FILES)
-# The download success-rate floor reaches the commands as {config[...]}, not as a param: a
-# gate on the result, not a part of it, so changing it reruns no finished download.
-MIN_SUCCESS_RATE = "--min-success-rate {config[download][min_success_rate]:q}"
+# The download success-rate floor is written into the commands, not passed as a param: a gate
+# on the result, not a part of it, so changing it reruns no finished download (the profiles'
+# rerun triggers are mtime, params and input). A number, checked by the schema.
+MIN_SUCCESS_RATE = f"--min-success-rate {float(DOWNLOAD['min_success_rate'])!r}"
 
 
 # On the login node: one pass over the URL list, and Snakemake needs its result to plan.

@@ -42,11 +42,6 @@ if EMBEDDINGS is not None:
     SOURCE_CHECKS.append(out("embed/precomputed/summary.json"))
 
 
-def batch_parts(wildcards):
-    """The part names of one batch job."""
-    return [wildcards.batch + suffix for suffix in PART_SUFFIXES]
-
-
 if SHARD_FILES:
 
     localrules:

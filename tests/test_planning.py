@@ -522,3 +522,11 @@ def test_several_nodes_need_the_profiles_srun_before_any_job():
         planning.check_multi_node("kmeans", section, None)
     planning.check_multi_node("kmeans", section, "srun")
     planning.check_multi_node("kmeans", kmeans_section(backend="torch", nproc_per_node=8), None)
+
+
+def test_the_job_prefix_survives_snakemakes_formatting():
+    prefix = planning.job_shell_prefix("/opt/my {pkg}", "export X='a{b}';")
+    # Snakemake formats a prefix like a command: the doubled braces come out single.
+    assert prefix.format() == (
+        "export PYTHONPATH='/opt/my {pkg}'${PYTHONPATH:+:$PYTHONPATH}; export X='a{b}';"
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import random
+import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,17 @@ FASHION_MNIST_FILES = (
 # The trainer the launcher starts on every rank.
 TRAIN_MODULE = "unicom.train.train"
 KMEANS_MODULE = "unicom.cluster.kmeans"
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def job_shell_prefix(package_dir: str, exports: str) -> str:
+    """What every job's shell runs first: the package on PYTHONPATH (for `python -m unicom.*`)
+    and ``exports`` (shell lines). Snakemake formats a prefix like a rule's command, so literal
+    braces are doubled."""
+    text = f"export PYTHONPATH={shlex.quote(package_dir)}${{PYTHONPATH:+:$PYTHONPATH}}; {exports}"
+    return text.replace("{", "{{").replace("}", "}}")
 
 
 # --------------------------------------------------------------------------- batches

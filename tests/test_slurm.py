@@ -16,6 +16,7 @@ interval before it exits. The module takes 6-8 minutes on 2 cores (6 min 14 s la
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -37,6 +38,7 @@ import yaml
 from test_workflow import DEMO_CONFIG, write_config
 
 from conftest import REPO
+from readme import check_result, readme_block, run_block
 
 pytestmark = pytest.mark.slow
 
@@ -369,6 +371,18 @@ def test_demo_runs_end_to_end_as_slurm_jobs(demo_runs):
         f"\nSLURM jobs: broken run {len(demo_runs.broken.submissions())}, mended run "
         f"{len(demo_runs.mended.submissions())}: {sorted(Counter(submitted.values()).items())}"
     )
+
+
+def test_the_readme_finds_a_runs_slurm_jobs_by_its_run_id(demo_runs):
+    """The README's commands for the jobs of a killed run (block id=slurm-cancel), as written,
+    in the run's folder: the run ID from Snakemake's log, then squeue and scancel by it."""
+    block = readme_block("slurm-cancel")
+    shown = dataclasses.replace(block, text=block.text + 'echo "run id: $RUN_ID"\n')
+    result = run_block(shown, demo_runs.workdir, {})
+    assert check_result(shown, result) == []
+    run_id = re.search(r"^run id: (\S+)$", result.stdout, re.M)
+    assert run_id and run_id.group(1) in (demo_runs.workdir / "mended.log").read_text()
+    assert "JOBID" in result.stdout  # squeue's header: the run's jobs (none left) listed
 
 
 def test_training_ran_two_ranks_in_one_slurm_job(demo_runs):

@@ -15,10 +15,10 @@ URL_LIST_FILES = (
 # must not read 40,000 footers each time.
 if DATA["url_list"] and workflow.is_main_process:
     planned(planning.check_url_list_plan, config, URL_LIST_FILES)
-# The download success-rate floor is written into the commands, not passed as a param: a gate
-# on the result, not a part of it, so changing it reruns no finished download (the profiles'
-# rerun triggers are mtime, params and input). A number, checked by the schema.
-MIN_SUCCESS_RATE = f"--min-success-rate {float(DOWNLOAD['min_success_rate'])!r}"
+# The download success-rate floor is a gate on the result, not a part of it: it reaches the
+# commands as a job resource (text), which no rerun trigger looks at, so changing it reruns no
+# finished download (a param would; so would the command's text under the "code" trigger).
+MIN_SUCCESS_RATE = str(float(DOWNLOAD["min_success_rate"]))
 
 
 # On the login node: one pass over the URL list, and Snakemake needs its result to plan.
@@ -74,6 +74,7 @@ rule download:
     resources:
         mem_mb=DOWNLOAD["mem_mb"],
         runtime=DOWNLOAD["runtime"],
+        min_success_rate=MIN_SUCCESS_RATE,
     params:
         # The batch's part files.
         parts=lambda wildcards, input: [
@@ -84,9 +85,8 @@ rule download:
         options=stage_options("download"),
     shell:
         "python -m unicom.data.download --part {params.parts:q} --out-dir {params.out_dir:q}"
-        " --summary {output.summary:q} --options-json {params.options:q} "
-        + MIN_SUCCESS_RATE
-        + " 2> {log:q}"
+        " --summary {output.summary:q} --options-json {params.options:q}"
+        " --min-success-rate {resources.min_success_rate:q} 2> {log:q}"
 
 
 rule download_summary:
@@ -103,10 +103,11 @@ rule download_summary:
         out("logs/download_summary.log"),
     conda:
         "../envs/data.yaml"
+    resources:
+        min_success_rate=MIN_SUCCESS_RATE,
     params:
         summaries=each_part("shards/{batch}.summary.json"),
     shell:
         "python -m unicom.data.summary --parts-dir {input.manifest:q}"
-        " --out {output.summary:q} --out-table {output.table:q} "
-        + MIN_SUCCESS_RATE
-        + " {params.summaries:q} 2> {log:q}"
+        " --out {output.summary:q} --out-table {output.table:q}"
+        " --min-success-rate {resources.min_success_rate:q} {params.summaries:q} 2> {log:q}"

@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -36,6 +35,7 @@ from torch import nn
 
 from unicom.errors import UnicomError
 from unicom.train.mlcd import COS_LIMIT, ShardedMultiLabelLoss
+from unicom.train.seeds import SeedStream, derived_seed
 
 # Prototypes are initialised in blocks of classes, each block from its own seed, so the full
 # matrix is the same whatever the world size.
@@ -57,17 +57,14 @@ def class_range(num_classes: int, rank: int, world: int) -> tuple[int, int]:
     return start, start + base + int(rank < extra)
 
 
-def derived_seed(*keys: int) -> int:
-    """An independent 63-bit seed per key tuple (init block, class sampling, dim sampling)."""
-    return int(np.random.SeedSequence(keys).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
 def init_prototypes(dim: int, start: int, end: int, seed: int) -> torch.Tensor:
     """Rows ``[start, end)`` of one N(0, INIT_STD^2) ``(num_classes, dim)`` matrix."""
     weight = torch.empty(end - start, dim)
     for block in range(start // INIT_BLOCK, (end - 1) // INIT_BLOCK + 1):
         first = block * INIT_BLOCK
-        generator = torch.Generator().manual_seed(derived_seed(seed, 0, block))
+        generator = torch.Generator().manual_seed(
+            derived_seed(seed, SeedStream.PROTOTYPE_INIT, block)
+        )
         rows = torch.empty(INIT_BLOCK, dim).normal_(0.0, INIT_STD, generator=generator)
         lo, hi = max(first, start), min(first + INIT_BLOCK, end)
         weight[lo - start : hi - start] = rows[lo - first : hi - first]
@@ -235,8 +232,10 @@ class PartialFC(nn.Module):
         self.num_sampled = max(1, round(sample_rate * self.num_local))
         self.num_dims = max(1, round(feature_rate * dim))
         self.weight = nn.Parameter(init_prototypes(dim, self.start, self.end, seed))
-        self._class_rng = torch.Generator().manual_seed(derived_seed(seed, 1, self.rank))
-        self._dim_rng = torch.Generator().manual_seed(derived_seed(seed, 2))  # same on all ranks
+        self._class_rng = torch.Generator().manual_seed(
+            derived_seed(seed, SeedStream.CLASS_DRAWS, self.rank)
+        )
+        self._dim_rng = torch.Generator().manual_seed(derived_seed(seed, SeedStream.DIM_DRAWS))
         self.last_selected_classes: torch.Tensor | None = None  # (K,) global class ids
         self.last_selected_dims: torch.Tensor | None = None  # (D',)
         self.last_num_positives = 0  # classes of the batch among last_selected_classes

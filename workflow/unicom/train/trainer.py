@@ -20,7 +20,8 @@ from unicom.errors import UnicomError
 from unicom.images import normalise_pixels
 from unicom.models import build_model, preprocessing
 from unicom.train.optim import build_optimizer, clip_gradients, lr_factor, parameter_groups
-from unicom.train.partial_fc import PartialFC, derived_seed
+from unicom.train.partial_fc import PartialFC
+from unicom.train.seeds import SeedStream, derived_seed
 
 
 def switch(value: bool | str, device: torch.device) -> bool:
@@ -66,7 +67,7 @@ class Trainer:
             seed=options["seed"],
         ).to(device)
         # Dropout / drop-path draw from the global generator: independent on every rank.
-        torch.manual_seed(derived_seed(options["seed"], 3, info.rank))
+        torch.manual_seed(derived_seed(options["seed"], SeedStream.TORCH_GLOBAL, info.rank))
         if info.distributed:
             self.ddp: nn.Module = DistributedDataParallel(
                 self.model,

@@ -35,7 +35,9 @@ from gpu_stages import (  # noqa: E402
     stage_env,
 )
 
-from unicom.train.partial_fc import PartialFC  # noqa: E402  (torch + numpy only)
+from unicom.train.losses import ArcFaceLoss  # noqa: E402  (torch + numpy only)
+from unicom.train.mlcd import MLCDLoss  # noqa: E402
+from unicom.train.partial_fc import PartialFC  # noqa: E402
 
 GB = 2**30
 
@@ -103,7 +105,8 @@ def check_head_matches_cpu(device: torch.device, sizes: dict) -> None:
         labels = torch.randint(0, classes, (batch, positives)).squeeze(1)
         results = []
         for where, dtype in ((torch.device("cpu"), torch.float64), (device, torch.float32)):
-            head = PartialFC(classes, dim, sample_rate=0.1, feature_rate=0.5, seed=0)
+            loss_kind = MLCDLoss if positives > 1 else ArcFaceLoss
+            head = PartialFC(loss_kind(), classes, dim, sample_rate=0.1, feature_rate=0.5, seed=0)
             head = head.to(device=where, dtype=dtype)
             x = embeddings.to(head.weight.device, dtype).detach().clone().requires_grad_(True)
             loss = head(x, labels.to(head.weight.device))
@@ -126,7 +129,10 @@ def check_head_matches_cpu(device: torch.device, sizes: dict) -> None:
 def head_step(
     device, classes, dim, batch, sample_rate, feature_rate, autocast
 ) -> tuple[float, float]:
-    head = PartialFC(classes, dim, sample_rate=sample_rate, feature_rate=feature_rate).to(device)
+    head = PartialFC(
+        ArcFaceLoss(), classes, dim, sample_rate=sample_rate, feature_rate=feature_rate
+    )
+    head = head.to(device)
     x = torch.randn(batch, dim, device=device, requires_grad=True)
     labels = torch.randint(0, classes, (batch,), device=device)
 
@@ -174,7 +180,8 @@ def check_training_rate(device: torch.device, sizes: dict) -> None:
     model_name, size, batch = sizes["train_model"], sizes["image_size"], sizes["train_batch"]
     backbone = timm.create_model(model_name, pretrained=False, num_classes=0, img_size=size)
     model = Embedder(backbone, 512).to(device)
-    head = PartialFC(sizes["classes"], 512, sample_rate=0.1, feature_rate=0.5).to(device)
+    head = PartialFC(ArcFaceLoss(), sizes["classes"], 512, sample_rate=0.1, feature_rate=0.5)
+    head = head.to(device)
     optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=1e-4)
     images = torch.randn(batch, 3, size, size, device=device)
     labels = torch.randint(0, sizes["classes"], (batch,), device=device)

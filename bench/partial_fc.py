@@ -29,6 +29,7 @@ import torch
 
 from unicom.cli import run_cli, setup_logging
 from unicom.io import write_json
+from unicom.train.losses import ArcFaceLoss
 from unicom.train.partial_fc import PartialFC
 
 log = logging.getLogger("unicom.bench.partial_fc")
@@ -69,7 +70,12 @@ def measure(
 ) -> dict:
     """Build the head, run ``steps`` steps; memory from the first, time from the others."""
     head = PartialFC(
-        classes, dim, sample_rate=sample_rate, feature_rate=feature_rate, sparse_grad=sparse_grad
+        ArcFaceLoss(),
+        classes,
+        dim,
+        sample_rate=sample_rate,
+        feature_rate=feature_rate,
+        sparse_grad=sparse_grad,
     )
     generator = torch.Generator().manual_seed(0)
     embeddings = torch.randn(batch, dim, generator=generator).requires_grad_(True)

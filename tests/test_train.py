@@ -32,6 +32,7 @@ from unicom.models import EmbeddingModel, build_model, load_trained_model, train
 from unicom.synthetic import write_synthetic_shard
 from unicom.train.augment import TrainTransform, crop_box
 from unicom.train.data import ShardInput, partition_shards, read_shard_labels
+from unicom.train.losses import ArcFaceLoss
 from unicom.train.optim import lr_factor
 from unicom.train.partial_fc import PartialFC
 from unicom.train.randaugment import OPERATIONS, random_erase
@@ -365,6 +366,7 @@ def test_options_come_from_the_schema():
 DDP_RANK_SCRIPT = """
 import datetime, sys, torch, torch.distributed as dist
 from unicom.distributed import sum_allreduce_hook
+from unicom.train.losses import ArcFaceLoss
 from unicom.train.partial_fc import PartialFC
 rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 torch.set_num_threads(1)
@@ -374,7 +376,7 @@ torch.manual_seed(0)
 model = torch.nn.Linear(6, 4)
 ddp = torch.nn.parallel.DistributedDataParallel(model)
 ddp.register_comm_hook(None, sum_allreduce_hook)
-head = PartialFC(5, 4, sample_rate=1.0, feature_rate=1.0, seed=1)
+head = PartialFC(ArcFaceLoss(), 5, 4, sample_rate=1.0, feature_rate=1.0, seed=1)
 inputs = torch.randn(6, 6, generator=torch.Generator().manual_seed(2))
 labels = torch.tensor([0, 1, 2, 3, 4, 0])
 rows = slice(0, 4) if rank == 0 else slice(4, 6)
@@ -395,7 +397,7 @@ def test_ddp_hook_gives_the_full_batch_gradient(tmp_path):
     assert [rank.wait(timeout=RUN_TIMEOUT) for rank in ranks] == [0, 0]
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 4)
-    head = PartialFC(5, 4, sample_rate=1.0, feature_rate=1.0, seed=1)
+    head = PartialFC(ArcFaceLoss(), 5, 4, sample_rate=1.0, feature_rate=1.0, seed=1)
     inputs = torch.randn(6, 6, generator=torch.Generator().manual_seed(2))
     head(model(inputs), torch.tensor([0, 1, 2, 3, 4, 0])).backward()
     for rank in range(2):

@@ -19,36 +19,39 @@ two positives never compete as a softmax over them would.
 
 Distributed like the ArcFace head: each rank holds the cosines to its own prototypes; the two
 per-row maxima (each at least 0, the zero logit's) and the two sums of exponentials are
-all-reduced, so every rank computes the exact loss; the gradient is local.
+all-reduced, so every rank computes the exact loss; the gradient is local. The margin's
+gradient is exact or the authors' form (``unicom.train.losses``): the authors released no code
+for this loss, so ``authors`` treats its positives' margin as their ArcFace code does (a
+constant shift for the gradient).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 
-# acos' gradient is infinite at cos = +-1; clamp just inside (as the ArcFace head does).
-COS_LIMIT = 1.0 - 1e-7
+from unicom.train.losses import MarginLoss, margin_cosines, margin_slope
 
 
-class ShardedMultiLabelLoss(torch.autograd.Function):
+class _ShardedMultiLabel(torch.autograd.Function):
     """``cos (B, K)``: cosines to this rank's sampled prototypes; ``rows, cols (n,)``: the
     (batch row, column) of each positive this rank owns. Returns the mean of ``L_i``.
 
     With ``z_ij = s c_ij`` for negatives and ``u_ip = -s cos(theta_ip + m)`` for positives:
         d L_i / d c_ij = s * exp(z_ij) / (1 + sum_N exp(z))                        (negative)
         d L_i / d c_ip = -s * exp(u_ip) / (1 + sum_P exp(u)) * dcos(theta + m)/dc  (positive)
-        dcos(theta + m) / dc = cos m + sin m * cos(theta) / sin(theta)
+        dcos(theta + m) / dc = cos m + sin m * cos(theta) / sin(theta)   (1: the authors' form)
     """
 
     @staticmethod
-    def forward(ctx, cos, rows, cols, margin: float, scale: float, distributed: bool):
+    def forward(ctx, cos, rows, cols, margin: float, scale: float, exact: bool, distributed):
         batch = len(cos)
-        positive_cos = cos[rows, cols].clamp(-COS_LIMIT, COS_LIMIT)  # (n,)
-        theta = torch.acos(positive_cos)
-        positive_logit = -scale * torch.cos(theta + margin)  # u, (n,)
+        positive_cos, theta, margin_cos = margin_cosines(cos[rows, cols], margin)  # (n,)
+        positive_logit = -scale * margin_cos  # u, (n,)
         negative_logit = cos * scale  # z, (B, K); becomes the negatives' gradient in place
         negative_logit[rows, cols] = -math.inf  # positives are not negatives
         # Shifts for stable exps: at least 0, the zero logit's exponent.
@@ -69,13 +72,22 @@ class ShardedMultiLabelLoss(torch.autograd.Function):
         loss = (
             negative_total.log() + negative_shift + positive_total.log() + positive_shift
         ).mean()
-        margin_slope = math.cos(margin) + math.sin(margin) * positive_cos / torch.sin(theta)
+        slope = margin_slope(positive_cos, theta, margin, exact)
         grad = negative_exp.div_(negative_total[:, None]).mul_(scale / batch)
-        grad[rows, cols] = -scale / batch * positive_exp / positive_total[rows] * margin_slope
+        grad[rows, cols] = -scale / batch * positive_exp / positive_total[rows] * slope
         ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None, None, None
+        return grad * grad_loss, None, None, None, None, None, None
+
+
+@dataclass(frozen=True)
+class MLCDLoss(MarginLoss):
+    """MLCD's multi-label margin loss (the module's ``L_i``). Labels ``(B, l)``: each row's
+    ``l`` positive classes, all kept among the sampled prototypes (``(B,)``: one each)."""
+
+    multi_label: ClassVar[bool] = True
+    function: ClassVar[type[torch.autograd.Function]] = _ShardedMultiLabel

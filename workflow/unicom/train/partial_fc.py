@@ -1,4 +1,4 @@
-"""Partial FC: the ArcFace head over millions of classes, its prototypes split across ranks.
+"""Partial FC: a margin-softmax head over millions of classes, its prototypes split across ranks.
 
 Rank ``r`` of ``W`` holds the prototypes of one contiguous class range (``class_range``).
 Every step, on every rank:
@@ -10,11 +10,10 @@ Every step, on every rank:
    these rows enter the step, so the others get exactly zero gradient;
 3. choose ``D' = round(feature_rate * dim)`` feature dimensions, the same on every rank (the
    generator is seeded identically everywhere), and take cosines on those dimensions only;
-4. ArcFace logits: ``s * cos(theta_y + m)`` for the label, ``s * cos(theta_j)`` otherwise, and the
-   softmax cross-entropy over all ranks' columns, exact: the row max and the sum of exponentials
-   are all-reduced, the label's logit comes from the rank that owns it.
-   With ``l > 1`` labels per row (MLCD, ``train.positives``), step 4 is the multi-label margin
-   loss of ``unicom.train.mlcd`` instead, distributed the same way.
+4. the head's loss over those cosines, exact over all ranks' columns: ``ArcFaceLoss``
+   (``unicom.train.losses``; logits ``s * cos(theta_y + m)`` for the label, ``s * cos(theta_j)``
+   otherwise, the row max and the sum of exponentials all-reduced) or, with ``l`` labels a row,
+   MLCD's multi-label margin loss (``unicom.train.mlcd.MLCDLoss``, ``train.positives``).
 
 With world size 1 (or no process group) nothing distributed is called.
 
@@ -28,14 +27,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from unicom.errors import UnicomError
-from unicom.train.mlcd import COS_LIMIT, ShardedMultiLabelLoss
+from unicom.train.losses import MarginLoss
+from unicom.train.seeds import SeedStream, derived_seed
 
 # Prototypes are initialised in blocks of classes, each block from its own seed, so the full
 # matrix is the same whatever the world size.
@@ -57,17 +56,14 @@ def class_range(num_classes: int, rank: int, world: int) -> tuple[int, int]:
     return start, start + base + int(rank < extra)
 
 
-def derived_seed(*keys: int) -> int:
-    """An independent 63-bit seed per key tuple (init block, class sampling, dim sampling)."""
-    return int(np.random.SeedSequence(keys).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
 def init_prototypes(dim: int, start: int, end: int, seed: int) -> torch.Tensor:
     """Rows ``[start, end)`` of one N(0, INIT_STD^2) ``(num_classes, dim)`` matrix."""
     weight = torch.empty(end - start, dim)
     for block in range(start // INIT_BLOCK, (end - 1) // INIT_BLOCK + 1):
         first = block * INIT_BLOCK
-        generator = torch.Generator().manual_seed(derived_seed(seed, 0, block))
+        generator = torch.Generator().manual_seed(
+            derived_seed(seed, SeedStream.PROTOTYPE_INIT, block)
+        )
         rows = torch.empty(INIT_BLOCK, dim).normal_(0.0, INIT_STD, generator=generator)
         lo, hi = max(first, start), min(first + INIT_BLOCK, end)
         weight[lo - start : hi - start] = rows[lo - first : hi - first]
@@ -137,66 +133,46 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[ctx.rows], None, None
 
 
-class _ShardedArcFaceLoss(torch.autograd.Function):
-    """ArcFace softmax cross-entropy, mean over the batch, of cosines spread over the ranks.
-
-    ``cos (B, K)``: cosines to this rank's prototypes. ``rows, cols (n,)``: the batch rows whose
-    label this rank owns, and the label's column. With ``c = cos``, ``theta_y = acos(c_iy)``:
-        z_ij = s * c_ij,   z_iy = s * cos(theta_y + m)                 (logits)
-        loss = mean_i [ log sum_j exp(z_ij) - z_iy ]                   (j over every rank)
-        d loss / d c_ij = s * (softmax_ij - [j == y]) / B * (j == y ? dcos(theta_y + m)/dc_iy : 1)
-        dcos(theta + m) / dc = cos m + sin m * cos(theta) / sin(theta)
-    The backward is local: the softmax already holds the all-reduced denominator.
-    """
-
-    @staticmethod
-    def forward(ctx, cos, rows, cols, margin: float, scale: float, distributed: bool):
-        label_cos = cos[rows, cols].clamp(-COS_LIMIT, COS_LIMIT)  # (n,)
-        theta = torch.acos(label_cos)
-        label_logit = scale * torch.cos(theta + margin)
-        logits = cos * scale  # (B, K), becomes the softmax in place
-        logits[rows, cols] = label_logit
-        row_max = logits.max(dim=1).values  # (B,) shift for a stable exp
-        if distributed:
-            dist.all_reduce(row_max, op=dist.ReduceOp.MAX)
-        probs = logits.sub_(row_max[:, None]).exp_()
-        stats = torch.stack([probs.sum(dim=1), torch.zeros_like(row_max)])  # (2, B)
-        stats[1, rows] = label_logit
-        if distributed:
-            dist.all_reduce(stats)  # sum of exps; label logit from its owner (zeros elsewhere)
-        sum_exp, label_logits = stats
-        probs /= sum_exp[:, None]
-        margin_slope = math.cos(margin) + math.sin(margin) * label_cos / torch.sin(theta)
-        ctx.save_for_backward(probs, rows, cols, margin_slope)
-        ctx.scale = scale
-        return (sum_exp.log() + row_max - label_logits).mean()
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
-        probs, rows, cols, margin_slope = ctx.saved_tensors
-        per_logit = grad_loss * ctx.scale / len(probs)
-        grad = probs * per_logit  # (B, K)
-        grad[rows, cols] = (probs[rows, cols] - 1) * per_logit * margin_slope
-        return grad, None, None, None, None, None
-
-
 @dataclass
 class HeadSelection:
     """What one step of the head uses (``PartialFC.select``): ``classes (K,)`` sorted local
     rows of the prototypes, ``rows, cols (n,)`` the batch row of each label this rank owns and
     its column among ``classes``, ``dims (D',)`` the feature dimensions, ``sizes`` every rank's
-    batch rows, and whether the labels are MLCD's several per row."""
+    batch rows."""
 
     classes: torch.Tensor
     rows: torch.Tensor
     cols: torch.Tensor
     dims: torch.Tensor
     sizes: list[int]
-    multi_label: bool
 
 
 class PartialFC(nn.Module):
-    """ArcFace head, sampled prototypes and features; ``weight (num_local, dim)``: this rank's rows.
+    """The head: ``loss`` over sampled prototypes and features; ``weight (num_local, dim)``:
+    this rank's rows. ``loss`` is ``ArcFaceLoss`` (labels ``(B,)``, Unicom) or ``MLCDLoss``
+    (labels ``(B, l)``, l positives a row); each takes the margin, the scale and the form of
+    the margin's gradient.
+
+    Example (one process here; under torchrun every rank runs the same lines on its own batch,
+    and the backbone's DDP sums the ranks' gradients, see the module's docstring):
+
+    >>> from unicom.train.losses import ArcFaceLoss
+    >>> backbone = torch.nn.Linear(32, 16)
+    >>> head = PartialFC(ArcFaceLoss(margin=0.3, scale=64.0), num_classes=1000, dim=16)
+    >>> optimizer = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=0.1)
+    >>> images, labels = torch.randn(8, 32), torch.randint(0, 1000, (8,))
+    >>> selection = head.select(labels, torch.device("cpu"))  # labels still on the host
+    >>> loss = head(backbone(images), selection)  # or head(backbone(images), labels)
+    >>> loss.backward()
+    >>> optimizer.step()
+    >>> len(head.last_selected_classes)  # sample_rate 0.1: the labels' classes + random others
+    100
+
+    MLCD, three positive classes a row, the authors' form of the margin's gradient:
+
+    >>> from unicom.train.mlcd import MLCDLoss
+    >>> mlcd = PartialFC(MLCDLoss(0.3, 64.0, margin_gradient="authors"), 1000, dim=16)
+    >>> loss = mlcd(backbone(images), torch.randint(0, 1000, (8, 3)))
 
     ``sample_rate=1`` is the full softmax, ``feature_rate=1`` uses every dimension.
     ``sparse_grad=True`` (only matters when sample_rate < 1) makes ``weight.grad`` a sparse COO
@@ -208,16 +184,17 @@ class PartialFC(nn.Module):
 
     def __init__(
         self,
+        loss: MarginLoss,
         num_classes: int,
         dim: int,
-        margin: float = 0.3,
-        scale: float = 64.0,
         sample_rate: float = 0.1,
         feature_rate: float = 0.5,
         seed: int = 0,
         sparse_grad: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(loss, MarginLoss):
+            raise UnicomError(f"PartialFC loss must be an ArcFaceLoss or MLCDLoss, got {loss!r}")
         for name, rate in (("sample_rate", sample_rate), ("feature_rate", feature_rate)):
             if not 0.0 < rate <= 1.0:
                 raise UnicomError(f"PartialFC {name} must be in (0, 1], got {rate}")
@@ -227,7 +204,7 @@ class PartialFC(nn.Module):
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
         self.num_classes, self.dim = num_classes, dim
-        self.margin, self.scale = margin, scale
+        self.loss = loss
         self.sample_rate, self.feature_rate = sample_rate, feature_rate
         self.sparse_grad = sparse_grad
         self.start, self.end = class_range(num_classes, self.rank, self.world)
@@ -235,8 +212,10 @@ class PartialFC(nn.Module):
         self.num_sampled = max(1, round(sample_rate * self.num_local))
         self.num_dims = max(1, round(feature_rate * dim))
         self.weight = nn.Parameter(init_prototypes(dim, self.start, self.end, seed))
-        self._class_rng = torch.Generator().manual_seed(derived_seed(seed, 1, self.rank))
-        self._dim_rng = torch.Generator().manual_seed(derived_seed(seed, 2))  # same on all ranks
+        self._class_rng = torch.Generator().manual_seed(
+            derived_seed(seed, SeedStream.CLASS_DRAWS, self.rank)
+        )
+        self._dim_rng = torch.Generator().manual_seed(derived_seed(seed, SeedStream.DIM_DRAWS))
         self.last_selected_classes: torch.Tensor | None = None  # (K,) global class ids
         self.last_selected_dims: torch.Tensor | None = None  # (D',)
         self.last_num_positives = 0  # classes of the batch among last_selected_classes
@@ -244,11 +223,9 @@ class PartialFC(nn.Module):
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor | HeadSelection
     ) -> torch.Tensor:
-        """``embeddings (B_r, dim)``, ``labels (B_r,)`` -> scalar loss, mean over the global B.
-
-        ``labels (B_r, l)`` with ``l > 1``: each row's ``l`` positive classes (MLCD), all kept
-        among the sampled prototypes; the loss is then ``unicom.train.mlcd``'s. ``(B_r, 1)`` is
-        the ArcFace head, as ``(B_r,)``. ``labels`` may also be ``select``'s result for them.
+        """``embeddings (B_r, dim)``, ``labels (B_r,)`` (ArcFace) or ``(B_r, l)`` (MLCD: each
+        row's ``l`` positive classes, all kept among the sampled prototypes) -> scalar loss, mean
+        over the global B. ``labels`` may also be ``select``'s result for them.
         """
         if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
             raise UnicomError(
@@ -289,11 +266,10 @@ class PartialFC(nn.Module):
         cos = F.normalize(embeddings, dim=1) @ protos.T * inv_norm
         if cos.dtype in (torch.float16, torch.bfloat16):  # (under autocast)
             cos = cos.float()  # a sum of up to K exps overflows half precision
-        loss = ShardedMultiLabelLoss if selection.multi_label else _ShardedArcFaceLoss
-        return loss.apply(cos, rows, cols, self.margin, self.scale, self.distributed)
+        return self.loss(cos, rows, cols, self.distributed)
 
     def select(self, labels: torch.Tensor, device: torch.device | None = None) -> HeadSelection:
-        """This step's prototypes and dimensions for ``labels`` (``(B_r,)`` or ``(B_r, l)``),
+        """This step's prototypes and dimensions for ``labels`` (``(B_r,)``; MLCD: ``(B_r, l)``),
         computed where the labels are and moved to ``device`` (default: the labels').
 
         The trainer calls it with the loader's labels, still on the host, before the backbone
@@ -302,10 +278,7 @@ class PartialFC(nn.Module):
         result is the same integers either way. Collective when distributed (the labels are
         gathered where they are: over gloo on the host, see ``unicom.distributed``).
         """
-        if labels.ndim not in (1, 2):
-            raise UnicomError(f"PartialFC labels shape {tuple(labels.shape)} is not (B,) or (B, l)")
-        if labels.ndim == 2 and labels.shape[1] == 1:
-            labels = labels[:, 0]
+        labels = self._label_rows(labels)
         device = labels.device if device is None else device
         labels = labels.to(torch.long)
         sizes = [len(labels)]
@@ -321,7 +294,20 @@ class PartialFC(nn.Module):
         )
         dims = self._select_dims(device)
         self.last_selected_classes, self.last_selected_dims = classes + self.start, dims
-        return HeadSelection(classes, rows, cols, dims, sizes, labels.ndim == 2)
+        return HeadSelection(classes, rows, cols, dims, sizes)
+
+    def _label_rows(self, labels: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` for ArcFace, ``(B, l)`` for MLCD (a ``(B,)`` is one positive a row)."""
+        if labels.ndim not in (1, 2):
+            raise UnicomError(f"PartialFC labels shape {tuple(labels.shape)} is not (B,) or (B, l)")
+        if self.loss.multi_label:
+            return labels if labels.ndim == 2 else labels[:, None]
+        if labels.ndim == 2 and labels.shape[1] != 1:
+            raise UnicomError(
+                f"PartialFC with {type(self.loss).__name__} takes one label a row, got labels "
+                f"{tuple(labels.shape)} (several positives a row: MLCDLoss)"
+            )
+        return labels.reshape(-1)
 
     def _select_classes(self, labels: torch.Tensor):
         """``labels (B,)`` or ``(B, l)`` -> ``classes (K,)``: sorted local rows used this step,
@@ -370,6 +356,6 @@ class PartialFC(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"classes [{self.start}, {self.end}) of {self.num_classes}, dim={self.dim}, "
-            f"margin={self.margin}, scale={self.scale}, sample_rate={self.sample_rate}, "
+            f"{self.loss}, sample_rate={self.sample_rate}, "
             f"feature_rate={self.feature_rate}, rank {self.rank} of {self.world}"
         )

@@ -19,8 +19,17 @@ from unicom.distributed import WorldInfo
 from unicom.errors import UnicomError
 from unicom.images import normalise_pixels
 from unicom.models import build_model, preprocessing
+from unicom.train.losses import ArcFaceLoss, MarginLoss
+from unicom.train.mlcd import MLCDLoss
 from unicom.train.optim import build_optimizer, clip_gradients, lr_factor, parameter_groups
-from unicom.train.partial_fc import PartialFC, derived_seed
+from unicom.train.partial_fc import PartialFC
+from unicom.train.seeds import SeedStream, derived_seed
+
+
+def head_loss(options: Mapping[str, Any]) -> MarginLoss:
+    """The head's loss: ArcFace on one pseudo-label a sample, MLCD's on ``train.positives`` > 1."""
+    loss = MLCDLoss if options["positives"] > 1 else ArcFaceLoss
+    return loss(options["margin"], options["scale"], options["margin_gradient"])
 
 
 def switch(value: bool | str, device: torch.device) -> bool:
@@ -57,16 +66,15 @@ class Trainer:
         self.fused = switch(options["fused_optimizer"], device)
         self.model = build_model(options).to(device)
         self.head = PartialFC(
+            head_loss(options),
             num_classes,
             options["dim"],
-            margin=options["margin"],
-            scale=options["scale"],
             sample_rate=options["sample_rate"],
             feature_rate=options["feature_rate"],
             seed=options["seed"],
         ).to(device)
         # Dropout / drop-path draw from the global generator: independent on every rank.
-        torch.manual_seed(derived_seed(options["seed"], 3, info.rank))
+        torch.manual_seed(derived_seed(options["seed"], SeedStream.TORCH_GLOBAL, info.rank))
         if info.distributed:
             self.ddp: nn.Module = DistributedDataParallel(
                 self.model,

@@ -24,10 +24,11 @@ Output folder:
                                     optimizer/scheduler, RNG states)
 
 A run resumes from the latest checkpoint of its folder and then reproduces the uninterrupted
-run exactly (CPU): the data order is a function of the seed and the position (``unicom.train.data``),
-the head's sampling generators are in its state dict, the RNG states are restored. SIGTERM or
-SIGUSR1 (SLURM's warning before the time limit) -> checkpoint at the next step boundary, then
-exit with 128 + the signal number, so that the job counts as failed and a rerun resumes.
+run exactly (CPU): the data order is a function of the seed and the position
+(``unicom.train.inputs``), the head's sampling generators are in its state dict, the RNG states
+are restored. SIGTERM or SIGUSR1 (SLURM's warning before the time limit) -> checkpoint at the
+next step boundary, then exit with 128 + the signal number, so that the job counts as failed and
+a rerun resumes.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from unicom.config import decode_conflict, section_options
 from unicom.devices import rank_device
 from unicom.distributed import WorldInfo
 from unicom.errors import UnicomError
-from unicom.train.data import check_centroids, pair_inputs
+from unicom.train.inputs import check_centroids, pair_inputs
 from unicom.train.loop import train_on_rank
 from unicom.train.signals import TrainingInterrupted
 

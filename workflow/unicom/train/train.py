@@ -133,7 +133,7 @@ def train(
 
 
 def num_classes_from(path: str) -> int:
-    """``num_classes`` of a JSON file (unicom.evaluate.finetune_data's classes.json)."""
+    """``num_classes`` of a JSON file (unicom.supervised.finetune_data's classes.json)."""
     try:
         return int(json.loads(Path(path).read_text())["num_classes"])
     except (OSError, ValueError, KeyError, TypeError) as err:

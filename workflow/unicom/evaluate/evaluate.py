@@ -17,14 +17,15 @@ import torch
 from unicom import benchmarks, formats
 from unicom.benchmarks import sets
 from unicom.cli import parse_options_json, run_cli, setup_logging
-from unicom.config import section_options
 from unicom.devices import resolve_device
 from unicom.embedders import ImageEmbedder, embed_items, load_embedder
 from unicom.errors import UnicomError
 from unicom.evaluate import metrics
 from unicom.io import write_json
+from unicom.options import StageOptions
 
 log = logging.getLogger("unicom.evaluate.evaluate")
+OPTIONS = StageOptions("evaluate")
 
 
 def evaluate(
@@ -53,16 +54,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", required=True, choices=sorted(benchmarks.BENCHMARKS))
     parser.add_argument("--dataset-path", help="the benchmark's folder (or file)")
     parser.add_argument("--out", required=True, help="metrics JSON to write")
-    parser.add_argument("--options-json", required=True, help="the evaluate config section")
-    parser.add_argument("--embed-options-json", required=True, help="the embed config section")
+    parser.add_argument(
+        "--embed-options-json",
+        required=True,
+        metavar="JSON",
+        help="the embed config section, for --model base (keys: python -m unicom.embed.embed -h)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (the job's cores)")
     parser.add_argument(
         "--protocol", default=formats.ZERO_SHOT, help="what the summary calls the result"
     )
     parser.add_argument("--name", help="the model's name in the results (default: base, trained)")
+    OPTIONS.add_to(parser)
     args = parser.parse_args(argv)
+    options = OPTIONS.from_args(args)
     setup_logging()
-    options = section_options("evaluate", parse_options_json(args.options_json))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(options["device"], "evaluate.device")

@@ -25,13 +25,14 @@ from tqdm import tqdm
 
 from unicom import benchmarks, formats
 from unicom.benchmarks import sets
-from unicom.cli import parse_options_json, run_cli, setup_logging
-from unicom.config import section_options
+from unicom.cli import run_cli, setup_logging
 from unicom.errors import UnicomError
 from unicom.io import atomic_dir, write_json, write_parquet
+from unicom.options import StageOptions
 from unicom.shards import sample_members, write_tar
 
 log = logging.getLogger("unicom.supervised.finetune_data")
+OPTIONS = StageOptions("finetune")
 
 
 def shrink(image: Image.Image, size: int) -> Image.Image:
@@ -132,10 +133,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", required=True, choices=sorted(benchmarks.BENCHMARKS))
     parser.add_argument("--path", required=True, help="where the benchmark's train split is")
     parser.add_argument("--out-dir", required=True)
-    parser.add_argument("--options-json", required=True, help="the finetune config section")
+    OPTIONS.add_to(parser)
     args = parser.parse_args(argv)
+    options = OPTIONS.from_args(args)
     setup_logging()
-    options = section_options("finetune", parse_options_json(args.options_json))
     dataset = benchmarks.load(args.dataset, args.path, split="train")
     items, labels = chosen_items(dataset, options["max_train"], options["seed"])
     summary = write_labelled_split(

@@ -22,11 +22,12 @@ import numpy as np
 
 from unicom import formats
 from unicom.cli import parse_options_json, run_cli, setup_logging
-from unicom.config import section_options
 from unicom.errors import UnicomError
 from unicom.io import write_json
+from unicom.options import StageOptions
 
 log = logging.getLogger("unicom.supervised.linear_probe")
+OPTIONS = StageOptions("linear_probe")
 
 
 @dataclass(frozen=True)
@@ -198,15 +199,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-path", required=True, help="where its train split is")
     parser.add_argument("--test-path", required=True, help="where its test split is")
     parser.add_argument("--out", required=True, help="result JSON")
-    parser.add_argument("--options-json", required=True, help="the linear_probe config section")
-    parser.add_argument("--embed-options-json", required=True, help="the embed config section")
+    parser.add_argument(
+        "--embed-options-json",
+        required=True,
+        metavar="JSON",
+        help="the embed config section, for --model base (keys: python -m unicom.embed.embed -h)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (the job's cores)")
     parser.add_argument(
         "--image-folder",
         action="store_true",
         help="--dataset names a folder in ImageFolder layout (ROOT/{train,test}/<class>/)",
     )
+    OPTIONS.add_to(parser)
     args = parser.parse_args(argv)
+    options = OPTIONS.from_args(args)
     setup_logging()
     if args.threads:
         import torch
@@ -217,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         args.dataset,
         args.train_path,
         args.test_path,
-        section_options("linear_probe", parse_options_json(args.options_json)),
+        options,
         parse_options_json(args.embed_options_json),
         args.image_folder,
     )

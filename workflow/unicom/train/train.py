@@ -47,7 +47,6 @@ from unicom import distributed
 from unicom.cli import (
     add_each_part_option,
     expand_parts,
-    parse_options_json,
     run_cli,
     setup_logging,
 )
@@ -55,11 +54,13 @@ from unicom.config import decode_conflict, section_options
 from unicom.devices import rank_device
 from unicom.distributed import WorldInfo
 from unicom.errors import UnicomError
+from unicom.options import StageOptions
 from unicom.train.inputs import check_centroids, pair_inputs
 from unicom.train.loop import train_on_rank
 from unicom.train.signals import TrainingInterrupted
 
 log = logging.getLogger("unicom.train.train")
+OPTIONS = StageOptions("train")
 
 
 def train_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -156,7 +157,6 @@ def main(argv: list[str] | None = None) -> None:
         "--num-classes-file", help="a JSON file with num_classes (a labelled split's classes.json)"
     )
     parser.add_argument("--out-dir", required=True, help="output and checkpoint folder")
-    parser.add_argument("--options-json", default="{}", help="the config's train section")
     parser.add_argument("--centroids", help="kmeans/centroids.npy: checks --num-classes")
     parser.add_argument("--threads", type=int, help="CPU threads of the job (split over ranks)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -172,7 +172,9 @@ def main(argv: list[str] | None = None) -> None:
         help="drops files (screen, near-duplicates): their rows are left out and counted",
     )
     add_each_part_option(parser)
+    OPTIONS.add_to(parser)
     args = parser.parse_args(argv)
+    options = OPTIONS.from_args(args)
     setup_logging()
     try:
         train(
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
             expand_parts(args.assignments, args.each_part),
             args.num_classes or num_classes_from(args.num_classes_file),
             args.out_dir,
-            parse_options_json(args.options_json),
+            options,
             centroids=args.centroids,
             threads=args.threads,
             show_progress=not args.no_progress,

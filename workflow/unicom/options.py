@@ -19,6 +19,7 @@ import argparse
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from textwrap import fill
 from typing import Any
 
 import jsonschema
@@ -111,11 +112,11 @@ class StageOptions:
 
     def add_to(self, parser: argparse.ArgumentParser) -> None:
         """``--options-json``, ``--print-options`` and one flag per key, in their own group."""
-        group = parser.add_argument_group(
-            f"{self.what()} (config/schema.yaml)",
+        about = (
             "Each flag is a config key, with the schema's description and default. Flags "
-            "override --options-json; the default fills what neither gives." + self._not_here(),
-        )
+            "override --options-json; the default fills what neither gives." + self._not_here()
+        )  # wrapped here: stages with RawDescriptionHelpFormatter print it as it is
+        group = parser.add_argument_group(f"{self.what()} (config/schema.yaml)", fill(about, 78))
         group.add_argument(
             "--options-json",
             metavar="JSON",

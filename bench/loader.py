@@ -4,7 +4,7 @@ The shards are photo-like JPEGs of LAION's size (256 px a side, img2dataset's qu
 KB each: ``unicom.synthetic.photo_like_image``), or ``--data`` with ``shards/*.tar``. Printed:
 
 1. per core: what one loader worker does per image (the trainer's own ``decode`` of
-   ``unicom.train.loader``: decode + RandomResizedCrop + flip, one thread), for pil (the
+   ``unicom.train.batches``: decode + RandomResizedCrop + flip, one thread), for pil (the
    default), torchvision (libjpeg-turbo + tensor resampling) and cuda (the worker's part: the
    header and the crop's draw; then the GPU's part, a batch decoded and cropped there);
 2. the real loader (``TrainBatches`` through ``make_loader``) with 1..``--workers`` processes:
@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
 from unicom.decoding import PendingImages  # noqa: E402
 from unicom.synthetic import write_synthetic_set  # noqa: E402
 from unicom.train.augment import TrainTransform  # noqa: E402
-from unicom.train.data import pair_inputs, prepare_rank_data  # noqa: E402
-from unicom.train.loader import TrainBatches, decode, make_loader  # noqa: E402
+from unicom.train.batches import TrainBatches, decode, make_loader  # noqa: E402
+from unicom.train.inputs import pair_inputs, prepare_rank_data  # noqa: E402
 from unicom.train.streams import Sample, augment_rng, read_shard_images  # noqa: E402
 
 PATHS = ("pil", "torchvision", "cuda")

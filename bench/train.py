@@ -30,8 +30,8 @@ from unicom.distributed import WorldInfo
 from unicom.io import write_json
 from unicom.synthetic import write_synthetic_set
 from unicom.train.augment import TrainTransform
-from unicom.train.data import pair_inputs, prepare_rank_data
-from unicom.train.loader import TrainBatches, make_loader
+from unicom.train.batches import TrainBatches, make_loader
+from unicom.train.inputs import pair_inputs, prepare_rank_data
 from unicom.train.optim import total_steps
 from unicom.train.train import train_options
 from unicom.train.trainer import Trainer

@@ -1,9 +1,9 @@
 # The ablation grid (`snakemake ablations`): config.ablations' variants x seeds, each stage
-# keyed by the settings it depends on (unicom.grid), run with the same commands as the main
+# keyed by the settings it depends on (unicom.ablations.grid), run with the same commands as the main
 # rules. Jobs exist only for what a variant changes: an r2 variant trains and evaluates, a
 # fuse.mode variant also fuses and clusters; nothing downloads or embeds again.
 
-from unicom import grid
+from unicom.ablations import grid
 
 GRID = planned(grid.plan, config)
 
@@ -226,7 +226,7 @@ rule ablation_table:
         axes=as_json(ABLATION_AXES),
         compact_dim=GRID.compact_dim,
     shell:
-        "python -m unicom.evaluate.ablations --runs-json {params.runs:q}"
+        "python -m unicom.ablations.table --runs-json {params.runs:q}"
         " --axes-json {params.axes:q} --base {input.base:q}"
         " --compact-dim {params.compact_dim:q} --out-csv {output.csv:q}"
         " --out-md {output.markdown:q} --out-png {output.png:q} 2> {log:q}"

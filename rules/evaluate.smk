@@ -142,7 +142,7 @@ rule linear_probe:
         options=stage_options("linear_probe"),
         embed=stage_options("embed"),
     shell:
-        "python -m unicom.evaluate.probe --model {params.model:q} --dataset {wildcards.dataset:q}"
+        "python -m unicom.supervised.linear_probe --model {params.model:q} --dataset {wildcards.dataset:q}"
         " --train-path {params.train_path:q} --test-path {params.test_path:q} --out {output:q}"
         " {params.folder}"
         " --threads {threads} --options-json {params.options:q}"

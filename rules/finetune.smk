@@ -48,7 +48,7 @@ rule finetune_data:
         path=lambda wildcards: FINETUNE_TRAIN_SPLITS[wildcards.dataset],
         options=stage_options("finetune"),
     shell:
-        "python -m unicom.evaluate.finetune_data --dataset {wildcards.dataset:q}"
+        "python -m unicom.supervised.finetune_data --dataset {wildcards.dataset:q}"
         " --path {params.path:q} --out-dir {output:q} --options-json {params.options:q}"
         " 2> {log:q}"
 

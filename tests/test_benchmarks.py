@@ -20,11 +20,12 @@ import pytest
 import scipy.io
 from PIL import Image
 
+from unicom.benchmarks import available, load
+from unicom.benchmarks.__main__ import main
+from unicom.benchmarks.demo_sets import read_idx
+from unicom.benchmarks.readers import GLDV2_DISTRACTOR
+from unicom.benchmarks.sets import QUERY_GALLERY, SINGLE, load_image
 from unicom.errors import UnicomError
-from unicom.evaluate.benchmarks import available, load, main
-from unicom.evaluate.demo_sets import read_idx
-from unicom.evaluate.loaders import GLDV2_DISTRACTOR
-from unicom.evaluate.sets import QUERY_GALLERY, SINGLE, load_image
 from unicom.io import write_parquet
 
 from conftest import REPO, write_idx
@@ -285,7 +286,7 @@ def test_cli_fails_in_one_line_on_a_missing_folder(tmp_path):
     plans no job for an unset path and fails its job on an absent one)."""
     missing = tmp_path / "does/not/exist"
     result = subprocess.run(
-        [sys.executable, "-m", "unicom.evaluate.benchmarks", "cub", str(missing)],
+        [sys.executable, "-m", "unicom.benchmarks", "cub", str(missing)],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO / "workflow")},

@@ -4,8 +4,9 @@ import pandas as pd
 import pytest
 import torch
 
-from unicom.evaluate import sets
-from unicom.evaluate.evaluate import cap_set, main, stratified_subset
+from unicom.benchmarks import sets
+from unicom.benchmarks.sets import cap_set, stratified_subset
+from unicom.evaluate.evaluate import main
 from unicom.evaluate.summary import summary_rows, to_csv, to_markdown
 
 EMBED = {"encoder": "demo", "demo": {"image_size": 64}}

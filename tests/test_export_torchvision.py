@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torchvision
 
+from unicom.benchmarks.readers import load_image_folder
 from unicom.errors import UnicomError
-from unicom.evaluate.export_torchvision import export
-from unicom.evaluate.loaders import load_image_folder
+from unicom.tools.export_torchvision import export
 
 from conftest import REPO
 

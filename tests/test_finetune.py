@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from unicom.evaluate import sets
-from unicom.evaluate.evaluate import evaluate, trained_embedder
-from unicom.evaluate.finetune_data import write_labelled_split
+from unicom.benchmarks import sets
+from unicom.embedders import trained_embedder
+from unicom.evaluate.evaluate import evaluate
+from unicom.supervised.finetune_data import write_labelled_split
 from unicom.train.train import main as train_main
 
 CLASSES, PER_CLASS_TRAIN, PER_CLASS_TEST, SIZE = 6, 24, 10, 48

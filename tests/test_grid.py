@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from unicom import grid
+from unicom.ablations import grid
+from unicom.ablations.table import check_sampling, grid_rows, mean_std, to_markdown
 from unicom.config import layered_config
 from unicom.errors import UnicomError
-from unicom.evaluate.ablations import check_sampling, grid_rows, mean_std, to_markdown
 
 from conftest import REPO
 

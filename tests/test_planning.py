@@ -460,7 +460,8 @@ def test_several_nodes_without_srun_name_the_key():
 
 def test_planning_loads_no_stage_package():
     """Library layer: the Snakefile imports it at parse time, and so may every stage."""
-    stages = ("data", "embed", "cluster", "train", "evaluate", "demo", "report")
+    stages = ("data", "embed", "hygiene", "cluster", "train", "evaluate", "demo", "report")
+    stages += ("supervised", "ablations", "tools")
     code = (
         "import sys, unicom.planning; "
         f"print(sorted(m for m in sys.modules if m.split('.')[:2][-1] in {stages!r}"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from unicom.errors import UnicomError
-from unicom.evaluate.probe import choose_c, holdout_split, linear_probe
+from unicom.supervised.linear_probe import choose_c, holdout_split, linear_probe
 
 CS = [0.01, 0.1, 1.0, 10.0, 100.0]
 CLASSES = 10
@@ -72,9 +72,9 @@ def test_the_stage_probes_the_base_encoder_and_joins_the_summary(tmp_path, small
 
     import pyarrow as pa
 
-    from unicom.evaluate.probe import main
     from unicom.evaluate.summary import summary_rows, to_csv
     from unicom.io import write_parquet
+    from unicom.supervised.linear_probe import main
 
     paths = sorted(small_image_folder.rglob("*.png"))
     rows = [(p, p.parent.name, int(p.stem.rsplit("_", 1)[1]) < 8) for p in paths]
@@ -113,7 +113,7 @@ def test_an_image_folder_is_probed_too(tmp_path, small_image_folder):
     """Any ImageFolder-layout dataset (CIFAR, Food-101, ... as files): train/ and test/."""
     import json
 
-    from unicom.evaluate.probe import main
+    from unicom.supervised.linear_probe import main
 
     for path in sorted(small_image_folder.rglob("*.png")):
         split = "train" if int(path.stem.rsplit("_", 1)[1]) < 8 else "test"

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from unicom.cli import run_cli
-from unicom.evaluate.search import main
+from unicom.tools.search import main
 
 EMBED = json.dumps({"encoder": "demo", "demo": {"image_size": 64}})
 

@@ -31,7 +31,7 @@ from unicom.errors import UnicomError
 from unicom.models import EmbeddingModel, build_model, load_trained_model, trained_transform
 from unicom.synthetic import write_synthetic_shard
 from unicom.train.augment import TrainTransform, crop_box
-from unicom.train.data import ShardInput, partition_shards, read_shard_labels
+from unicom.train.inputs import ShardInput, partition_shards, read_shard_labels
 from unicom.train.losses import ArcFaceLoss
 from unicom.train.optim import lr_factor
 from unicom.train.partial_fc import PartialFC

@@ -19,16 +19,16 @@ import numpy as np
 import pytest
 import torch
 
-import unicom.train.loader as loader_module
+import unicom.train.batches as loader_module
 from unicom.decoding import PendingImages
 from unicom.distributed import WorldInfo
 from unicom.errors import UnicomError
 from unicom.report.plots import plot_training
 from unicom.synthetic import write_synthetic_set
 from unicom.train.augment import TrainTransform
+from unicom.train.batches import TrainBatches, make_loader
 from unicom.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
-from unicom.train.data import pair_inputs, prepare_rank_data
-from unicom.train.loader import TrainBatches, make_loader
+from unicom.train.inputs import pair_inputs, prepare_rank_data
 from unicom.train.optim import clip_gradients
 from unicom.train.train import main, train_options
 from unicom.train.trainer import Trainer

@@ -25,6 +25,7 @@ from unicom.config import section_options
 from unicom.errors import UnicomError
 from unicom.gpus import claim_gpu
 from unicom.io import write_parquet
+from unicom.options import StageOptions
 from unicom.vectors import (
     centroid_index,
     centroids_digest,
@@ -38,6 +39,7 @@ from unicom.vectors import (
 )
 
 log = logging.getLogger("unicom.cluster.assign")
+OPTIONS = StageOptions("assign")
 
 
 def nearest_labels(
@@ -213,12 +215,15 @@ def main(argv: list[str] | None = None) -> None:
         "--centroids", required=True, help="centroids.npy from unicom.cluster.kmeans"
     )
     parser.add_argument("--out", nargs="+", required=True, help="assignment Parquet per shard")
-    parser.add_argument("--options-json", default="{}", help="the config's assign options as JSON")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for faiss")
     parser.add_argument(
-        "--kmeans-options-json", help="the kmeans section: its backend labels the rows too"
+        "--kmeans-options-json",
+        metavar="JSON",
+        help="the kmeans section: its backend labels the rows too (keys: unicom.cluster.kmeans -h)",
     )
+    OPTIONS.add_to(parser)
     args = parser.parse_args(argv)
+    options = OPTIONS.from_args(args)
     setup_logging()
     kmeans = parse_options_json(args.kmeans_options_json) if args.kmeans_options_json else None
     if args.threads and kmeans is not None and kmeans.get("backend") == "torch":
@@ -229,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         args.fused,
         args.centroids,
         args.out,
-        parse_options_json(args.options_json),
+        options,
         args.threads,
         kmeans,
     )

@@ -37,10 +37,12 @@ from unicom.cluster.report import check_same_centroids
 from unicom.config import section_options
 from unicom.errors import UnicomError
 from unicom.io import write_json
+from unicom.options import StageOptions
 from unicom.shards import read_samples, sample_image
 from unicom.vectors import centroid_index, check_finite, l2_normalize, search_centroids
 
 log = logging.getLogger("unicom.cluster.diagnostics")
+OPTIONS = StageOptions("assign.diagnostics")
 
 # Embedding columns of the embed stage clustered on their own for the comparison.
 MODALITY_COLUMNS = {"image": "image_emb", "text": "text_emb"}
@@ -323,14 +325,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shards", nargs="+", required=True, help="shards/{part}.tar")
     parser.add_argument("--shard-tables", nargs="+", required=True, help="shards/{part}.parquet")
     parser.add_argument("--embeddings", nargs="+", required=True, help="embed/{part}.parquet")
-    parser.add_argument("--kmeans-options-json", required=True, help="the config's kmeans options")
-    parser.add_argument("--options-json", default="{}", help="the config's assign.diagnostics")
+    parser.add_argument(
+        "--kmeans-options-json",
+        required=True,
+        metavar="JSON",
+        help="the kmeans section (keys: python -m unicom.cluster.kmeans -h)",
+    )
     parser.add_argument("--out-grid", required=True, help="grid.png to write")
     parser.add_argument("--out-agreement", required=True, help="agreement.json to write")
     parser.add_argument("--out-agreement-png", required=True, help="agreement.png to write")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for faiss")
     add_each_part_option(parser)
+    OPTIONS.add_to(parser)
     args = parser.parse_args(argv)
+    options = OPTIONS.from_args(args)
     setup_logging()
     report = diagnostics(
         expand_parts(args.assignments, args.each_part),
@@ -338,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
         expand_parts(args.shard_tables, args.each_part),
         expand_parts(args.embeddings, args.each_part),
         parse_options_json(args.kmeans_options_json),
-        parse_options_json(args.options_json),
+        options,
         args.out_grid,
         args.out_agreement,
         args.out_agreement_png,

@@ -32,7 +32,6 @@ from unicom import formats
 from unicom.cli import (
     add_each_part_option,
     expand_parts,
-    parse_options_json,
     run_cli,
     setup_logging,
 )
@@ -46,6 +45,7 @@ from unicom.cluster.sample import (
 from unicom.config import section_options
 from unicom.errors import UnicomError
 from unicom.io import write_json
+from unicom.options import StageOptions
 from unicom.planning import check_kmeans_backend
 from unicom.vectors import (
     centroid_index,
@@ -59,6 +59,7 @@ from unicom.vectors import (
 )
 
 log = logging.getLogger("unicom.cluster.kmeans")
+OPTIONS = StageOptions("kmeans")
 
 INIT_METHODS = {
     "kmeans++": "ClusteringInitMethod_KMEANS_PLUS_PLUS",
@@ -298,16 +299,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("fused", nargs="+", help="fused Parquet files (column 'emb') of all shards")
     parser.add_argument("--out-centroids", required=True, help="centroids .npy to write")
     parser.add_argument("--out-stats", required=True, help="kmeans.json to write")
-    parser.add_argument("--options-json", required=True, help="the config's kmeans section as JSON")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for faiss")
     parser.add_argument(
         "--skip", nargs="*", default=[], help="drops files (the screen's): rows left out"
     )
     add_each_part_option(parser)
+    OPTIONS.add_to(parser)
     args = parser.parse_args(argv)
+    options = kmeans_options(OPTIONS.from_args(args))
     setup_logging()
     fused = expand_parts(args.fused, args.each_part)
-    options = kmeans_options(parse_options_json(args.options_json))
     if options["backend"] == "torch":
         result = torch_kmeans.cluster_files(
             fused, options, threads=args.threads, skip_files=args.skip

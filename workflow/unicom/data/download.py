@@ -36,15 +36,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from unicom.cli import parse_options_json, run_cli, setup_logging
+from unicom.cli import run_cli, setup_logging
 from unicom.config import section_options
 from unicom.data.accounting import check_parts, summarize
 from unicom.data.rekey import rewrite_tar_keys
 from unicom.errors import UnicomError
 from unicom.formats import CAPTION_COLUMN, DUPLICATE_OF_COLUMN, URL_COLUMN, global_key
 from unicom.io import atomic_path, write_json, write_parquet
+from unicom.options import StageOptions
 
 log = logging.getLogger("unicom.data.download")
+# The download section on the command line (flags, --options-json, --help).
+OPTIONS = StageOptions("download")
 
 # Carried through img2dataset as an extra column so each of its rows maps back to its input row.
 ROW_COLUMN = "unicom_row"
@@ -374,13 +377,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out-dir", required=True, help="folder receiving the shard files")
     parser.add_argument("--summary", required=True, help="JSON summary of the job's parts")
-    parser.add_argument("--options-json", required=True, help="the config's download section")
     parser.add_argument(
         "--min-success-rate", type=float, help="download.min_success_rate (none: no floor)"
     )
+    OPTIONS.add_to(parser)
     args = parser.parse_args(argv)
+    options = OPTIONS.from_args(args)
     setup_logging()
-    options = parse_options_json(args.options_json)
     download_parts(args.part, args.out_dir, args.summary, options, args.min_success_rate)
 
 

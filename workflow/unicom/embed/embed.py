@@ -43,8 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from unicom import formats
-from unicom.cli import check_pairs, parse_options_json, run_cli, setup_logging
-from unicom.config import section_options
+from unicom.cli import check_pairs, run_cli, setup_logging
 from unicom.decoding import SQUARE, PendingImages, decode_rgb, jpeg_header, square
 from unicom.devices import resolve_device
 from unicom.embed.outputs import EmbedResult, result_table, write_skipped_csv
@@ -53,12 +52,14 @@ from unicom.encoders import build_encoder
 from unicom.encoders.base import Encoder
 from unicom.errors import UnicomError
 from unicom.faults import fail_once_if_marked
+from unicom.options import StageOptions
 from unicom.shards import TarSample, iter_samples, sample_image, scan_tar_samples
 from unicom.workers import decoding_worker, iterate
 
 __all__ = ["EmbedResult", "result_table", "write_skipped_csv"]  # re-exported
 
 log = logging.getLogger("unicom.embed.embed")
+OPTIONS = StageOptions("embed")
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
@@ -360,16 +361,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--skipped", required=True, help="CSV of the samples skipped in any shard (key, reason)"
     )
-    parser.add_argument("--options-json", required=True, help="the embed config section as JSON")
     parser.add_argument("--threads", type=int, help="torch CPU threads (the job's cores)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    OPTIONS.add_to(parser)
     args = parser.parse_args(argv)
+    options = OPTIONS.from_args(args)
     setup_logging()
     check_pairs("--shard", args.shard, "--out", args.out)
     # The Rust tokenizer's own thread pool would compete with torch for the same cores.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-    options = section_options("embed", parse_options_json(args.options_json))
     for shard in args.shard:  # before spending seconds on loading models
         if not Path(shard).is_file():
             raise UnicomError(f"shard {shard} does not exist")

@@ -15,14 +15,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from unicom import formats
-from unicom.cli import check_pairs, parse_options_json, run_cli, setup_logging
+from unicom.cli import check_pairs, run_cli, setup_logging
 from unicom.config import section_options
 from unicom.errors import UnicomError
 from unicom.io import write_parquet
+from unicom.options import StageOptions
 from unicom.vectors import l2_normalize
 
 MODES = ("image", "text", "mean", "concat")
 log = logging.getLogger("unicom.embed.fuse")
+OPTIONS = StageOptions("fuse")
 
 
 def fuse_embeddings(
@@ -89,11 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m unicom.embed.fuse", description=__doc__)
     parser.add_argument("--embeddings", nargs="+", required=True, help="embed Parquet per shard")
     parser.add_argument("--out", nargs="+", required=True, help="fused Parquet per shard")
-    parser.add_argument("--options-json", required=True, help="the config's fuse section as JSON")
+    OPTIONS.add_to(parser)
     args = parser.parse_args(argv)
+    options = OPTIONS.from_args(args)
     setup_logging()
     check_pairs("--embeddings", args.embeddings, "--out", args.out)
-    options = section_options("fuse", parse_options_json(args.options_json))
     for embeddings, out in zip(args.embeddings, args.out, strict=True):
         rows = fuse_file(embeddings, out, options)
         log.info("fused %d rows of %s with mode %s -> %s", rows, embeddings, options["mode"], out)

@@ -1,2 +1,3 @@
-"""Stage: retrieval benchmarks (R@K, MAP@R) of the base encoder and the trained model, their
-summary table, and a search tool over a folder of images."""
+"""Stage: retrieval evaluation (R@K, MAP@R, R-Precision) of the base encoder and the trained
+model on one benchmark (``evaluate``, scored by ``metrics``), and the summary table of every
+protocol's results (``summary``)."""

@@ -1,6 +1,6 @@
 """Gather the per model x dataset metrics into one table (CSV + Markdown), one row per protocol,
 model, dataset and size: zero-shot retrieval (the evaluate stage), fine-tuned retrieval (the
-evaluate stage on a fine-tuned model) and linear probe (top-1 of ``unicom.evaluate.probe``)."""
+evaluate stage on a fine-tuned model) and linear probe (top-1 of ``unicom.supervised.linear_probe``)."""
 
 from __future__ import annotations
 

@@ -32,13 +32,17 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from unicom import drops, formats
-from unicom.cli import parse_options_json, run_cli, setup_logging
+from unicom.cli import run_cli, setup_logging
 from unicom.config import section_options
 from unicom.errors import UnicomError
 from unicom.io import atomic_path, write_json
+from unicom.options import StageOptions
 from unicom.vectors import l2_normalize
 
 log = logging.getLogger("unicom.hygiene.near")
+# scatter needs only the space (a new threshold reuses its files); dedup the dedup section.
+SCATTER_OPTIONS = StageOptions(fields={"space": "dedup.space"})
+DEDUP_OPTIONS = StageOptions("dedup")
 
 SPACE_COLUMNS = {"image": "image_emb", "fused": formats.EMBEDDING_COLUMN}
 GROUPS_METADATA_KEY = b"unicom.near.groups"
@@ -245,16 +249,16 @@ def main(argv: list[str] | None = None) -> None:
     spread.add_argument("--screened", default=None, help="the screen's drops (rows to leave out)")
     spread.add_argument("--groups", type=int, required=True, help="dedup.groups")
     spread.add_argument("--out", required=True)
-    spread.add_argument("--options-json", required=True, help='{"space": dedup.space}')
+    SCATTER_OPTIONS.add_to(spread)
     find = commands.add_parser("dedup", help="the near-duplicates of one group of clusters")
     find.add_argument("scattered", nargs="+", help="every batch's scatter file")
     find.add_argument("--group", type=int, required=True)
     find.add_argument("--out", required=True, help="drops Parquet")
     find.add_argument("--out-stats", required=True, help="statistics JSON")
-    find.add_argument("--options-json", required=True, help="the dedup section")
+    DEDUP_OPTIONS.add_to(find)
     args = parser.parse_args(argv)
+    options = (SCATTER_OPTIONS if args.command == "scatter" else DEDUP_OPTIONS).from_args(args)
     setup_logging()
-    options = parse_options_json(args.options_json)
     if args.command == "scatter":
         if len(args.assignments) != len(args.spaces):
             raise UnicomError("give one --spaces file per --assignments file")

@@ -34,15 +34,17 @@ from unicom import drops, duplicates, formats
 from unicom.cli import (
     add_each_part_option,
     expand_parts,
-    parse_options_json,
     run_cli,
     setup_logging,
 )
 from unicom.config import section_options
 from unicom.errors import UnicomError
 from unicom.io import write_json
+from unicom.options import StageOptions
 
 log = logging.getLogger("unicom.hygiene.screen")
+# What the screen job receives: dedup.content and the filters section.
+OPTIONS = StageOptions(fields={"content": "dedup.content", "filters": "filters"})
 
 OPERATORS = {
     "==": pc.equal,
@@ -219,19 +221,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-summary", required=True, help="counts JSON to write")
     parser.add_argument("--work-dir", required=True, help="scratch folder (removed at the end)")
     parser.add_argument(
-        "--options-json",
-        required=True,
-        help='{"content": dedup.content, "filters": <the filters section>}',
-    )
-    parser.add_argument(
         "--embeddings", nargs="*", default=[], help="embed/{part}.parquet (clip_score_min only)"
     )
     add_each_part_option(parser)
+    OPTIONS.add_to(parser)
     args = parser.parse_args(argv)
+    options = OPTIONS.from_args(args)
     setup_logging()
     tables = expand_parts(args.tables, args.each_part)
     embeddings = expand_parts(args.embeddings, args.each_part)
-    options = parse_options_json(args.options_json)
     screen(tables, args.out, args.out_summary, options, args.work_dir, embeddings)
 
 

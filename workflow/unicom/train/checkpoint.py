@@ -18,7 +18,7 @@ import torch
 
 from unicom import distributed
 from unicom.errors import UnicomError
-from unicom.train.data import RankData
+from unicom.train.inputs import RankData
 from unicom.train.trainer import Trainer
 
 log = logging.getLogger("unicom.train.checkpoint")

@@ -26,6 +26,7 @@ from unicom.errors import UnicomError
 from unicom.io import atomic_path, write_json, write_text
 from unicom.models import MODEL_FORMAT, export_model, preprocessing
 from unicom.train.augment import TrainTransform
+from unicom.train.batches import TrainBatches, make_loader
 from unicom.train.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINTS,
@@ -35,8 +36,7 @@ from unicom.train.checkpoint import (
     save_checkpoint,
     set_aside_other_runs,
 )
-from unicom.train.data import RankData, ShardInput, prepare_rank_data
-from unicom.train.loader import TrainBatches, make_loader
+from unicom.train.inputs import RankData, ShardInput, prepare_rank_data
 from unicom.train.metrics import MetricsWindow
 from unicom.train.optim import total_steps
 from unicom.train.signals import StopRequest, TrainingInterrupted

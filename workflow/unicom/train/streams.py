@@ -12,7 +12,7 @@ import numpy as np
 
 from unicom.errors import UnicomError
 from unicom.shards import iter_samples, sample_image
-from unicom.train.data import ShardLabels
+from unicom.train.inputs import ShardLabels
 
 # Distinct first keys, so that no two kinds of draw share a seed sequence.
 _SHARD_ORDER, _SAMPLE_ORDER, _AUGMENT = 101, 102, 103

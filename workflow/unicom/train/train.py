@@ -24,10 +24,11 @@ Output folder:
                                     optimizer/scheduler, RNG states)
 
 A run resumes from the latest checkpoint of its folder and then reproduces the uninterrupted
-run exactly (CPU): the data order is a function of the seed and the position (``unicom.train.data``),
-the head's sampling generators are in its state dict, the RNG states are restored. SIGTERM or
-SIGUSR1 (SLURM's warning before the time limit) -> checkpoint at the next step boundary, then
-exit with 128 + the signal number, so that the job counts as failed and a rerun resumes.
+run exactly (CPU): the data order is a function of the seed and the position
+(``unicom.train.inputs``), the head's sampling generators are in its state dict, the RNG states
+are restored. SIGTERM or SIGUSR1 (SLURM's warning before the time limit) -> checkpoint at the
+next step boundary, then exit with 128 + the signal number, so that the job counts as failed and
+a rerun resumes.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ from unicom import distributed
 from unicom.cli import (
     add_each_part_option,
     expand_parts,
-    parse_options_json,
     run_cli,
     setup_logging,
 )
@@ -54,11 +54,13 @@ from unicom.config import decode_conflict, section_options
 from unicom.devices import rank_device
 from unicom.distributed import WorldInfo
 from unicom.errors import UnicomError
-from unicom.train.data import check_centroids, pair_inputs
+from unicom.options import StageOptions
+from unicom.train.inputs import check_centroids, pair_inputs
 from unicom.train.loop import train_on_rank
 from unicom.train.signals import TrainingInterrupted
 
 log = logging.getLogger("unicom.train.train")
+OPTIONS = StageOptions("train")
 
 
 def train_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -132,7 +134,7 @@ def train(
 
 
 def num_classes_from(path: str) -> int:
-    """``num_classes`` of a JSON file (unicom.evaluate.finetune_data's classes.json)."""
+    """``num_classes`` of a JSON file (unicom.supervised.finetune_data's classes.json)."""
     try:
         return int(json.loads(Path(path).read_text())["num_classes"])
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -155,7 +157,6 @@ def main(argv: list[str] | None = None) -> None:
         "--num-classes-file", help="a JSON file with num_classes (a labelled split's classes.json)"
     )
     parser.add_argument("--out-dir", required=True, help="output and checkpoint folder")
-    parser.add_argument("--options-json", default="{}", help="the config's train section")
     parser.add_argument("--centroids", help="kmeans/centroids.npy: checks --num-classes")
     parser.add_argument("--threads", type=int, help="CPU threads of the job (split over ranks)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -171,7 +172,9 @@ def main(argv: list[str] | None = None) -> None:
         help="drops files (screen, near-duplicates): their rows are left out and counted",
     )
     add_each_part_option(parser)
+    OPTIONS.add_to(parser)
     args = parser.parse_args(argv)
+    options = OPTIONS.from_args(args)
     setup_logging()
     try:
         train(
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
             expand_parts(args.assignments, args.each_part),
             args.num_classes or num_classes_from(args.num_classes_file),
             args.out_dir,
-            parse_options_json(args.options_json),
+            options,
             centroids=args.centroids,
             threads=args.threads,
             show_progress=not args.no_progress,

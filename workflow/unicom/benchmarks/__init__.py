@@ -1,12 +1,12 @@
-"""The retrieval benchmarks by name: where each one's files are found (``available`` tells a
-caller whether to skip a benchmark whose path is unset or absent) and its loader
-(``unicom.evaluate.loaders``, which lists the layouts expected). CLI: check a path, or print a
-loaded set's size.
+"""The retrieval benchmarks by name, a library the evaluate, supervised and tools packages share:
+where each one's files are found (``available`` tells a caller whether to skip a benchmark whose
+path is unset or absent) and its reader (``readers`` lists the published layouts expected,
+``demo_sets`` the demo's offline sets); ``sets`` is what a loaded benchmark is.
+``python -m unicom.benchmarks NAME PATH`` checks a layout and prints the split's size.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from collections.abc import Callable
@@ -14,10 +14,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from unicom.cli import run_cli, setup_logging
-from unicom.errors import UnicomError
-from unicom.evaluate.demo_sets import load_fashion_mnist, load_openclipart
-from unicom.evaluate.loaders import (
+from unicom.benchmarks.demo_sets import load_fashion_mnist, load_openclipart
+from unicom.benchmarks.readers import (
     GLDV2_SOLUTION,
     GLDV2_TRAIN,
     INAT_TEST_LIST,
@@ -31,11 +29,11 @@ from unicom.evaluate.loaders import (
     load_sop,
     load_vehicleid,
 )
-from unicom.evaluate.sets import RetrievalSet
-from unicom.io import write_json
+from unicom.benchmarks.sets import RetrievalSet
+from unicom.errors import UnicomError
 from unicom.planning import FASHION_MNIST_DIR
 
-log = logging.getLogger("unicom.evaluate.benchmarks")
+log = logging.getLogger("unicom.benchmarks")
 
 
 @dataclass(frozen=True)
@@ -127,7 +125,7 @@ def load(
 ) -> RetrievalSet:
     """Load split ``split`` (test or train) of benchmark ``name`` from ``path`` (its folder,
     or a parent of the extracted folder); with ``image_folder``, ``name`` is any dataset in
-    torchvision's ImageFolder layout at ``path`` (``loaders.load_image_folder``)."""
+    torchvision's ImageFolder layout at ``path`` (``readers.load_image_folder``)."""
     if image_folder:
         if path is None or not Path(path).is_dir():
             raise UnicomError(f"{name}: image folder {path} does not exist")
@@ -142,29 +140,3 @@ def load(
         "%s: %d items, %d classes (%s)", name, len(result.items), len(set(result.labels)), root
     )
     return result
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m unicom.evaluate.benchmarks",
-        description="Check a benchmark's layout and print the sizes of its evaluation split.",
-    )
-    parser.add_argument("name", choices=sorted(BENCHMARKS))
-    parser.add_argument("path", nargs="?", help="dataset folder (or Parquet for openclipart)")
-    parser.add_argument("--out", type=Path, help="write the summary as JSON here")
-    parser.add_argument(
-        "--no-check-files", action="store_true", help="do not check that every image exists"
-    )
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-
-    # A check by hand: a folder that is missing is an error, never "skipped".
-    summary = load(args.name, args.path, check_files=not args.no_check_files).summary()
-    print(" ".join(f"{key}={value}" for key, value in summary.items()))
-    if args.out is not None:
-        write_json(args.out, summary)
-
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -1,5 +1,5 @@
 """The DataLoader of training: endless micro-batches of one rank, in the planned order whatever
-the number of workers (see unicom.train.data for the scheme)."""
+the number of workers (see unicom.train.inputs for the scheme)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from unicom.config import decode_conflict
 from unicom.decoding import PendingImages, decode_rgb, jpeg_header
 from unicom.errors import UnicomError
 from unicom.train.augment import TrainTransform
-from unicom.train.data import ShardLabels
+from unicom.train.inputs import ShardLabels
 from unicom.train.streams import (
     Sample,
     ShardImages,
@@ -28,7 +28,7 @@ from unicom.train.streams import (
 )
 from unicom.workers import iterate, training_worker
 
-log = logging.getLogger("unicom.train.loader")
+log = logging.getLogger("unicom.train.batches")
 
 
 def decode(

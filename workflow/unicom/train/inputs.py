@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from unicom import distributed, drops, formats
 from unicom.errors import UnicomError
 
-log = logging.getLogger("unicom.train.data")
+log = logging.getLogger("unicom.train.inputs")
 
 ASSIGNMENT_COLUMNS = ("key", "label")
 MARGIN_COLUMNS = ("sim", "sim2")

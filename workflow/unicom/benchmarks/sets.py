@@ -3,10 +3,14 @@ labels, and the protocol the metrics use (``unicom.evaluate.metrics.retrieval_me
 
 - ``single``: every image queries all the others;
 - ``query_gallery``: queries search a separate gallery.
+
+``cap_set`` takes a stratified, seeded subset for quick runs (evaluate's ``max_images``, the
+probes' and fine-tuning's ``max_train``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,3 +129,39 @@ def load_image(item: Item) -> Image.Image:
         image.load()  # the file closes on leaving the block; an RGB image is returned as is
         rgb = to_rgb(image)
         return rgb.copy() if rgb is image else rgb
+
+
+def stratified_subset(labels: Sequence[str], limit: int, seed: int) -> np.ndarray:
+    """Sorted indices of about ``limit`` items, the same fraction of every label (seeded)."""
+    labels = np.asarray(labels)
+    if limit >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    fraction = limit / len(labels)
+    keep = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = max(1, round(fraction * len(members)))
+        keep.append(rng.choice(members, size=min(count, len(members)), replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def cap_set(dataset: RetrievalSet, limit: int | None, seed: int) -> RetrievalSet:
+    """Subsample a benchmark for quick runs: all items (single set) or the queries only."""
+    if limit is None:
+        return dataset
+    if dataset.protocol == SINGLE:
+        idx = stratified_subset(dataset.labels, limit, seed)
+        return dataclasses.replace(
+            dataset,
+            items=tuple(dataset.items[i] for i in idx),
+            labels=tuple(dataset.labels[i] for i in idx),
+            num_queries=len(idx),
+        )
+    idx = stratified_subset(dataset.query_labels, limit, seed)
+    return dataclasses.replace(
+        dataset,
+        items=tuple(dataset.items[i] for i in idx) + dataset.gallery_items,
+        labels=tuple(dataset.labels[i] for i in idx) + dataset.gallery_labels,
+        num_queries=len(idx),
+    )

@@ -1,6 +1,6 @@
 """Image search with a trained model: index a folder (or webdataset shards), query with an image.
 
-    python -m unicom.evaluate.search --model results/train --index results/shards/*.tar \\
+    python -m unicom.tools.search --model results/train --index results/shards/*.tar \\
         --query my.jpg --top 8 --out matches.png
 
 Prints the top matches with their cosine similarity and draws them as a PNG strip. The index is
@@ -19,14 +19,14 @@ import numpy as np
 from PIL import Image
 
 from unicom.cli import parse_options_json, run_cli, setup_logging
+from unicom.embedders import ImageEmbedder, base_embedder, embed_items, trained_embedder
 from unicom.errors import UnicomError
-from unicom.evaluate.evaluate import ImageEmbedder, base_embedder, embed_items, trained_embedder
 from unicom.images import to_rgb
 from unicom.io import write_png
 from unicom.shards import iter_tar_members
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
-log = logging.getLogger("unicom.evaluate.search")
+log = logging.getLogger("unicom.tools.search")
 
 
 def collect_images(sources: list[str]) -> tuple[list[str], list[Image.Image | str]]:
@@ -84,7 +84,7 @@ def _as_image(item: Image.Image | str) -> Image.Image:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m unicom.evaluate.search",
+        prog="python -m unicom.tools.search",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,15 +1,16 @@
-"""Retrieval benchmark loaders: the standard splits, read from their published layouts.
+"""Retrieval benchmark readers: the standard splits, read from their published layouts.
 
-Each loader takes the folder the dataset was extracted to (or its parent, when the archive
+Each reader takes the folder the dataset was extracted to (or its parent, when the archive
 extracts into a named folder such as ``CUB_200_2011/``) and a ``split``: ``test`` (the
-evaluation split) or ``train`` (what supervised fine-tuning trains on, ``unicom.train.finetune``).
+evaluation split) or ``train`` (what linear probes fit and supervised fine-tuning trains on,
+``unicom.supervised``).
 The two are class-disjoint, as the deep-metric-learning protocol has them: CUB classes 1-100 /
 101-200, Cars 1-98 / 99-196, SOP ``Ebay_train.txt`` / ``Ebay_test.txt``, In-Shop's ``train``
 rows / its query and gallery items, iNaturalist's ``Inaturalist_train_set1.txt`` /
 ``..._test_set1.txt``, VehicleID's ``train_list.txt`` / ``test_list_<size>.txt``, GLDv2's
 ``train_clean.csv`` (landmarks) / the retrieval challenge's index. A layout that does not match
 raises a one-line ``UnicomError`` naming the file that was expected. The demo's offline sets
-(openclipart, Fashion-MNIST) are in ``unicom.evaluate.demo_sets``.
+(openclipart, Fashion-MNIST) are in ``unicom.benchmarks.demo_sets``.
 
 Expected layouts (``ROOT`` is the path given):
 
@@ -56,8 +57,8 @@ from typing import Any
 
 import numpy as np
 
+from unicom.benchmarks.sets import RetrievalSet, query_gallery_set, single_set
 from unicom.errors import UnicomError
-from unicom.evaluate.sets import RetrievalSet, query_gallery_set, single_set
 
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})

@@ -235,9 +235,7 @@ def plot_axes(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m unicom.evaluate.ablations", description=__doc__
-    )
+    parser = argparse.ArgumentParser(prog="python -m unicom.ablations.table", description=__doc__)
     parser.add_argument("--runs-json", required=True, help="variants x seeds (rules/ablations.smk)")
     parser.add_argument("--axes-json", default="{}", help="axis key -> the baseline's value")
     parser.add_argument("--base", nargs="*", default=[], help="the frozen encoder's evaluations")

@@ -22,11 +22,12 @@ import numpy as np
 
 from unicom import formats
 from unicom.cli import parse_options_json, run_cli, setup_logging
-from unicom.config import section_options
 from unicom.errors import UnicomError
 from unicom.io import write_json
+from unicom.options import StageOptions
 
-log = logging.getLogger("unicom.evaluate.probe")
+log = logging.getLogger("unicom.supervised.linear_probe")
+OPTIONS = StageOptions("linear_probe")
 
 
 @dataclass(frozen=True)
@@ -146,15 +147,13 @@ def probe_stage(
 ) -> dict[str, Any]:
     """Embed a subset of the train and test splits with ``model`` (frozen), fit the probe.
     ``image_folder``: ``dataset`` names a folder in ImageFolder layout, not a benchmark."""
+    from unicom import benchmarks
+    from unicom.benchmarks.sets import cap_set
     from unicom.devices import resolve_device
-    from unicom.evaluate import benchmarks
-    from unicom.evaluate.evaluate import base_embedder, cap_set, embed_items, trained_embedder
+    from unicom.embedders import embed_items, load_embedder
 
     device = resolve_device(options["device"], "linear_probe.device")
-    if model == "base":
-        embedder = base_embedder(dict(embed_options), device)
-    else:
-        embedder = trained_embedder(model, device)
+    embedder = load_embedder(model, dict(embed_options), device)
     splits = {}
     for split, path, limit in (
         ("train", train_path, options["max_train"]),
@@ -192,23 +191,29 @@ def model_name(model_dir: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m unicom.evaluate.probe", description=__doc__)
-    parser.add_argument("--model", required=True, help="'base' or a unicom.train export folder")
-    parser.add_argument(
-        "--dataset", required=True, help="benchmark name (unicom.evaluate.benchmarks)"
+    parser = argparse.ArgumentParser(
+        prog="python -m unicom.supervised.linear_probe", description=__doc__
     )
+    parser.add_argument("--model", required=True, help="'base' or a unicom.train export folder")
+    parser.add_argument("--dataset", required=True, help="benchmark name (unicom.benchmarks)")
     parser.add_argument("--train-path", required=True, help="where its train split is")
     parser.add_argument("--test-path", required=True, help="where its test split is")
     parser.add_argument("--out", required=True, help="result JSON")
-    parser.add_argument("--options-json", required=True, help="the linear_probe config section")
-    parser.add_argument("--embed-options-json", required=True, help="the embed config section")
+    parser.add_argument(
+        "--embed-options-json",
+        required=True,
+        metavar="JSON",
+        help="the embed config section, for --model base (keys: python -m unicom.embed.embed -h)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (the job's cores)")
     parser.add_argument(
         "--image-folder",
         action="store_true",
         help="--dataset names a folder in ImageFolder layout (ROOT/{train,test}/<class>/)",
     )
+    OPTIONS.add_to(parser)
     args = parser.parse_args(argv)
+    options = OPTIONS.from_args(args)
     setup_logging()
     if args.threads:
         import torch
@@ -219,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         args.dataset,
         args.train_path,
         args.test_path,
-        section_options("linear_probe", parse_options_json(args.options_json)),
+        options,
         parse_options_json(args.embed_options_json),
         args.image_folder,
     )

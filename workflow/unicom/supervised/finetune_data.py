@@ -23,16 +23,16 @@ import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from unicom import formats
-from unicom.cli import parse_options_json, run_cli, setup_logging
-from unicom.config import section_options
+from unicom import benchmarks, formats
+from unicom.benchmarks import sets
+from unicom.cli import run_cli, setup_logging
 from unicom.errors import UnicomError
-from unicom.evaluate import benchmarks, sets
-from unicom.evaluate.evaluate import cap_set
 from unicom.io import atomic_dir, write_json, write_parquet
+from unicom.options import StageOptions
 from unicom.shards import sample_members, write_tar
 
-log = logging.getLogger("unicom.evaluate.finetune_data")
+log = logging.getLogger("unicom.supervised.finetune_data")
+OPTIONS = StageOptions("finetune")
 
 
 def shrink(image: Image.Image, size: int) -> Image.Image:
@@ -57,7 +57,7 @@ def chosen_items(
     dataset: sets.RetrievalSet, limit: int | None, seed: int
 ) -> tuple[list[sets.Item], list[str]]:
     """The split's items (all, or a stratified seeded subset of ``limit``), shuffled (seed)."""
-    capped = cap_set(dataset, limit, seed)
+    capped = sets.cap_set(dataset, limit, seed)
     order = np.random.default_rng([seed, 1]).permutation(len(capped.items))
     return [capped.items[i] for i in order], [capped.labels[i] for i in order]
 
@@ -128,15 +128,15 @@ def write_labelled_split(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m unicom.evaluate.finetune_data", description=__doc__
+        prog="python -m unicom.supervised.finetune_data", description=__doc__
     )
     parser.add_argument("--dataset", required=True, choices=sorted(benchmarks.BENCHMARKS))
     parser.add_argument("--path", required=True, help="where the benchmark's train split is")
     parser.add_argument("--out-dir", required=True)
-    parser.add_argument("--options-json", required=True, help="the finetune config section")
+    OPTIONS.add_to(parser)
     args = parser.parse_args(argv)
+    options = OPTIONS.from_args(args)
     setup_logging()
-    options = section_options("finetune", parse_options_json(args.options_json))
     dataset = benchmarks.load(args.dataset, args.path, split="train")
     items, labels = chosen_items(dataset, options["max_train"], options["seed"])
     summary = write_labelled_split(

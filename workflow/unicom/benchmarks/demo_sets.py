@@ -22,9 +22,9 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from unicom.benchmarks.readers import check_listed_files, check_split, require_file
+from unicom.benchmarks.sets import RetrievalSet, single_set
 from unicom.errors import UnicomError
-from unicom.evaluate.loaders import check_listed_files, check_split, require_file
-from unicom.evaluate.sets import RetrievalSet, single_set
 from unicom.planning import FASHION_MNIST_DIR
 
 FASHION_MNIST_CLASSES = (

@@ -5,7 +5,7 @@ as the ImageFolder layout the linear probes read (``linear_probe.image_folders``
 Runs once, on a machine that has the dataset; never downloads (``download=False``): a missing
 dataset is a one-line error. The whole folder appears atomically.
 
-    python -m unicom.evaluate.export_torchvision CIFAR10 --root /data/cifar --out /data/cifar10-folder
+    python -m unicom.tools.export_torchvision CIFAR10 --root /data/cifar --out /data/cifar10-folder
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from unicom.errors import UnicomError
 from unicom.images import to_rgb
 from unicom.io import atomic_dir
 
-log = logging.getLogger("unicom.evaluate.export_torchvision")
+log = logging.getLogger("unicom.tools.export_torchvision")
 SPLITS = ("train", "test")
 
 
@@ -82,7 +82,7 @@ def export(name: str, root: str, out: str | Path, max_per_split: int | None = No
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m unicom.evaluate.export_torchvision",
+        prog="python -m unicom.tools.export_torchvision",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -15,7 +15,7 @@ from unicom.errors import UnicomError
 from unicom.schema_reference import COMMAND, plain, reference, type_text
 
 from conftest import REPO
-from readme import DOCS, README, all_blocks, check_copy, readme_block
+from readme import DOCS, all_blocks, check_copy, readme_block
 
 REFERENCE = DOCS / "configuration-reference.md"
 # A yaml block that shows a committed file as it is.
@@ -92,10 +92,10 @@ def test_every_command_block_is_marked_with_a_unique_id_and_copies_match():
     assert {b.path.name for b in blocks} > {"README.md", "real-run.md", "rerunning.md"}
     problems = [p for b in blocks if b.mode == "copy" for p in check_copy(b, blocks)]
     assert not problems, "\n".join(problems)
-    # the blocks other tests run, wherever they live now
-    assert readme_block("site").path == README
-    assert readme_block("rehearsal").path == README
-    assert readme_block("slurm-cancel").path == DOCS / "rerunning.md"
+    # the blocks other tests run (test_rehearsal.py, test_slurm.py), wherever they live now
+    assert readme_block("site").mode == "run"
+    assert readme_block("rehearsal").options["by"] == "tests/test_rehearsal.py"
+    assert readme_block("slurm-cancel").options["by"] == "tests/test_slurm.py"
 
 
 def test_an_id_given_twice_or_a_copy_that_drifted_fails(tmp_path):

@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[demo,test]'
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[demo,test,docs]'
 	touch $@
 
 # The offline demo, end to end through Snakemake, then its HTML report.
@@ -28,7 +28,7 @@ demo: setup
 	$(BIN)/snakemake --profile profiles/local --report results/report.html
 
 # The demo's ablation grid (config/ablations.yaml: 8 variants + baseline x 3 seeds) on top of
-# the demo run, which it reuses; not part of `make demo` or the tests (see the README for its time).
+# the demo run, which it reuses; not part of `make demo` or the tests (docs/ablations.md gives its time).
 ablations: setup
 	$(BIN)/snakemake ablations --profile profiles/local --configfile config/config.yaml config/ablations.yaml
 	$(BIN)/snakemake all ablations --profile profiles/local --report results/report.html \
@@ -50,6 +50,7 @@ lint: setup
 	$(BIN)/ruff format --check workflow bench tests
 	$(BIN)/snakefmt --check Snakefile rules
 	$(BIN)/snakemake --lint --cores 1
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
-	rm -rf results .snakemake
+	rm -rf results .snakemake site

@@ -1,5 +1,5 @@
 """What a lent GPU says about the real path: correctness of the partial head on CUDA, and the
-rates that the README's LAION-400M cost table extrapolates (training and embedding images/s,
+rates that the LAION-400M cost table (docs/costs.md) extrapolates (training and embedding images/s,
 GEMM throughput for k-means and assignment, head memory at 1M classes); and the train and embed
 stages themselves at LAION's settings, today's against the speed options (``gpu_stages``).
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (torch and timm, no faiss/open_clip/Snakemake, no
 # network): the GPU, then bench/gpu_check.py. Output goes to stdout and, when the device tool
-# set $OUT, to $OUT/gpu_check.txt for the README.
+# set $OUT, to $OUT/gpu_check.txt for docs/gpu-check.md.
 #   bash bench/gpu_check.sh [--quick]
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -24,9 +24,12 @@ SHARDS = 3
 SUCCESSES = sum(CATEGORIES.values())
 ROWS = SUCCESSES + 2
 IMAGE_SIZE = 64
+# LAION's metadata columns beside similarity (config/existing.yaml's filters read NSFW): the
+# same samples, keys and embeddings, with the status tables LAION-400M's shards have.
+LAION_COLUMNS = {"NSFW": "UNLIKELY", "LICENSE": "?"}
 
 
-def url_list(root: Path) -> Path:
+def url_list(root: Path, laion_columns: bool = False) -> Path:
     """The URL list (file:// URLs to seeded PNGs; one missing, one not an image)."""
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import make_image_folder
@@ -48,15 +51,20 @@ def url_list(root: Path) -> Path:
             "url": urls,
             "caption": captions,
             "similarity": pa.array([0.30 + i / 100 for i in range(len(urls))], pa.float64()),
+            **{
+                name: [value] * len(urls)
+                for name, value in (LAION_COLUMNS.items() if laion_columns else ())
+            },
         }
     )
     pq.write_table(table, path)
     return path
 
 
-def build_shards(root: Path) -> Path:
+def build_shards(root: Path, laion_columns: bool = False) -> Path:
     """img2dataset's webdataset output for the URL list, as a user would have it:
-    ``root/shards/0000{0,1,2}.tar`` with ``.parquet`` and ``_stats.json`` beside each."""
+    ``root/shards/0000{0,1,2}.tar`` with ``.parquet`` and ``_stats.json`` beside each (with
+    ``laion_columns``, LAION's NSFW and LICENSE columns in the tables too)."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("WANDB_MODE", "disabled")
     import img2dataset
@@ -64,13 +72,13 @@ def build_shards(root: Path) -> Path:
     out = root / "shards"
     with contextlib.redirect_stdout(sys.stderr):
         img2dataset.download(
-            url_list=str(url_list(root)),
+            url_list=str(url_list(root, laion_columns)),
             output_folder=str(out),
             input_format="parquet",
             output_format="webdataset",
             url_col="url",
             caption_col="caption",
-            save_additional_columns=["similarity"],
+            save_additional_columns=["similarity", *(LAION_COLUMNS if laion_columns else ())],
             number_sample_per_shard=ROWS_PER_SHARD,
             processes_count=1,
             thread_count=1,  # one thread: members in row order, the same tar every time

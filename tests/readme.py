@@ -1,7 +1,7 @@
-"""The README's command blocks, as tests run them.
+"""The command blocks of README.md and of the docs site's pages (docs/*.md), as tests run them.
 
-Every fenced ``bash`` or ``python`` block of README.md says how it is checked, in an HTML comment
-on the line before it (invisible on GitHub):
+Every fenced ``bash`` or ``python`` block says how it is checked, in an HTML comment on the line
+before it (invisible on GitHub and on the site):
 
     <!-- test: run [id=NAME] -->                 run as written
     <!-- test: dry-run [id=NAME] [jobs=rule:N,...] [expect="text"] -->
@@ -9,9 +9,12 @@ on the line before it (invisible on GitHub):
                                                  (a --report command is skipped); jobs: the
                                                  planned jobs of those rules; expect: printed
     <!-- test: elsewhere id=NAME by=tests/x.py -->  run for real by that test (not twice)
+    <!-- test: copy of=NAME -->                  the same text as block NAME (shown on two
+                                                 pages, checked once)
 
-Commands run in a copy of the repository (what a fresh clone holds), in document order, so a
-block sees what the blocks before it made (config/site.yaml). Paths under /data and /models
+Ids are unique across all the documents. Commands run in a copy of the repository (what a fresh
+clone holds), in document order: README.md first, then the docs pages by name, so a block sees
+what the blocks before it made (the README's config/site.yaml). Paths under /data and /models
 are the user's: a test maps each to a fixture; any other path stays as written.
 """
 
@@ -28,8 +31,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+DOCS = REPO / "docs"
 LANGUAGES = ("bash", "python")
-MODES = ("run", "dry-run", "elsewhere")
+MODES = ("run", "dry-run", "elsewhere", "copy")
 # A path the README marks as the user's: anything under /data or /models.
 USER_PATH = re.compile(r"(?<![\w./-])/(?:data|models)/[^\s\"'\]},)]+")
 MARKER = re.compile(r"^<!--\s*test:\s*(.*?)\s*-->$")
@@ -64,7 +68,8 @@ class Block:
 
     @property
     def where(self) -> str:
-        return f"{self.path.name}:{self.line}"
+        name = self.path.relative_to(REPO) if self.path.is_relative_to(REPO) else self.path.name
+        return f"{name}:{self.line}"
 
     @property
     def id(self) -> str:
@@ -112,12 +117,46 @@ def command_blocks(text: str, path: Path = README) -> list[Block]:
     return blocks
 
 
-def readme_block(block_id: str, path: Path = README) -> Block:
-    """The block of README.md (or ``path``) whose marker says ``id=block_id``."""
-    matches = [b for b in command_blocks(path.read_text(), path) if b.id == block_id]
+def documents() -> list[Path]:
+    """The files whose command blocks are checked, in the order they run."""
+    return [README, *sorted(DOCS.glob("*.md"))]
+
+
+def all_blocks(paths: list[Path] | None = None) -> list[Block]:
+    """Every command block of ``paths`` (default: the README and the docs pages), in order; an
+    id given twice is an error (``readme_block`` and the tests that run a block name it)."""
+    blocks = [b for path in paths or documents() for b in command_blocks(path.read_text(), path)]
+    seen: dict[str, Block] = {}
+    for block in blocks:
+        if "id" in block.options:
+            if block.id in seen:
+                raise ValueError(
+                    f"{block.where}: id={block.id} again (first at {seen[block.id].where})"
+                )
+            seen[block.id] = block
+    return blocks
+
+
+def readme_block(block_id: str, path: Path | None = None) -> Block:
+    """The block whose marker says ``id=block_id``, wherever it lives (README.md or a docs page;
+    only ``path`` when given)."""
+    blocks = command_blocks(path.read_text(), path) if path else all_blocks()
+    matches = [b for b in blocks if b.id == block_id]
     if len(matches) != 1:
-        raise LookupError(f"{path.name}: {len(matches)} blocks with id={block_id}")
+        where = path.name if path else "README.md and docs/"
+        raise LookupError(f"{where}: {len(matches)} blocks with id={block_id}")
     return matches[0]
+
+
+def check_copy(block: Block, blocks: list[Block]) -> list[str]:
+    """A ``copy`` block must show exactly the text of the block it names."""
+    name = block.options.get("of", "")
+    originals = [b for b in blocks if b.id == name and b.mode != "copy"]
+    if not originals:
+        return [f"{block.where}: a copy of id={name!r}, which no block has"]
+    if block.text != originals[0].text:
+        return [f"{block.where}: differs from id={name} ({originals[0].where})"]
+    return []
 
 
 def user_paths(text: str) -> list[str]:
@@ -200,8 +239,10 @@ def check_result(block: Block, result: subprocess.CompletedProcess) -> list[str]
     problems = []
     counts = job_counts(output)
     for rule, count in block.expected_jobs().items():
-        if counts.get(rule) != count:
-            problems.append(f"{block.where}: planned {counts.get(rule)} {rule} jobs, not {count}")
+        if counts.get(rule, 0) != count:  # rule:0 says the rule plans no job
+            problems.append(
+                f"{block.where}: planned {counts.get(rule, 0)} {rule} jobs, not {count}"
+            )
     expected = block.options.get("expect")
     if expected and expected not in output:
         problems.append(f"{block.where}: printed no {expected!r}")

@@ -1,5 +1,6 @@
-"""Every command block of README.md runs as written (tests/readme.py says how), in a copy of the
-repository, with only the user's paths (/data, /models) pointed at fixtures."""
+"""Every command block of README.md and of the docs pages (docs/*.md) runs as written
+(tests/readme.py says how), in a copy of the repository, with only the user's paths (/data,
+/models) pointed at fixtures."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+import existing_shards
 from conftest import REPO
 from readme import (
     README,
+    all_blocks,
+    check_copy,
     check_result,
     command_blocks,
     readme_block,
@@ -69,7 +73,7 @@ def trained_export(directory: Path) -> None:
 
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory) -> dict[str, str]:
-    """The README's user paths -> local stand-ins."""
+    """The user paths of the README and the docs -> local stand-ins."""
     root = tmp_path_factory.mktemp("user")
     (root / "laion400m-meta").mkdir()
     laion_url_list(root / "laion400m-meta/part-00000.parquet", URL_ROWS)
@@ -77,7 +81,12 @@ def fixtures(tmp_path_factory) -> dict[str, str]:
     weights.write_bytes(b"")
     photo = root / "cat.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8)).save(photo)
+    # existing shards (the real img2dataset's, with LAION's columns) and the embeddings the real
+    # clip-retrieval made of them (docs/existing-data.md)
+    shards = existing_shards.build_shards(root, laion_columns=True)
     return {
+        "/data/laion400m-data/*.tar": str(shards / "*.tar"),
+        "/data/laion400m-embeddings": str(REPO / "tests/fixtures/clip_retrieval"),
         "/data/laion400m-meta/*.parquet": str(root / "laion400m-meta/*.parquet"),
         "/models/open_clip/ViT-B-32-laion2b_s34b_b79k.safetensors": str(weights),
         "/data/photos/cat.jpg": str(photo),
@@ -91,9 +100,13 @@ def clone(tmp_path_factory) -> Path:
     return clone
 
 
-def test_every_readme_command_runs_as_written(clone, fixtures):
+def test_every_readme_and_docs_command_runs_as_written(clone, fixtures):
     problems = []
-    for block in command_blocks(README.read_text()):
+    blocks = all_blocks()
+    for block in blocks:
+        if block.mode == "copy":
+            problems += check_copy(block, blocks)
+            continue
         if block.mode == "elsewhere":
             test_file = REPO / block.options["by"]
             if f'readme_block("{block.id}")' not in test_file.read_text():

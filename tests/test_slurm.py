@@ -374,7 +374,7 @@ def test_demo_runs_end_to_end_as_slurm_jobs(demo_runs):
 
 
 def test_the_readme_finds_a_runs_slurm_jobs_by_its_run_id(demo_runs):
-    """The README's commands for the jobs of a killed run (block id=slurm-cancel), as written,
+    """The docs' commands for the jobs of a killed run (block id=slurm-cancel), as written,
     in the run's folder: the run ID from Snakemake's log, then squeue and scancel by it."""
     block = readme_block("slurm-cancel")
     shown = dataclasses.replace(block, text=block.text + 'echo "run id: $RUN_ID"\n')

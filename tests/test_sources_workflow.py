@@ -300,9 +300,9 @@ def test_embeddings_without_a_sample_are_counted_and_stop_the_run_before_k_means
 
 
 def test_the_rehearsal_takes_the_first_shards_and_their_embeddings(run, inputs, tmp_path):
-    """config/laion400m.yaml + config/existing.yaml (as the README runs them) + the rehearsal,
-    with the user's paths (shards, embeddings, weights) pointed at the test's, and the columns
-    the LAION filters read (NSFW) replaced by the test shards' own (similarity)."""
+    """config/laion400m.yaml + config/existing.yaml (as docs/existing-data.md layers them) + the
+    rehearsal, with the user's paths (shards, embeddings, weights) pointed at the test's, and the
+    columns the LAION filters read (NSFW) replaced by the test shards' own (similarity)."""
     layers = [REPO / "config/laion400m.yaml", REPO / "config/existing.yaml",
               REPO / "config/rehearsal.yaml"]  # fmt: skip
     overrides = {

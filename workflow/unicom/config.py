@@ -29,6 +29,7 @@ from unicom.cli import run_cli
 from unicom.errors import UnicomError
 from unicom.io import write_text
 from unicom.rehearsal import rehearse
+from unicom.schema_reference import reference
 
 # The demo's config, applied when no --configfile is given (relative to the working folder,
 # which is the repository for `snakemake` and `make demo`).
@@ -372,7 +373,11 @@ def main(argv: list[str] | None = None) -> None:
     write = commands.add_parser("write", help="write a config given as JSON to a YAML file")
     write.add_argument("--config-json", required=True, help="the effective config as JSON")
     write.add_argument("--out", required=True, help="YAML file to write (atomically)")
+    commands.add_parser("reference", help="print the configuration reference page (Markdown)")
     args = parser.parse_args(argv)
+    if args.command == "reference":
+        sys.stdout.write(reference(_schema()))
+        return
     if args.command == "write":
         write_text(args.out, to_yaml(json.loads(args.config_json)))
         return

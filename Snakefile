@@ -44,6 +44,8 @@ config.clear()
 config.update(EFFECTIVE_CONFIG)
 
 
+# common.smk first: what the rule files share. Each rule file reads it and itself only
+# (tests/test_rules.py), so the order of the others is free.
 include: "rules/common.smk"
 include: "rules/sources.smk"
 include: "rules/demo.smk"
@@ -59,6 +61,19 @@ include: "rules/report.smk"
 include: "rules/ablations.smk"
 
 
+# Existing shards and embeddings (rules/sources.smk) write what the URL list's split and
+# download, and the embed jobs, would: theirs win.
+if SHARD_FILES:
+
+    ruleorder: index_shards > split_urls
+    ruleorder: link_shards > download
+
+
+if config["data"]["embeddings"] is not None:
+
+    ruleorder: import_embeddings > embed
+
+
 report: "report/workflow.rst"
 
 
@@ -67,8 +82,8 @@ rule all:
     input:
         demo_outputs(),
         out("download/summary.json"),
-        lambda wildcards: expand(out("fused/{part}.parquet"), part=part_names()),
-        lambda wildcards: expand(out("assign/{part}.parquet"), part=part_names()),
+        all_parts("fused/{part}.parquet"),
+        all_parts("assign/{part}.parquet"),
         out("clusters/sizes.json"),
         out("clusters/agreement.json"),
         out("hygiene/summary.json"),

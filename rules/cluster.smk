@@ -1,28 +1,19 @@
 # Pseudo-classes: k-means over all shards' fused embeddings, then assign jobs (one per batch
-# of shards),
-# then cluster sizes and diagnostics. Params carry only the kmeans/assign options, so a change
-# of kmeans.k (or of fuse.*, through the fused files) reruns this stage and nothing upstream.
+# of shards), then cluster sizes and diagnostics. Params carry only the kmeans/assign options,
+# so a change of kmeans.k (or of fuse.*, through the fused files) reruns this stage and nothing
+# upstream.
 
 import functools
 
 KMEANS = config["kmeans"]
 ASSIGN = config["assign"]
-DIAGNOSTICS = ASSIGN["diagnostics"]
 # A backend asked for what it cannot do, or ranks on several nodes without srun, stop here,
 # before any job.
 planned(planning.check_kmeans_backend, KMEANS)
 planned(planning.check_multi_node, "kmeans", KMEANS, profile_resource("kmeans", "mpi"))
 # The shards the diagnostics read: all, or a seeded sample of assign.diagnostics.max_shards.
 DIAGNOSTIC_SAMPLE = functools.partial(
-    planning.diagnostic_parts, diagnostics=DIAGNOSTICS
-)
-
-
-# The commands of the k-means and assign jobs; rules/ablations.smk runs them too.
-KMEANS_COMMAND = (
-    "{params.launcher:q} --out-centroids {output.centroids:q} --out-stats {output.stats:q}"
-    " --threads {threads} --options-json {params.options:q} --skip {input.skip:q}"
-    " --each-part {input.parts:q} {params.fused:q} 2> {log:q}"
+    planning.diagnostic_parts, diagnostics=ASSIGN["diagnostics"]
 )
 
 
@@ -33,7 +24,7 @@ rule kmeans:
         # the screen's drops (content duplicates, filtered rows): left out of the sample
         skip=SCREENED,
         # the whole list's download success rate, checked against download.min_success_rate
-        downloaded=rules.download_summary.output.summary,
+        downloaded=out("download/summary.json"),
         # data.shards / data.embeddings: the checks of rules/sources.smk
         sources=SOURCE_CHECKS,
     output:
@@ -44,30 +35,19 @@ rule kmeans:
     benchmark:
         out("benchmarks/kmeans.tsv")
     conda:
-        "../envs/torch-gpu.yaml" if KMEANS["gpus"] else "../envs/torch-cpu.yaml"
+        stage_env("kmeans")
     threads: KMEANS["threads"]
+    # torch backend: kmeans.nodes x kmeans.nproc_per_node ranks, launched like training
     resources:
-        mem_mb=KMEANS["mem_mb"],
-        runtime=KMEANS["runtime"],
-        gpu=KMEANS["gpus"],
-        # torch backend: kmeans.nodes x kmeans.nproc_per_node ranks, launched like training.
-        nodes=KMEANS["nodes"],
-        tasks=KMEANS["nodes"] * KMEANS["nproc_per_node"],
+        **job_resources("kmeans"),
     params:
-        launcher=lambda wildcards, resources: planned(
-            planning.kmeans_launcher, KMEANS, dict(resources.items())
-        ),
+        launcher=kmeans_launcher,
         options=stage_options("kmeans"),
         fused=each_part("fused/{part}.parquet"),
     shell:
-        KMEANS_COMMAND
-
-
-ASSIGN_COMMAND = (
-    "python -m unicom.cluster.assign --fused {input.fused:q} --centroids {input.centroids:q}"
-    " --out {output:q} --threads {threads} --options-json {params.options:q}"
-    " --kmeans-options-json {params.kmeans:q} 2> {log:q}"
-)
+        "{params.launcher:q} --out-centroids {output.centroids:q} --out-stats {output.stats:q}"
+        " --threads {threads} --options-json {params.options:q} --skip {input.skip:q}"
+        " --each-part {input.parts:q} {params.fused:q} 2> {log:q}"
 
 
 rule assign:
@@ -81,17 +61,17 @@ rule assign:
     benchmark:
         out("benchmarks/assign/{batch}.tsv")
     conda:
-        "../envs/torch-gpu.yaml" if ASSIGN["gpus"] else "../envs/torch-cpu.yaml"
+        stage_env("assign")
     threads: ASSIGN["threads"]
     resources:
-        mem_mb=ASSIGN["mem_mb"],
-        runtime=ASSIGN["runtime"],
-        gpu=ASSIGN["gpus"],
+        **job_resources("assign"),
     params:
         options=stage_options("assign"),
         kmeans=stage_options("kmeans"),
     shell:
-        ASSIGN_COMMAND
+        "python -m unicom.cluster.assign --fused {input.fused:q} --centroids {input.centroids:q}"
+        " --out {output:q} --threads {threads} --options-json {params.options:q}"
+        " --kmeans-options-json {params.kmeans:q} 2> {log:q}"
 
 
 rule cluster_sizes:
@@ -149,8 +129,7 @@ rule cluster_diagnostics:
         "../envs/torch-cpu.yaml"
     threads: KMEANS["threads"]
     resources:
-        mem_mb=DIAGNOSTICS["mem_mb"],
-        runtime=DIAGNOSTICS["runtime"],
+        **job_resources("assign.diagnostics"),
     params:
         kmeans=stage_options("kmeans"),
         options=stage_options("assign.diagnostics"),
@@ -161,3 +140,39 @@ rule cluster_diagnostics:
         " --options-json {params.options:q} --out-grid {output.grid:q}"
         " --out-agreement {output.agreement:q} --out-agreement-png {output.agreement_png:q}"
         " --threads {threads} 2> {log:q}"
+
+
+# The ablation grid's clusterings (rules/ablations.smk): k-means and assign on a variant's
+# fused files with its kmeans.* and assign.*. Every variant samples the run's screened rows.
+use rule kmeans as ablation_kmeans with:
+    input:
+        parts=out("parts"),
+        fused=all_parts(by_wildcard(GRID_FUSED, "clustering")),
+        skip=SCREENED,
+        downloaded=out("download/summary.json"),
+    output:
+        centroids=out("ablations/clusters/{clustering}/centroids.npy"),
+        stats=out("ablations/clusters/{clustering}/kmeans.json"),
+    log:
+        out("logs/ablations/kmeans/{clustering}.log"),
+    benchmark:
+        out("benchmarks/ablations/kmeans/{clustering}.tsv")
+    params:
+        launcher=grid_kmeans_launcher,
+        options=by_wildcard(grid_options(GRID.clusterings, "kmeans"), "clustering"),
+        fused=each_part(by_wildcard(GRID_FUSED, "clustering")),
+
+
+use rule assign as ablation_assign with:
+    input:
+        fused=batch_of(by_wildcard(GRID_FUSED, "clustering")),
+        centroids=rules.ablation_kmeans.output.centroids,
+    output:
+        batch_files("ablations/clusters/{{clustering}}/assign/{part}.parquet"),
+    log:
+        out("logs/ablations/assign/{clustering}/{batch}.log"),
+    benchmark:
+        out("benchmarks/ablations/assign/{clustering}/{batch}.tsv")
+    params:
+        options=by_wildcard(grid_options(GRID.clusterings, "assign"), "clustering"),
+        kmeans=by_wildcard(grid_options(GRID.clusterings, "kmeans"), "clustering"),

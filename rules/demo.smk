@@ -2,6 +2,8 @@
 # Local rules: they fetch Debian packages and scan folders, no cluster job needed.
 
 DEMO = config["demo"]
+# What demo_fetch writes once the Debian packages are unpacked under demo.resources_dir.
+DEMO_SOURCES = os.path.join(DEMO["resources_dir"], "demo_sources.json")
 
 
 localrules:
@@ -11,13 +13,13 @@ localrules:
 
 rule demo_fetch:
     output:
-        os.path.join(DEMO["resources_dir"], "demo_sources.json"),
+        DEMO_SOURCES,
     log:
         out("logs/demo_fetch.log"),
     conda:
         "../envs/data.yaml"
     params:
-        resources_dir=lambda wildcards, output: os.path.dirname(output[0]),
+        resources_dir=output_folder(0),
         system_root=DEMO["system_root"],
     shell:
         "python -m unicom.demo.build fetch --resources-dir {params.resources_dir:q}"
@@ -26,7 +28,7 @@ rule demo_fetch:
 
 rule demo_pool:
     input:
-        source=[] if DEMO["image_dir"] else rules.demo_fetch.output,
+        source=[] if DEMO["image_dir"] else DEMO_SOURCES,
     output:
         urls=out("demo/urls.parquet"),
         heldout=out("demo/heldout.parquet"),
@@ -39,11 +41,7 @@ rule demo_pool:
     conda:
         "../envs/data.yaml"
     params:
-        source=lambda wildcards, input: (
-            ["--image-dir", DEMO["image_dir"]]
-            if DEMO["image_dir"]
-            else ["--source", input.source]
-        ),
+        source=demo_pool_source,
         max_images=["--max-images", DEMO["max_images"]] if DEMO["max_images"] else [],
         heldout_fraction=DEMO["heldout_fraction"],
         seed=DEMO["seed"],

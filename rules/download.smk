@@ -72,16 +72,11 @@ rule download:
         "../envs/data.yaml"
     threads: DOWNLOAD["processes"]
     resources:
-        mem_mb=DOWNLOAD["mem_mb"],
-        runtime=DOWNLOAD["runtime"],
+        **job_resources("download"),
         min_success_rate=MIN_SUCCESS_RATE,
     params:
-        # The batch's part files.
-        parts=lambda wildcards, input: [
-            os.path.join(input[0], f"{wildcards.batch}{suffix}.parquet")
-            for suffix in PART_SUFFIXES
-        ],
-        out_dir=lambda wildcards, output: os.path.dirname(output.summary),
+        parts=download_parts,
+        out_dir=output_folder("summary"),
         options=stage_options("download"),
     shell:
         "python -m unicom.data.download --part {params.parts:q} --out-dir {params.out_dir:q}"
@@ -92,10 +87,7 @@ rule download:
 rule download_summary:
     input:
         manifest=out("parts"),
-        summaries=lambda wildcards: expand(
-            out("shards/{batch}.summary.json"),
-            batch=planning.batch_names(part_names(), SHARDS_PER_JOB),
-        ),
+        summaries=all_batches("shards/{batch}.summary.json"),
     output:
         summary=out("download/summary.json"),
         table=out("download/summary.csv"),

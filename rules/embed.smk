@@ -38,12 +38,10 @@ rule embed:
     benchmark:
         out("benchmarks/embed/{batch}.tsv")
     conda:
-        "../envs/torch-gpu.yaml" if EMBED["gpus"] else "../envs/torch-cpu.yaml"
+        stage_env("embed")
     threads: EMBED["threads"]
     resources:
-        mem_mb=EMBED["mem_mb"],
-        runtime=EMBED["runtime"],
-        gpu=EMBED["gpus"],
+        **job_resources("embed"),
     params:
         options=stage_options("embed"),
     shell:

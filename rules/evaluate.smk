@@ -1,26 +1,17 @@
-# Retrieval benchmarks: every model x every available dataset, then one summary table.
+# Retrieval benchmarks: every model x every available dataset (EVALUATION_DATASETS,
+# rules/common.smk), linear probes, then one summary table of every protocol.
+
+import re
 
 EVALUATE = config["evaluate"]
 # Model name -> what `unicom.evaluate --model` takes.
 EVALUATION_MODELS = planning.evaluation_models(EVALUATE, out("train"))
-# Dataset name -> path, for the benchmarks that are configured (auto: the demo's held-out split,
-# Debian's Fashion-MNIST). Those with no path (null, or the openclipart "auto" of a real run)
-# are left out silently: nothing prints at parse time but errors, and dry runs and every
-# cluster job parse this too. A run that evaluates nothing stops here, before any job.
-EVALUATION_DATASETS, _ = planned(
-    planning.evaluation_datasets, config, out("demo/heldout.parquet")
-)
-planned(planning.check_evaluation, config, EVALUATION_DATASETS)
-FASHION_MNIST_MARKER = planning.fashion_mnist_marker(config["demo"]["resources_dir"])
-
-# What an evaluate job waits for: the model export (for base, the encoder's weights, fetched
-# on the login node) and, for a demo set, what its producer writes.
-MODEL_INPUTS = {
-    "trained": {"model": out("train/model.safetensors")},
-    "base": {"encoder": out("embed/encoder.json")},
-}
-DATASET_INPUTS = planning.evaluation_dataset_inputs(
-    EVALUATION_DATASETS, out("demo/heldout.parquet"), FASHION_MNIST_MARKER
+# What an evaluate job waits for besides its dataset: the model export (for base, the
+# encoder's weights, fetched on the login node).
+MODEL_INPUTS = wiring.model_inputs(
+    EVALUATION_MODELS,
+    out("train/model.safetensors"),
+    {"encoder": out("embed/encoder.json")},
 )
 
 
@@ -28,6 +19,7 @@ DATASET_INPUTS = planning.evaluation_dataset_inputs(
 # under demo.resources_dir, when it is not installed (planning prefers an installed package).
 localrules:
     fetch_fashion_mnist,
+    evaluate_summary,
 
 
 rule fetch_fashion_mnist:
@@ -38,26 +30,16 @@ rule fetch_fashion_mnist:
     conda:
         "../envs/data.yaml"
     params:
-        resources_dir=lambda wildcards, output: os.path.dirname(output[0]),
+        resources_dir=output_folder(0),
     shell:
         "python -m unicom.demo.build fetch-fashion-mnist --resources-dir {params.resources_dir:q}"
         " --out {output:q} 2> {log:q}"
 
 
-# The command of an evaluate job; rules/ablations.smk runs it for the grid's models.
-EVALUATE_COMMAND = (
-    "python -m unicom.evaluate.evaluate --model {params.model:q} --dataset {wildcards.dataset:q}"
-    " --dataset-path {params.dataset_path:q} --out {output:q} --threads {threads}"
-    " --options-json {params.options:q} --embed-options-json {params.embed:q} 2> {log:q}"
-)
-
-
 rule evaluate:
     input:
-        unpack(
-            lambda wildcards: MODEL_INPUTS.get(wildcards.model, {})
-            | DATASET_INPUTS[wildcards.dataset]
-        ),
+        unpack(by_wildcard(MODEL_INPUTS, "model")),
+        unpack(by_wildcard(DATASET_INPUTS, "dataset")),
     output:
         out("evaluate/{model}/{dataset}.json"),
     log:
@@ -68,19 +50,35 @@ rule evaluate:
         # the models above; finetuned-* results come from rules/finetune.smk
         model="|".join(re.escape(name) for name in EVALUATION_MODELS),
     conda:
-        "../envs/torch-gpu.yaml" if EVALUATE["gpus"] else "../envs/torch-cpu.yaml"
+        stage_env("evaluate")
     threads: EVALUATE["threads"]
     resources:
-        mem_mb=EVALUATE["mem_mb"],
-        runtime=EVALUATE["runtime"],
-        gpu=EVALUATE["gpus"],
+        **job_resources("evaluate"),
     params:
-        model=lambda wildcards: EVALUATION_MODELS[wildcards.model],
-        dataset_path=lambda wildcards: EVALUATION_DATASETS[wildcards.dataset],
+        model=by_wildcard(EVALUATION_MODELS, "model"),
+        dataset_path=by_wildcard(EVALUATION_DATASETS, "dataset"),
         options=stage_options("evaluate"),
         embed=stage_options("embed"),
     shell:
-        EVALUATE_COMMAND
+        "python -m unicom.evaluate.evaluate --model {params.model:q} --dataset {wildcards.dataset:q}"
+        " --dataset-path {params.dataset_path:q} --out {output:q} --threads {threads}"
+        " --options-json {params.options:q} --embed-options-json {params.embed:q} 2> {log:q}"
+
+
+# The ablation grid's evaluations (rules/ablations.smk): each training's model on every
+# benchmark.
+use rule evaluate as ablation_evaluate with:
+    input:
+        unpack(by_wildcard(DATASET_INPUTS, "dataset")),
+        model=out("ablations/train/{training}/model.safetensors"),
+    output:
+        out("ablations/evaluate/{training}/{dataset}.json"),
+    log:
+        out("logs/ablations/evaluate/{training}/{dataset}.log"),
+    benchmark:
+        out("benchmarks/ablations/evaluate/{training}/{dataset}.tsv")
+    params:
+        model=by_wildcard(GRID_MODELS, "training"),
 
 
 # Linear probes (linear_probe.datasets; none in the demo): frozen embeddings of each model,
@@ -100,6 +98,13 @@ PROBE_TEST_PATHS = {
     **PROBE_FOLDERS,
 }
 PROBE_TRAIN_PATHS = {**PROBE_TRAIN_SPLITS, **PROBE_FOLDERS}
+PROBE_INPUTS = wiring.probe_inputs(
+    PROBE_TRAIN_SPLITS, PROBE_FOLDERS, DATASET_INPUTS, out("demo/urls.parquet")
+)
+# a fixed flag, not a config value
+PROBE_FLAGS = {
+    name: "--image-folder" if name in PROBE_FOLDERS else "" for name in PROBE_TEST_PATHS
+}
 PROBE_RESULTS = expand(
     out("probe/{model}/{dataset}.json"),
     model=list(EVALUATION_MODELS),
@@ -109,15 +114,8 @@ PROBE_RESULTS = expand(
 
 rule linear_probe:
     input:
-        unpack(
-            lambda wildcards: MODEL_INPUTS.get(wildcards.model, {})
-            | (
-                {}
-                if wildcards.dataset in PROBE_FOLDERS
-                else DATASET_INPUTS[wildcards.dataset]
-                | train_split_inputs(wildcards.dataset, PROBE_TRAIN_SPLITS)
-            )
-        ),
+        unpack(by_wildcard(MODEL_INPUTS, "model")),
+        unpack(by_wildcard(PROBE_INPUTS, "dataset")),
     output:
         out("probe/{model}/{dataset}.json"),
     log:
@@ -125,20 +123,15 @@ rule linear_probe:
     benchmark:
         out("benchmarks/probe/{model}/{dataset}.tsv")
     conda:
-        "../envs/torch-gpu.yaml" if PROBE["gpus"] else "../envs/torch-cpu.yaml"
+        stage_env("linear_probe")
     threads: PROBE["threads"]
     resources:
-        mem_mb=PROBE["mem_mb"],
-        runtime=PROBE["runtime"],
-        gpu=PROBE["gpus"],
+        **job_resources("linear_probe"),
     params:
-        model=lambda wildcards: EVALUATION_MODELS[wildcards.model],
-        train_path=lambda wildcards: PROBE_TRAIN_PATHS[wildcards.dataset],
-        test_path=lambda wildcards: PROBE_TEST_PATHS[wildcards.dataset],
-        # a fixed flag, not a config value
-        folder=lambda wildcards: (
-            "--image-folder" if wildcards.dataset in PROBE_FOLDERS else ""
-        ),
+        model=by_wildcard(EVALUATION_MODELS, "model"),
+        train_path=by_wildcard(PROBE_TRAIN_PATHS, "dataset"),
+        test_path=by_wildcard(PROBE_TEST_PATHS, "dataset"),
+        folder=by_wildcard(PROBE_FLAGS, "dataset"),
         options=stage_options("linear_probe"),
         embed=stage_options("embed"),
     shell:
@@ -147,3 +140,36 @@ rule linear_probe:
         " {params.folder}"
         " --threads {threads} --options-json {params.options:q}"
         " --embed-options-json {params.embed:q} 2> {log:q}"
+
+
+# The results table: every model's evaluation, probe and fine-tuned model (rules/finetune.smk).
+FINETUNE_RESULTS = expand(
+    out("evaluate/finetuned-{model}/{dataset}.json"),
+    model=FINETUNE_MODELS,
+    dataset=list(FINETUNE_TRAIN_SPLITS),
+)
+
+
+rule evaluate_summary:
+    input:
+        expand(
+            out("evaluate/{model}/{dataset}.json"),
+            model=list(EVALUATION_MODELS),
+            dataset=list(EVALUATION_DATASETS),
+        ),
+        PROBE_RESULTS,
+        FINETUNE_RESULTS,
+    output:
+        csv=report(
+            out("evaluate/summary.csv"),
+            caption="../report/metrics.rst",
+            category="4. Retrieval",
+        ),
+        markdown=out("evaluate/summary.md"),
+    log:
+        out("logs/evaluate_summary.log"),
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "python -m unicom.evaluate.summary {input:q} --out-csv {output.csv:q}"
+        " --out-md {output.markdown:q} 2> {log:q}"

@@ -1,38 +1,37 @@
 # Supervised retrieval fine-tuning (finetune.datasets; none in the demo): each model of
 # finetune.models trained on a benchmark's train split with its labels, by the pretraining's
-# trainer and head, then evaluated on the test split like any model.
+# trainer and head, then evaluated on the test split like any model. The splits and models:
+# FINETUNE_TRAIN_SPLITS and FINETUNE_MODELS (rules/common.smk; evaluate_summary gathers the
+# results).
 
 from unicom import formats
 
-FINETUNE = config["finetune"]
-FINETUNE_TRAIN_SPLITS = planned(
-    planning.train_split_paths,
-    config,
-    "finetune",
-    EVALUATION_DATASETS,
-    out("demo/urls.parquet"),
-)
 # Model -> the trainer's options (its starting weights, the finetune section's settings).
 FINETUNE_OPTIONS = {
-    model: planned(
-        planning.finetune_options, config, model, out("train"), section(config, "train")
+    model: as_json(
+        planned(
+            planning.finetune_options,
+            config,
+            model,
+            out("train"),
+            section(config, "train"),
+        )
     )
-    for model in (FINETUNE["models"] if FINETUNE_TRAIN_SPLITS else [])
+    for model in FINETUNE_MODELS
 }
-FINETUNE_RESULTS = expand(
-    out("evaluate/finetuned-{model}/{dataset}.json"),
-    model=list(FINETUNE_OPTIONS),
-    dataset=list(FINETUNE_TRAIN_SPLITS),
+# What a job reading a train split waits for, and what fine-tuning a model waits for besides
+# its data.
+FINETUNE_DATA_INPUTS = wiring.train_split_inputs(
+    FINETUNE_TRAIN_SPLITS, DATASET_INPUTS, out("demo/urls.parquet")
+)
+FINETUNE_MODEL_INPUTS = wiring.model_inputs(
+    FINETUNE_MODELS, out("train/model.safetensors"), {}
 )
 
 
 rule finetune_data:
     input:
-        unpack(
-            lambda wildcards: train_split_inputs(
-                wildcards.dataset, FINETUNE_TRAIN_SPLITS
-            )
-        ),
+        unpack(by_wildcard(FINETUNE_DATA_INPUTS, "dataset")),
     output:
         directory(out("finetune/data/{dataset}")),
     log:
@@ -45,7 +44,7 @@ rule finetune_data:
         mem_mb=8000,
         runtime=120,
     params:
-        path=lambda wildcards: FINETUNE_TRAIN_SPLITS[wildcards.dataset],
+        path=by_wildcard(FINETUNE_TRAIN_SPLITS, "dataset"),
         options=stage_options("finetune"),
     shell:
         "python -m unicom.supervised.finetune_data --dataset {wildcards.dataset:q}"
@@ -55,14 +54,8 @@ rule finetune_data:
 
 rule finetune:
     input:
-        unpack(
-            lambda wildcards: {"data": out(f"finetune/data/{wildcards.dataset}")}
-            | (
-                {"model": out("train/model.safetensors")}
-                if wildcards.model == "trained"
-                else {}
-            )
-        ),
+        unpack(by_wildcard(FINETUNE_MODEL_INPUTS, "model")),
+        data=out("finetune/data/{dataset}"),
     output:
         model=out("finetune/{model}/{dataset}/model.safetensors"),
         info=out("finetune/{model}/{dataset}/model.json"),
@@ -73,26 +66,18 @@ rule finetune:
     benchmark:
         out("benchmarks/finetune/{model}/{dataset}.tsv")
     conda:
-        "../envs/torch-gpu.yaml" if TRAIN["gpus"] else "../envs/torch-cpu.yaml"
-    threads: TRAIN["threads"]
+        stage_env("train")
+    threads: config["train"]["threads"]
     resources:
-        mem_mb=TRAIN["mem_mb"],
-        runtime=TRAIN["runtime"],
-        gpu=TRAIN["gpus"],
-        nodes=TRAIN["nodes"],
-        tasks=TRAIN["nodes"] * TRAIN["nproc_per_node"],
+        **job_resources("train"),
     params:
-        parts=lambda wildcards, input: os.path.join(input.data, "parts"),
-        shards=lambda wildcards, input: os.path.join(input.data, "shards/{part}.tar"),
-        labels=lambda wildcards, input: os.path.join(
-            input.data, "labels/{part}.parquet"
-        ),
-        classes=lambda wildcards, input: os.path.join(input.data, "classes.json"),
-        launcher=lambda wildcards, resources: planned(
-            planning.train_launcher, TRAIN, dict(resources.items())
-        ),
-        out_dir=lambda wildcards, output: os.path.dirname(output.model),
-        options=lambda wildcards: as_json(FINETUNE_OPTIONS[wildcards.model]),
+        parts=inside_input("data", "parts"),
+        shards=inside_input("data", "shards/{part}.tar"),
+        labels=inside_input("data", "labels/{part}.parquet"),
+        classes=inside_input("data", "classes.json"),
+        launcher=train_launcher,
+        out_dir=output_folder("model"),
+        options=by_wildcard(FINETUNE_OPTIONS, "model"),
     shell:
         "{params.launcher:q} --each-part {params.parts:q} --shards {params.shards:q}"
         " --assignments {params.labels:q} --num-classes-file {params.classes:q}"
@@ -102,14 +87,8 @@ rule finetune:
 
 rule finetune_evaluate:
     input:
-        unpack(
-            lambda wildcards: {
-                "model": out(
-                    f"finetune/{wildcards.model}/{wildcards.dataset}/model.safetensors"
-                )
-            }
-            | DATASET_INPUTS[wildcards.dataset]
-        ),
+        unpack(by_wildcard(DATASET_INPUTS, "dataset")),
+        model=out("finetune/{model}/{dataset}/model.safetensors"),
     output:
         out("evaluate/finetuned-{model}/{dataset}.json"),
     log:
@@ -117,15 +96,13 @@ rule finetune_evaluate:
     benchmark:
         out("benchmarks/evaluate/finetuned-{model}/{dataset}.tsv")
     conda:
-        "../envs/torch-gpu.yaml" if EVALUATE["gpus"] else "../envs/torch-cpu.yaml"
-    threads: EVALUATE["threads"]
+        stage_env("evaluate")
+    threads: config["evaluate"]["threads"]
     resources:
-        mem_mb=EVALUATE["mem_mb"],
-        runtime=EVALUATE["runtime"],
-        gpu=EVALUATE["gpus"],
+        **job_resources("evaluate"),
     params:
-        model=lambda wildcards, input: os.path.dirname(input.model),
-        dataset_path=lambda wildcards: EVALUATION_DATASETS[wildcards.dataset],
+        model=input_folder("model"),
+        dataset_path=by_wildcard(EVALUATION_DATASETS, "dataset"),
         options=stage_options("evaluate"),
         embed=stage_options("embed"),
         protocol=formats.FINE_TUNED,

@@ -2,13 +2,6 @@
 # and what follows.
 
 
-# The command of a fuse job; rules/ablations.smk runs it for the grid's fusions.
-FUSE_COMMAND = (
-    "python -m unicom.embed.fuse --embeddings {input:q} --out {output:q}"
-    " --options-json {params.options:q} 2> {log:q}"
-)
-
-
 rule fuse:
     input:
         batch_files("embed/{part}.parquet"),
@@ -26,4 +19,17 @@ rule fuse:
     params:
         options=stage_options("fuse"),
     shell:
-        FUSE_COMMAND
+        "python -m unicom.embed.fuse --embeddings {input:q} --out {output:q}"
+        " --options-json {params.options:q} 2> {log:q}"
+
+
+# The ablation grid's fusions (rules/ablations.smk): the same embeddings, a variant's fuse.*.
+use rule fuse as ablation_fuse with:
+    output:
+        batch_files("ablations/fused/{{fusion}}/{part}.parquet"),
+    log:
+        out("logs/ablations/fuse/{fusion}/{batch}.log"),
+    benchmark:
+        out("benchmarks/ablations/fuse/{fusion}/{batch}.tsv")
+    params:
+        options=by_wildcard(grid_options(GRID.fusions, "fuse"), "fusion"),

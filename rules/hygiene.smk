@@ -6,13 +6,7 @@
 
 DEDUP = config["dedup"]
 SCREEN = planning.uses_screen(config)
-# The drops files k-means (screen) and training (screen + near-duplicates) leave out.
-SCREENED = [out("hygiene/screened.parquet")] if SCREEN else []
-NEAR_DROPS = (
-    expand(out("hygiene/near/{group}.parquet"), group=range(DEDUP["groups"]))
-    if DEDUP["near"]
-    else []
-)
+# SCREENED and NEAR_DROPS, the drops files these rules write: rules/common.smk.
 # The image-caption cosine filter reads embed's clip_score: then the screen waits for embed.
 CLIP_FILTER = config["filters"]["clip_score_min"] is not None
 NEAR_SPACE = {"image": "embed/{part}.parquet", "fused": "fused/{part}.parquet"}[
@@ -26,7 +20,7 @@ rule screen:
         tables=all_parts("shards/{part}.parquet"),
         embeddings=all_parts("embed/{part}.parquet") if CLIP_FILTER else [],
         # the download success rate checked (download_summary) before anything is screened
-        downloaded=rules.download_summary.output.summary,
+        downloaded=out("download/summary.json"),
     output:
         drops=out("hygiene/screened.parquet"),
         summary=out("hygiene/screen.json"),
@@ -38,13 +32,11 @@ rule screen:
         "../envs/data.yaml"
     threads: 1
     resources:
-        mem_mb=DEDUP["mem_mb"],
-        runtime=DEDUP["runtime"],
+        **job_resources("dedup"),
     params:
         tables=each_part("shards/{part}.parquet"),
-        # a function: Snakemake would fill a params string's {part} itself
-        embeddings=lambda wildcards: (
-            ["--embeddings", out("embed/{part}.parquet")] if CLIP_FILTER else []
+        embeddings=(
+            each_part("embed/{part}.parquet", "--embeddings") if CLIP_FILTER else []
         ),
         work_dir=out("hygiene/.screen-work"),
         # only what the screen uses, so a new near-duplicate threshold does not rerun it
@@ -71,8 +63,7 @@ rule near_scatter:
     conda:
         "../envs/data.yaml"
     resources:
-        mem_mb=DEDUP["mem_mb"],
-        runtime=DEDUP["runtime"],
+        **job_resources("dedup"),
     params:
         screened=["--screened", *SCREENED] if SCREENED else [],
         groups=DEDUP["groups"],
@@ -85,10 +76,7 @@ rule near_scatter:
 
 rule near_dedup:
     input:
-        lambda wildcards: expand(
-            out("hygiene/scatter/{batch}.parquet"),
-            batch=planning.batch_names(part_names(), SHARDS_PER_JOB),
-        ),
+        all_batches("hygiene/scatter/{batch}.parquet"),
     output:
         drops=out("hygiene/near/{group}.parquet"),
         stats=out("hygiene/near/{group}.json"),
@@ -102,8 +90,7 @@ rule near_dedup:
         "../envs/data.yaml"
     threads: DEDUP["threads"]
     resources:
-        mem_mb=DEDUP["mem_mb"],
-        runtime=DEDUP["runtime"],
+        **job_resources("dedup"),
     params:
         options=stage_options("dedup"),
     shell:
@@ -145,12 +132,8 @@ rule hygiene_report:
     conda:
         "../envs/torch-cpu.yaml"
     params:
-        screen=lambda wildcards, input: ["--screen", input.screen] if SCREEN else [],
-        grid=lambda wildcards, output: (
-            ["--out-grid", output.grid, "--shards", out("shards/{part}.tar")]
-            if DEDUP["near"]
-            else []
-        ),
+        screen=screen_summary,
+        grid=near_duplicate_grid,
         checked=[
             reason
             for reason, on in (

@@ -1,36 +1,10 @@
-# The results table (every protocol) and the plots for `snakemake --report`: the demo's story
-# from download to retrieval.
+# The run's config and the plots for `snakemake --report`: the demo's story from download to
+# retrieval (the results table: evaluate_summary, rules/evaluate.smk).
 
 
 localrules:
     report_plots,
     effective_config,
-    evaluate_summary,
-
-
-rule evaluate_summary:
-    input:
-        expand(
-            out("evaluate/{model}/{dataset}.json"),
-            model=list(EVALUATION_MODELS),
-            dataset=list(EVALUATION_DATASETS),
-        ),
-        PROBE_RESULTS,
-        FINETUNE_RESULTS,
-    output:
-        csv=report(
-            out("evaluate/summary.csv"),
-            caption="../report/metrics.rst",
-            category="4. Retrieval",
-        ),
-        markdown=out("evaluate/summary.md"),
-    log:
-        out("logs/evaluate_summary.log"),
-    conda:
-        "../envs/data.yaml"
-    shell:
-        "python -m unicom.evaluate.summary {input:q} --out-csv {output.csv:q}"
-        " --out-md {output.markdown:q} 2> {log:q}"
 
 
 # The config this run used (schema defaults + the user's files + --config, after the
@@ -48,7 +22,7 @@ rule effective_config:
     conda:
         "../envs/data.yaml"
     params:
-        config=as_json(EFFECTIVE_CONFIG),
+        config=as_json(config),
     shell:
         "python -m unicom.config write --config-json {params.config:q} --out {output:q}"
         " 2> {log:q}"
@@ -84,7 +58,7 @@ rule report_plots:
     conda:
         "../envs/data.yaml"
     params:
-        out_dir=lambda wildcards, output: os.path.dirname(output.download),
+        out_dir=output_folder("download"),
         evaluate=(["--eval-summary", out("evaluate/summary.csv")] if EVALUATES else []),
     shell:
         "python -m unicom.report.plots --download-summary {input.download:q}"

@@ -2,28 +2,14 @@
 # list's split and download, and precomputed embeddings in clip-retrieval's layout
 # (data.embeddings) instead of the embed jobs. The rules below exist only when the config names
 # these sources; they write the same files (parts/, shards/{part}.*, embed/{part}.parquet) at
-# the same job granularity (download.shards_per_job), so every later stage runs unchanged.
+# the same job granularity (download.shards_per_job), so every later stage runs unchanged (the
+# Snakefile's ruleorder prefers them). The shards' part names: rules/common.smk.
 
-from unicom import sources
-from unicom.data.existing import NO_SOURCE, files_digest
+from unicom.data.existing import files_digest
 
 SOURCES = config["data"]
-# The tars, the first ones the run takes (data.max_rows: whole shards) and their part names,
-# in every Snakemake process (part_names() needs them to plan); the file checks once, here.
-SHARD_FILES = (
-    planned(sources.shard_files, SOURCES["shards"]) if SOURCES["shards"] else []
-)
-TRAIN_RANKS = config["train"]["nodes"] * config["train"]["nproc_per_node"]
-SHARDS_TAKEN, SAMPLES_TAKEN = (
-    planned(sources.shards_taken, SHARD_FILES, SOURCES["max_rows"], TRAIN_RANKS)
-    if SHARD_FILES
-    else (0, None)
-)
-SOURCE_PARTS = (
-    planned(sources.padded_parts, SHARDS_TAKEN, SHARDS_PER_JOB) if SHARD_FILES else []
-)
-SHARD_OF = dict(zip(SOURCE_PARTS, SHARD_FILES[:SHARDS_TAKEN]))
 EMBEDDINGS = SOURCES["embeddings"]
+# The file checks, once, in the main process.
 if SHARD_FILES and workflow.is_main_process:
     planned(sources.check_outside_run, SHARD_FILES, out("shards"))
     planned(sources.check_shard_tables, SHARD_FILES, config)
@@ -35,11 +21,6 @@ if EMBEDDINGS is not None and workflow.is_main_process:
         sources.expected_dims(config["embed"]),
         f"embed.open_clip.model {config['embed']['open_clip']['model']}",
     )
-# What k-means waits for: the check that the shards' keys do not interleave, and the
-# embeddings' accounting (its threshold stops the run before k-means).
-SOURCE_CHECKS = [out("shards/keys.json")] if SHARD_FILES else []
-if EMBEDDINGS is not None:
-    SOURCE_CHECKS.append(out("embed/precomputed/summary.json"))
 
 
 if SHARD_FILES:
@@ -47,11 +28,6 @@ if SHARD_FILES:
     localrules:
         index_shards,
         shard_keys,
-        shard_keys,
-
-    # Instead of split_urls and download (rules/download.smk), which stay defined.
-    ruleorder: index_shards > split_urls
-    ruleorder: link_shards > download
 
     rule index_shards:
         output:
@@ -74,13 +50,7 @@ if SHARD_FILES:
     rule link_shards:
         input:
             # the user's tars and tables: a newer one relinks its part (and reruns what follows)
-            lambda wildcards: [
-                path
-                for part in batch_parts(wildcards)
-                if part in SHARD_OF
-                for path in (SHARD_OF[part], sources.status_table(SHARD_OF[part]))
-                if path
-            ],
+            linked_shards,
         output:
             tars=batch_files("shards/{part}.tar"),
             tables=batch_files("shards/{part}.parquet"),
@@ -96,10 +66,8 @@ if SHARD_FILES:
             runtime=30,
         params:
             parts=batch_parts,
-            sources=lambda wildcards: [
-                SHARD_OF.get(part, NO_SOURCE) for part in batch_parts(wildcards)
-            ],
-            out_dir=lambda wildcards, output: os.path.dirname(output.summary),
+            sources=shard_sources,
+            out_dir=output_folder("summary"),
         shell:
             "python -m unicom.data.existing link --part {params.parts:q}"
             " --source {params.sources:q} --out-dir {params.out_dir:q}"
@@ -108,10 +76,7 @@ if SHARD_FILES:
     rule shard_keys:
         input:
             parts=out("parts"),
-            summaries=lambda wildcards: expand(
-                out("shards/{batch}.summary.json"),
-                batch=planning.batch_names(part_names(), SHARDS_PER_JOB),
-            ),
+            summaries=all_batches("shards/{batch}.summary.json"),
         output:
             out("shards/keys.json"),
         log:
@@ -130,14 +95,11 @@ if EMBEDDINGS is not None:
     localrules:
         embeddings_summary,
 
-    # Instead of the embed jobs (rules/embed.smk); prefetch_weights still writes the identity.
-    ruleorder: import_embeddings > embed
-
     rule locate_embeddings:
         input:
             parts=out("parts"),
             key_ranges=out("shards/keys.json"),
-            embeddings=lambda wildcards: sources.embedding_paths(EMBEDDINGS),
+            embeddings=precomputed_embeddings,
         output:
             scatter=directory(out("embed/precomputed/scatter")),
             index=out("embed/precomputed/index.json"),
@@ -190,10 +152,7 @@ if EMBEDDINGS is not None:
         input:
             parts=out("parts"),
             index=out("embed/precomputed/index.json"),
-            stats=lambda wildcards: expand(
-                out("embed/precomputed/{batch}.json"),
-                batch=planning.batch_names(part_names(), SHARDS_PER_JOB),
-            ),
+            stats=all_batches("embed/precomputed/{batch}.json"),
         output:
             out("embed/precomputed/summary.json"),
         log:

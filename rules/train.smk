@@ -9,16 +9,6 @@ TRAIN = config["train"]
 planned(planning.check_multi_node, "train", TRAIN, profile_resource("train", "mpi"))
 
 
-# The command of the training job; rules/ablations.smk runs it for the grid.
-TRAIN_COMMAND = (
-    "{params.launcher:q} --each-part {input.parts:q} --shards {params.shards:q}"
-    " --assignments {params.assignments:q}"
-    " --centroids {input.centroids:q} --num-classes {params.k:q}"
-    " --out-dir {params.out_dir:q} --threads {threads} --restart-on-mismatch"
-    " --options-json {params.options:q} --skip {input.skip:q} 2> {log:q}"
-)
-
-
 rule train:
     input:
         parts=out("parts"),
@@ -37,23 +27,47 @@ rule train:
     benchmark:
         out("benchmarks/train.tsv")
     conda:
-        "../envs/torch-gpu.yaml" if TRAIN["gpus"] else "../envs/torch-cpu.yaml"
+        stage_env("train")
     threads: TRAIN["threads"]
+    # SLURM: sbatch --nodes; with `mpi` set, --ntasks and `srun -n` get tasks (one rank each).
     resources:
-        mem_mb=TRAIN["mem_mb"],
-        runtime=TRAIN["runtime"],
-        gpu=TRAIN["gpus"],
-        # SLURM: sbatch --nodes; with `mpi` set, --ntasks and `srun -n` get tasks (one rank each).
-        nodes=TRAIN["nodes"],
-        tasks=TRAIN["nodes"] * TRAIN["nproc_per_node"],
+        **job_resources("train"),
     params:
         shards=each_part("shards/{part}.tar"),
         assignments=each_part("assign/{part}.parquet"),
-        launcher=lambda wildcards, resources: planned(
-            planning.train_launcher, TRAIN, dict(resources.items())
-        ),
-        out_dir=lambda wildcards, output: os.path.dirname(output.model),
+        launcher=train_launcher,
+        out_dir=output_folder("model"),
         k=config["kmeans"]["k"],
         options=stage_options("train"),
     shell:
-        TRAIN_COMMAND
+        "{params.launcher:q} --each-part {input.parts:q} --shards {params.shards:q}"
+        " --assignments {params.assignments:q}"
+        " --centroids {input.centroids:q} --num-classes {params.k:q}"
+        " --out-dir {params.out_dir:q} --threads {threads} --restart-on-mismatch"
+        " --options-json {params.options:q} --skip {input.skip:q} 2> {log:q}"
+
+
+# The ablation grid's trainings (rules/ablations.smk): a variant's clustering (the run's own
+# where it changes none) and train.* with one seed. Every variant trains on the same rows: the
+# run's hygiene drops (near-duplicates found in the run's clusters are near-duplicates whatever
+# a variant clusters).
+use rule train as ablation_train with:
+    input:
+        parts=out("parts"),
+        shards=all_parts("shards/{part}.tar"),
+        assignments=all_parts(by_wildcard(GRID_ASSIGNED, "training")),
+        centroids=by_wildcard(GRID_CENTROIDS, "training"),
+        skip=SCREENED + NEAR_DROPS,
+    output:
+        model=out("ablations/train/{training}/model.safetensors"),
+        info=out("ablations/train/{training}/model.json"),
+        metrics=out("ablations/train/{training}/metrics.jsonl"),
+        data=out("ablations/train/{training}/data.json"),
+    log:
+        out("logs/ablations/train/{training}.log"),
+    benchmark:
+        out("benchmarks/ablations/train/{training}.tsv")
+    params:
+        assignments=each_part(by_wildcard(GRID_ASSIGNED, "training")),
+        k=by_wildcard(GRID_K, "training"),
+        options=by_wildcard(grid_options(GRID.trainings, "train"), "training"),

@@ -287,24 +287,6 @@ def test_the_laion_config_evaluates_fashion_mnist(tmp_path):
     assert datasets == {"fashion-mnist": planning.fetched_fashion_mnist(tmp_path)}
 
 
-def test_demo_sets_wait_for_their_producers(tmp_path):
-    fetched = planning.fetched_fashion_mnist(tmp_path / "res")
-    marker = planning.fashion_mnist_marker(tmp_path / "res")
-    datasets = {"openclipart": HELDOUT, "fashion-mnist": fetched, "cub": str(tmp_path / "cub")}
-    expected = {
-        "openclipart": {"dataset": HELDOUT},
-        "fashion-mnist": {"fetched": marker},
-        "cub": {},
-    }
-    assert planning.evaluation_dataset_inputs(datasets, HELDOUT, marker) == expected
-    # The same once the copy is there: a finished run's inputs do not change under it.
-    install_fashion_mnist(tmp_path / "res")
-    assert planning.evaluation_dataset_inputs(datasets, HELDOUT, marker) == expected
-    # An installed package (or any other folder) waits for nothing.
-    installed = {"fashion-mnist": str(tmp_path / "system/usr/share/datasets/fashion-mnist")}
-    assert planning.evaluation_dataset_inputs(installed, HELDOUT, marker) == {"fashion-mnist": {}}
-
-
 def test_the_fetched_copy_mirrors_the_system_path():
     assert planning.fetched_fashion_mnist("resources") == os.path.join(
         "resources", "usr/share/datasets/fashion-mnist"

@@ -281,25 +281,6 @@ def finetune_options(
     }
 
 
-def evaluation_dataset_inputs(
-    datasets: Mapping[str, str], demo_heldout: str, fashion_mnist_marker: str
-) -> dict[str, dict[str, str]]:
-    """Dataset name -> the files its evaluate jobs wait for, as ``unpack`` takes them: the
-    demo's held-out split ``demo_heldout``; for the fetched fashion-mnist copy, the marker
-    ``fetch_fashion_mnist`` writes (declared whether or not the copy is there yet, so that a
-    finished run plans nothing); other paths are read as they are, with no file declared."""
-    fetched = fetched_fashion_mnist(os.path.dirname(fashion_mnist_marker))
-    inputs: dict[str, dict[str, str]] = {}
-    for name, path in datasets.items():
-        if path == demo_heldout:
-            inputs[name] = {"dataset": path}
-        elif name == "fashion-mnist" and os.path.normpath(path) == os.path.normpath(fetched):
-            inputs[name] = {"fetched": fashion_mnist_marker}
-        else:
-            inputs[name] = {}
-    return inputs
-
-
 def fetched_fashion_mnist(resources_dir: str | os.PathLike) -> str:
     """Where fetch_fashion_mnist unpacks dataset-fashion-mnist under demo.resources_dir."""
     return os.path.join(resources_dir, FASHION_MNIST_DIR.relative_to(FASHION_MNIST_DIR.anchor))

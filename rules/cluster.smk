@@ -74,7 +74,7 @@ rule assign:
         " --kmeans-options-json {params.kmeans:q} 2> {log:q}"
 
 
-rule cluster_sizes:
+rule cluster_report:
     input:
         parts=out("parts"),
         assignments=all_parts("assign/{part}.parquet"),
@@ -86,9 +86,9 @@ rule cluster_sizes:
             category="2. Clustering",
         ),
     log:
-        out("logs/cluster_sizes.log"),
+        out("logs/cluster_report.log"),
     benchmark:
-        out("benchmarks/cluster_sizes.tsv")
+        out("benchmarks/cluster_report.tsv")
     conda:
         "../envs/torch-cpu.yaml"
     resources:

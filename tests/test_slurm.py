@@ -72,7 +72,7 @@ LOCAL_RULES = {
 # evaluation, the table and the plots.
 AFTER_ASSIGN = Counter(
     {
-        ("cluster_sizes", None): 1,
+        ("cluster_report", None): 1,
         ("cluster_diagnostics", None): 1,
         ("train", None): 1,
         TRAINED_EVAL: 1,
@@ -105,7 +105,7 @@ BROKEN_JOBS = Counter(
 MENDED_JOBS = Counter({("embed", "00001"): 1, ("fuse", "00001"): 1}) + AFTER_FUSE
 # --forcerun assign up to the cluster sizes: the assignments (one group job) and the sizes.
 # (What follows them locally: test_workflow.py's forcerun test retrains and re-evaluates.)
-FORCERUN_JOBS = Counter({("assign", part): 1 for part in PARTS} | {("cluster_sizes", None): 1})
+FORCERUN_JOBS = Counter({("assign", part): 1 for part in PARTS} | {("cluster_report", None): 1})
 # Training interrupted by SIGUSR1: tiny steps (32 px, 2 images per rank), many of them, so that
 # it still runs when the signal comes and the rest costs seconds. No periodic checkpoint: the
 # one found afterwards is the one the signal made.
@@ -426,7 +426,7 @@ def test_forcerun_assign_regenerates_the_assignments_in_one_group_job(demo_runs)
     before = {part: pq.read_table(results / f"assign/{part}.parquet") for part in PARTS}
     before_mtimes = mtimes(results)
 
-    run = snakemake_slurm(workdir, "forcerun", "--forcerun", "assign", targets=("cluster_sizes",))
+    run = snakemake_slurm(workdir, "forcerun", "--forcerun", "assign", targets=("cluster_report",))
     assert run.returncode == 0, tail(run)
     assert run.jobs() == FORCERUN_JOBS, sorted(run.jobs().items())
     assert Counter(run.submissions().values())["group_assign_assign"] == 1

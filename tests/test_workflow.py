@@ -58,7 +58,7 @@ TEST_CONFIG = {
 DEMO_CONFIG = REPO / "config/config.yaml"
 LAION_CONFIG = REPO / "config/laion400m.yaml"
 # Jobs of the clustering stage, planned whenever the fused files or kmeans.* change.
-CLUSTER_JOBS = {"kmeans": 1, "assign": 3, "cluster_sizes": 1, "cluster_diagnostics": 1}
+CLUSTER_JOBS = {"kmeans": 1, "assign": 3, "cluster_report": 1, "cluster_diagnostics": 1}
 # ... and what follows them: training, the trained model's evaluation, the table and plots.
 DOWNSTREAM_JOBS = {"train": 1, "evaluate": 2, "evaluate_summary": 1, "report_plots": 1}
 # Any change of the config rewrites results/config.yaml (and so reruns the target rule).
@@ -338,7 +338,7 @@ def test_changing_k_reruns_only_the_cluster_stage(demo_run, small_image_folder):
     # Only the report depends on min_cluster_size; scheduler-only keys rerun no stage, nor
     # does the download floor (a gate on the downloads, not part of them).
     write_config(demo_run, small_image_folder, assign={"min_cluster_size": 5})
-    assert planned_jobs(demo_run) == {"cluster_sizes": 1, **CONFIG_JOBS}
+    assert planned_jobs(demo_run) == {"cluster_report": 1, **CONFIG_JOBS}
     write_config(demo_run, small_image_folder, assign={"mem_mb": 1234}, kmeans={"runtime": 99})
     assert planned_jobs(demo_run) == CONFIG_JOBS
     write_config(demo_run, small_image_folder, download={"min_success_rate": 0.5})
@@ -351,7 +351,7 @@ def test_forcerun_assign_regenerates_just_the_assignment(demo_run):
     assert planned_jobs(demo_run, target, "--forcerun", "assign") == {"assign": 1}
     before = pq.read_table(demo_run / target)
     (demo_run / target).unlink()
-    gathers = {"cluster_sizes": 1, "cluster_diagnostics": 1}
+    gathers = {"cluster_report": 1, "cluster_diagnostics": 1}
     assert planned_jobs(demo_run) == {"assign": 1, **gathers, **DOWNSTREAM_JOBS, "all": 1}
     snakemake(demo_run)
     assert pq.read_table(demo_run / target).equals(before)  # deterministic
@@ -455,7 +455,7 @@ def test_ten_shards_per_job_make_one_job_per_stage(tmp_path, small_image_folder)
     """download.shards_per_job 10: the 36 demo rows are spread over 10 shards of 3-4 rows,
     and every per-shard stage runs them in one job."""
     write_config(tmp_path, small_image_folder, download={"shards_per_job": 10})
-    targets = ("download_summary", "cluster_sizes")
+    targets = ("download_summary", "cluster_report")
     snakemake(tmp_path, *targets)
     results = tmp_path / "results"
     parts = [f"0000{i}" for i in range(10)]
@@ -483,7 +483,7 @@ def test_ten_shards_per_job_make_one_job_per_stage(tmp_path, small_image_folder)
     # Losing one shard's embedding reruns its whole job, and what reads it.
     (results / "embed/00007.parquet").unlink()
     planned = planned_jobs(tmp_path, *targets, "results/embed/00007.parquet")
-    assert planned == {"embed": 1, "fuse": 1, "kmeans": 1, "assign": 1, "cluster_sizes": 1}
+    assert planned == {"embed": 1, "fuse": 1, "kmeans": 1, "assign": 1, "cluster_report": 1}
 
 
 @pytest.mark.parametrize(

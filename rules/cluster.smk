@@ -15,6 +15,15 @@ planned(planning.check_multi_node, "kmeans", KMEANS, profile_resource("kmeans", 
 DIAGNOSTIC_SAMPLE = functools.partial(
     planning.diagnostic_parts, diagnostics=ASSIGN["diagnostics"]
 )
+# data.shards / data.embeddings: the checks of rules/sources.smk (that the shards' keys do not
+# interleave, the embeddings' accounting, whose threshold stops the run) come before k-means.
+SOURCE_CHECKS = [out("shards/keys.json")] if SHARD_FILES else []
+if config["data"]["embeddings"] is not None:
+    SOURCE_CHECKS.append(out("embed/precomputed/summary.json"))
+# The ablation grid: clustering id -> the fused files it reads (the run's or a variant's).
+GRID_FUSED = {
+    key: grid.fused_pattern(fusion) for key, fusion in GRID.clustering_fusion.items()
+}
 
 
 rule kmeans:
@@ -25,7 +34,6 @@ rule kmeans:
         skip=SCREENED,
         # the whole list's download success rate, checked against download.min_success_rate
         downloaded=out("download/summary.json"),
-        # data.shards / data.embeddings: the checks of rules/sources.smk
         sources=SOURCE_CHECKS,
     output:
         centroids=out("kmeans/centroids.npy"),

@@ -159,12 +159,6 @@ SOURCE_PARTS = (
     planned(sources.padded_parts, SHARDS_TAKEN, SHARDS_PER_JOB) if SHARD_FILES else []
 )
 SHARD_OF = dict(zip(SOURCE_PARTS, SHARD_FILES[:SHARDS_TAKEN]))
-# What k-means waits for then: the check that the shards' keys do not interleave, and the
-# accounting of the precomputed embeddings (data.embeddings; its threshold stops the run
-# before k-means).
-SOURCE_CHECKS = [out("shards/keys.json")] if SHARD_FILES else []
-if config["data"]["embeddings"] is not None:
-    SOURCE_CHECKS.append(out("embed/precomputed/summary.json"))
 
 
 def part_names():
@@ -337,22 +331,6 @@ FINETUNE_MODELS = config["finetune"]["models"] if FINETUNE_TRAIN_SPLITS else []
 # (unicom.grid): the grid's jobs (`use rule ... as ablation_*` beside each main rule) read the
 # run's own files where a variant changes nothing upstream.
 GRID = planned(grid.plan, config)
-# Clustering id -> the fused files it reads; training id -> its clustering's assignments and
-# centroids.
-GRID_FUSED = {
-    key: grid.fused_pattern(fusion) for key, fusion in GRID.clustering_fusion.items()
-}
-GRID_ASSIGNED = {
-    key: grid.assign_pattern(clustering)
-    for key, clustering in GRID.training_clustering.items()
-}
-GRID_CENTROIDS = {
-    key: out(grid.centroids_path(clustering))
-    for key, clustering in GRID.training_clustering.items()
-}
-GRID_K = {key: variant["kmeans"]["k"] for key, variant in GRID.trainings.items()}
-# Training id -> its export folder, which its evaluations read.
-GRID_MODELS = {key: out(grid.train_dir(key)) for key in GRID.trainings}
 
 
 def grid_options(stages, name):

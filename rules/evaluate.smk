@@ -13,6 +13,8 @@ MODEL_INPUTS = wiring.model_inputs(
     out("train/model.safetensors"),
     {"encoder": out("embed/encoder.json")},
 )
+# The ablation grid: training id -> its export folder.
+GRID_MODELS = {key: out(grid.train_dir(key)) for key in GRID.trainings}
 
 
 # On the login node (it may need apt-get's network): Debian's dataset-fashion-mnist, unpacked

@@ -7,6 +7,17 @@
 TRAIN = config["train"]
 # Ranks on several nodes need the profile's srun: stop before any job otherwise.
 planned(planning.check_multi_node, "train", TRAIN, profile_resource("train", "mpi"))
+# The ablation grid: training id -> its clustering's assignments and centroids (the run's or a
+# variant's) and k.
+GRID_ASSIGNED = {
+    key: grid.assign_pattern(clustering)
+    for key, clustering in GRID.training_clustering.items()
+}
+GRID_CENTROIDS = {
+    key: out(grid.centroids_path(clustering))
+    for key, clustering in GRID.training_clustering.items()
+}
+GRID_K = {key: variant["kmeans"]["k"] for key, variant in GRID.trainings.items()}
 
 
 rule train:

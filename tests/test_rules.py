@@ -41,6 +41,7 @@ SNAKEMAKE_NAMES = {
 CHECKPOINT_EXCEPTION = ("common.smk", "checkpoints", "split_urls")
 # The goal for a rule: from its `rule` line to the next top-level statement, on average.
 MAX_LINES_PER_RULE = 25
+RULE_LINE = re.compile(r"(\s*)(?:(?:rule|checkpoint) (\w+)|use rule \w+ as (\w+) with):\s*$")
 
 
 def rule_files() -> list[Path]:
@@ -171,7 +172,7 @@ def rule_spans(source: str) -> list[tuple[str, int]]:
     lines = source.splitlines()
     spans = []
     for i, line in enumerate(lines):
-        found = re.match(r"(\s*)(rule|checkpoint|use rule) (\w+)", line)
+        found = RULE_LINE.match(line)
         if not found:
             continue
         indent, end = len(found.group(1)), len(lines)
@@ -184,7 +185,7 @@ def rule_spans(source: str) -> list[tuple[str, int]]:
             ):
                 end = j
                 break
-        spans.append((found.group(3), end - i))
+        spans.append((found.group(2) or found.group(3), end - i))
     return spans
 
 
@@ -289,9 +290,10 @@ def test_a_rule_ends_at_the_next_statement_at_its_level():
     source = (
         "rule a:\n    output:\n        'a',\n\n\n# a comment\nX = 1\n"
         "if X:\n\n    rule b:\n        output:\n            'b',\n\n    rule c:\n        output:\n"
-        "            'c',\n"
+        "            'c',\n\n\nuse rule c as d with:\n    output:\n        'd',\n"
+        'X = """\nrule e: a string, not a rule\n"""\n'
     )
-    assert rule_spans(source) == [("a", 6), ("b", 4), ("c", 3)]
+    assert rule_spans(source) == [("a", 6), ("b", 4), ("c", 5), ("d", 3)]
 
 
 if __name__ == "__main__":

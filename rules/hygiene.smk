@@ -134,16 +134,7 @@ rule hygiene_report:
     params:
         screen=screen_summary,
         grid=near_duplicate_grid,
-        checked=[
-            reason
-            for reason, on in (
-                ("duplicate_url", DEDUP["urls"]),
-                ("duplicate_content", DEDUP["content"]),
-                ("filtered", planning.uses_filters(config)),
-                ("near_duplicate", DEDUP["near"]),
-            )
-            if on
-        ],
+        checked=planning.checked_reasons(config),
         grid_groups=DEDUP["grid_groups"],
         threshold=DEDUP["threshold"],
     shell:

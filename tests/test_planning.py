@@ -86,6 +86,23 @@ def test_no_parts_make_no_batches():
     assert planning.batch_names([], 10) == []
 
 
+# --------------------------------------------------------------------------- hygiene
+
+
+def test_the_checked_drop_reasons_are_the_configured_checks():
+    config = demo_config()
+    config["dedup"].update(urls=True, content=False, near=True)
+    assert planning.checked_reasons(config) == ["duplicate_url", "near_duplicate"]
+    assert not planning.uses_screen(config)
+    # any metadata filter screens, and its drops are "filtered"
+    config["filters"]["min_width"] = 64
+    assert planning.checked_reasons(config) == ["duplicate_url", "filtered", "near_duplicate"]
+    assert planning.uses_screen(config)
+    config["dedup"].update(urls=False, near=False)
+    config["filters"]["min_width"] = 0
+    assert planning.checked_reasons(config) == []
+
+
 # --------------------------------------------------------------------------- URL lists
 
 

@@ -79,6 +79,18 @@ def uses_screen(config: Mapping[str, Any]) -> bool:
     return bool(config["dedup"]["content"] or uses_filters(config))
 
 
+def checked_reasons(config: Mapping[str, Any]) -> list[str]:
+    """The drop reasons the run looks for (the hygiene report says the others were not)."""
+    dedup = config["dedup"]
+    checks = {
+        "duplicate_url": dedup["urls"],
+        "duplicate_content": dedup["content"],
+        "filtered": uses_filters(config),
+        "near_duplicate": dedup["near"],
+    }
+    return [reason for reason, on in checks.items() if on]
+
+
 def batch_names(parts: Sequence[str], shards_per_job: int) -> list[str]:
     """The per-shard jobs' batches: part names without their last digits, sorted."""
     return sorted({batch_name(part, shards_per_job) for part in parts})

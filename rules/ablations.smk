@@ -1,9 +1,9 @@
 # The ablation grid (`snakemake ablations`): config.ablations' variants x seeds, each stage
-# keyed by the settings it depends on (unicom.ablations.grid; GRID in rules/common.smk). Its jobs are the
-# main rules' own, under `use rule ... as ablation_*` beside each of them (fuse.smk,
-# cluster.smk, train.smk, evaluate.smk). Jobs exist only for what a variant changes: an r2
-# variant trains and evaluates, a fuse.mode variant also fuses and clusters; nothing downloads
-# or embeds again. This file gathers the grid's table and plots.
+# keyed by the settings it depends on (unicom.ablations.grid; GRID in rules/common.smk). Its
+# jobs are the main rules' own, under `use rule ... as ablation_*` beside each of them
+# (fuse.smk, cluster.smk, train.smk, evaluate.smk). Jobs exist only for what a variant changes:
+# an r2 variant trains and evaluates, a fuse.mode variant also fuses and clusters; nothing
+# downloads or embeds again. This file gathers the grid's table and plots.
 
 ABLATION_RUNS = grid.table_runs(GRID, list(EVALUATION_DATASETS), out)
 # The baseline's value of each axis key, for the plots.

@@ -23,7 +23,7 @@ OUT = config["output_dir"]
 wildcard_constraints:
     part=r"\d+",
     batch=r"\d+",
-    # the ablation grid's stage ids (unicom.grid)
+    # the ablation grid's stage ids (unicom.ablations.grid)
     fusion=r"[A-Za-z0-9][A-Za-z0-9._=+-]*",
     clustering=r"[A-Za-z0-9][A-Za-z0-9._=+-]*",
     training=r"[A-Za-z0-9][A-Za-z0-9._=+-]*",
@@ -328,8 +328,8 @@ FINETUNE_MODELS = config["finetune"]["models"] if FINETUNE_TRAIN_SPLITS else []
 # ------------------------------------------------------------------ the ablation grid
 
 # config.ablations' variants x seeds, each stage keyed by the settings it depends on
-# (unicom.grid): the grid's jobs (`use rule ... as ablation_*` beside each main rule) read the
-# run's own files where a variant changes nothing upstream.
+# (unicom.ablations.grid): the grid's jobs (`use rule ... as ablation_*` beside each main
+# rule) read the run's own files where a variant changes nothing upstream.
 GRID = planned(grid.plan, config)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 PACKAGE = REPO / "workflow/unicom"
 # Pipeline stages, then the stages off the main line (supervised protocols, the ablation grid)

@@ -22,7 +22,7 @@ from unicom.config import PLANNING, SCHEDULER, section_options, subschema
 from unicom.errors import UnicomError
 from unicom.options import flag_value, render
 
-from conftest import REPO
+from helpers import REPO
 
 # command -> (module with main, the arguments the stage requires, what its options are: a
 # section name, or option key -> schema path)

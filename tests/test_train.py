@@ -39,7 +39,7 @@ from unicom.train.randaugment import OPERATIONS, random_erase
 from unicom.train.streams import StreamPlan, batches_before, epoch_shard_order, stream_samples
 from unicom.train.train import main, train_options
 
-from conftest import TORCHRUN_TWO_RANKS
+from helpers.ranks import TORCHRUN_TWO_RANKS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]

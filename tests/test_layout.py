@@ -246,6 +246,7 @@ def test_no_test_file_imports_conftest_or_another_test_file():
         ("import test_kmeans as k\n", ["test_kmeans"]),
         ("from helpers.workflow import write_config\nimport unicom.train\n", []),
     ],
+    ids=["conftest", "a-test-file-in-a-function", "import-as", "helpers"],
 )
 def test_the_import_check(source, found):
     assert forbidden_imports(source) == found

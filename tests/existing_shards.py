@@ -32,7 +32,7 @@ LAION_COLUMNS = {"NSFW": "UNLIKELY", "LICENSE": "?"}
 def url_list(root: Path, laion_columns: bool = False) -> Path:
     """The URL list (file:// URLs to seeded PNGs; one missing, one not an image)."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import make_image_folder
+    from helpers.images import make_image_folder
 
     folder = make_image_folder(root / "pictures", CATEGORIES, size=96, seed=3)
     pictures = sorted(folder.rglob("*.png"))

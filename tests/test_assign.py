@@ -4,7 +4,6 @@ import re
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from test_kmeans import blobs, unit, write_fused
 
 from unicom import formats
 from unicom.cli import run_cli
@@ -12,6 +11,8 @@ from unicom.cluster.assign import assign_file, assign_vectors, main, nearest_lab
 from unicom.errors import UnicomError
 from unicom.formats import ASSIGN_METADATA_KEY
 from unicom.vectors import centroids_digest, save_centroids
+
+from helpers.vectors import blobs, unit, write_fused
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_workflow import DEMO_CONFIG, TEST_CONFIG, laion_url_list, snakemake_with
 
-from conftest import REPO
+from helpers import REPO
+from helpers.workflow import DEMO_CONFIG, TEST_CONFIG, laion_url_list, snakemake_with
 
 PROFILE = REPO / "profiles/local"
 # Snakemake's header of a job it starts: "rule embed:", "localrule download:", ...

@@ -28,7 +28,8 @@ from unicom.benchmarks.sets import QUERY_GALLERY, SINGLE, load_image
 from unicom.errors import UnicomError
 from unicom.io import write_parquet
 
-from conftest import REPO, write_idx
+from helpers import REPO
+from helpers.images import write_idx
 
 
 def touch(root: Path, rels) -> None:

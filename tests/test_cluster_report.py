@@ -4,7 +4,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_kmeans import blobs, unit, write_fused
 
 from unicom import formats
 from unicom.cluster.assign import assign_file
@@ -15,6 +14,8 @@ from unicom.embed.fuse import fuse_embeddings
 from unicom.errors import UnicomError
 from unicom.synthetic import image_bytes, sample_members, write_tar
 from unicom.vectors import save_centroids
+
+from helpers.vectors import blobs, unit, write_fused
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CATEGORIES = ["boats", "cats", "trees"]

@@ -18,7 +18,8 @@ from unicom.config import (
 )
 from unicom.errors import UnicomError
 
-from conftest import REPO
+from helpers import REPO
+from helpers.configs import deep_merge, leaves, schema_defaults
 
 
 def demo_config() -> dict:
@@ -59,35 +60,6 @@ def test_nothing_to_do_is_an_error():
 
 
 # --------------------------------------------------------------------------- layers
-
-
-def schema_defaults(node: dict) -> dict:
-    """Every default of the schema, computed here without unicom.config."""
-    defaults = {}
-    for name, spec in node.get("properties", {}).items():
-        if spec.get("type") == "object" and "properties" in spec:
-            defaults[name] = {**spec.get("default", {}), **schema_defaults(spec)}
-        elif "default" in spec:
-            defaults[name] = spec["default"]
-    return defaults
-
-
-def deep_merge(base: dict, override: dict) -> dict:
-    merged = dict(base)
-    for key, value in override.items():
-        both_dicts = isinstance(value, dict) and isinstance(base.get(key), dict)
-        merged[key] = deep_merge(base[key], value) if both_dicts else value
-    return merged
-
-
-def leaves(config: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            out.update(leaves(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def test_layers_are_schema_then_files_then_overrides(tmp_path):

@@ -14,7 +14,7 @@ from unicom.config import load_schema
 from unicom.errors import UnicomError
 from unicom.schema_reference import COMMAND, plain, reference, type_text
 
-from conftest import REPO
+from helpers import REPO
 from readme import DOCS, all_blocks, check_copy, readme_block
 
 REFERENCE = DOCS / "configuration-reference.md"

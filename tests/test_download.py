@@ -20,7 +20,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from test_watchdog import gone, scheduler_env
 
 from unicom.cli import run_cli
 from unicom.config import section_options
@@ -40,7 +39,7 @@ from unicom.errors import UnicomError
 from unicom.formats import global_key
 from unicom.synthetic import write_tar
 
-from conftest import loopback_http
+from helpers.processes import gone, loopback_http, scheduler_env
 
 SLOW_SECONDS = 3.0
 TIMEOUT = 1

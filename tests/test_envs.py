@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 
 ENVS = sorted((REPO / "envs").glob("*.yaml"))
 # faiss-gpu has no PyPI wheel: it comes from conda at the faiss release CI tests as faiss-cpu.

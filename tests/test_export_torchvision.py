@@ -14,7 +14,7 @@ from unicom.benchmarks.readers import load_image_folder
 from unicom.errors import UnicomError
 from unicom.tools.export_torchvision import export
 
-from conftest import REPO
+from helpers import REPO
 
 
 def fashion_mnist_idx() -> Path:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from conftest import REPO
+from helpers import REPO
 
 
 def test_every_check_runs_on_a_cpu_at_tiny_sizes(tmp_path):

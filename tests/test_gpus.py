@@ -9,7 +9,7 @@ import textwrap
 
 from unicom.gpus import visible_gpus
 
-from conftest import REPO
+from helpers import REPO
 
 # A job: take a GPU, say which, then hold it until told to stop (stdin closes).
 CLAIM = textwrap.dedent(

@@ -11,7 +11,7 @@ from unicom.ablations.table import check_sampling, grid_rows, mean_std, to_markd
 from unicom.config import layered_config
 from unicom.errors import UnicomError
 
-from conftest import REPO
+from helpers import REPO
 
 DEMO = str(REPO / "config/config.yaml")
 

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_workflow import DEMO_CONFIG, job_counts, snakemake_command, snakemake_with, write_config
+
+from helpers.workflow import (
+    DEMO_CONFIG,
+    job_counts,
+    snakemake_command,
+    snakemake_with,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 

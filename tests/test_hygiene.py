@@ -17,7 +17,7 @@ from unicom.errors import UnicomError
 from unicom.formats import embedding_array
 from unicom.hygiene import near, report, screen
 
-from conftest import REPO
+from helpers import REPO
 
 DEMO = str(REPO / "config/config.yaml")
 

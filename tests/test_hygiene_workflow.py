@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image, ImageDraw
-from test_workflow import DEMO_CONFIG, TEST_CONFIG, snakemake_with
 
 from unicom.data.split_urls import part_sizes, row_keys
+
+from helpers.workflow import DEMO_CONFIG, TEST_CONFIG, job_counts, snakemake_with
 
 pytestmark = pytest.mark.slow
 
@@ -141,8 +142,6 @@ def test_every_row_is_counted_once_and_training_skips_the_drops(hygiene_run):
 
 
 def test_a_new_threshold_reruns_only_the_near_duplicate_search_and_what_follows(hygiene_run):
-    from test_workflow import job_counts
-
     result = snakemake_with(
         hygiene_run,
         [DEMO_CONFIG, hygiene_run / "config.yaml"],

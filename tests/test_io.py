@@ -10,7 +10,7 @@ from unicom.cli import check_pairs, expand_parts
 from unicom.errors import UnicomError
 from unicom.formats import batch_name
 
-from conftest import REPO
+from helpers import REPO
 
 
 @pytest.fixture

@@ -4,6 +4,10 @@ A stage package (``unicom.data``, ``unicom.embed``, ...) may import the library 
 other module of ``unicom``) and itself, never another stage; the library imports no stage.
 Every import counts, function-level ones included, and so do ``importlib.import_module`` /
 ``__import__`` calls with a literal name.
+
+The tests' layout: a test file is named after what it tests (``test_<module>.py``, the rule at
+``module_tested``) or is one of the listed cross-cutting files; what test files share lives in
+tests/helpers/, and no file imports conftest.py or a test file.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 PACKAGE = REPO / "workflow/unicom"
 # Pipeline stages, then the stages off the main line (supervised protocols, the ablation grid)
@@ -140,3 +144,109 @@ def test_no_module_is_over_the_line_limit():
         if (lines := len(path.read_text().splitlines())) > MAX_LINES
     }
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+# --------------------------------------------------------------------------- the tests' layout
+
+TESTS = REPO / "tests"
+# Test files that test no one module: the pipeline end to end, the documents, the repository's
+# other files. Every other test_*.py is named after the module it tests (``module_tested``).
+CROSS_CUTTING = {
+    "test_workflow.py": "the whole DAG on the small config, and its rerun guarantees",
+    "test_hygiene_workflow.py": "data hygiene through the real DAG",
+    "test_sources_workflow.py": "existing shards and embeddings through the real DAG",
+    "test_bad_inputs.py": "bad input files through the real DAG",
+    "test_slurm.py": "the DAG on a real one-node SLURM",
+    "test_hard_kill.py": "a run killed hard, then resumed",
+    "test_finetune.py": "fine-tuning: supervised.finetune_data, then train and evaluate",
+    "test_train_speed.py": "the trainer's speed options across train.* and unicom.decoding",
+    "test_readme.py": "the command blocks of README.md and docs/",
+    "test_docs.py": "the docs site's pages",
+    "test_rules.py": "the Snakemake rules' files",
+    "test_envs.py": "the conda environments (envs/)",
+    "test_gpu_check.py": "bench/gpu_check.sh",
+    "test_layout.py": "the package's and the tests' layout",
+    "test_suite_guard.py": "conftest.py's guard of the suite",
+}
+
+
+def module_names() -> list[str]:
+    return sorted({module_name(path) for path in package_modules()} - {"unicom"})
+
+
+def module_tested(test_file: str, modules: list[str]) -> str | None:
+    """The module ``test_<name>.py`` is named after: ``<name>`` is its dotted path below
+    ``unicom`` with ``_`` for ``.`` (test_train_augment.py: unicom.train.augment, test_embed.py:
+    unicom.embed), or its own name when no other module has it (test_partial_fc.py:
+    unicom.train.partial_fc). None when nothing fits, or the short name is ambiguous."""
+    name = test_file.removeprefix("test_").removesuffix(".py")
+    by_path = [m for m in modules if m.removeprefix("unicom.").replace(".", "_") == name]
+    by_name = [m for m in modules if m.rpartition(".")[2] == name]
+    matches = by_path or by_name
+    return matches[0] if len(matches) == 1 else None
+
+
+def test_every_test_file_is_named_after_its_module_or_is_cross_cutting():
+    modules = module_names()
+    test_files = sorted(path.name for path in TESTS.glob("test_*.py"))
+    unnamed = [
+        f"{name}: names no module of workflow/unicom (see module_tested), and is not cross-cutting"
+        for name in test_files
+        if name not in CROSS_CUTTING and module_tested(name, modules) is None
+    ]
+    assert not unnamed, "\n".join(unnamed)
+    # The list names only files that exist and that the rule does not already cover.
+    assert set(CROSS_CUTTING) <= set(test_files), set(CROSS_CUTTING) - set(test_files)
+    assert not [name for name in CROSS_CUTTING if module_tested(name, modules)]
+
+
+@pytest.mark.parametrize(
+    "test_file, module",
+    [
+        ("test_train.py", "unicom.train"),
+        ("test_embed.py", "unicom.embed"),  # the package, not unicom.embed.embed
+        ("test_train_augment.py", "unicom.train.augment"),
+        ("test_partial_fc.py", "unicom.train.partial_fc"),
+        ("test_evaluate_metrics.py", "unicom.evaluate.metrics"),
+        ("test_metrics.py", None),  # evaluate.metrics or train.metrics?
+        ("test_speed.py", None),
+        ("test_download_summary.py", None),  # a rule's name; the module is data.summary
+    ],
+)
+def test_the_naming_rule(test_file, module):
+    assert module_tested(test_file, module_names()) == module
+
+
+def forbidden_imports(source: str) -> list[str]:
+    """The modules ``source`` imports that a test file must not: conftest (pytest's, not a
+    library) and test files (whose tests would run again wherever they are imported)."""
+    names = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.append(node.module or "")
+    return sorted(n for n in names if n == "conftest" or n.split(".")[-1].startswith("test_"))
+
+
+def test_no_test_file_imports_conftest_or_another_test_file():
+    wrong = {
+        str(path.relative_to(TESTS)): found
+        for path in sorted(TESTS.rglob("*.py"))
+        if (found := forbidden_imports(path.read_text()))
+    }
+    assert not wrong, wrong
+
+
+@pytest.mark.parametrize(
+    "source, found",
+    [
+        ("from conftest import REPO\n", ["conftest"]),
+        ("def f():\n    from test_workflow import write_config\n", ["test_workflow"]),
+        ("import test_kmeans as k\n", ["test_kmeans"]),
+        ("from helpers.workflow import write_config\nimport unicom.train\n", []),
+    ],
+    ids=["conftest", "a-test-file-in-a-function", "import-as", "helpers"],
+)
+def test_the_import_check(source, found):
+    assert forbidden_imports(source) == found

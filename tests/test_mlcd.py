@@ -15,7 +15,7 @@ from unicom.train.partial_fc import PartialFC
 from unicom.train.train import train_options
 from unicom.train.trainer import head_loss
 
-from conftest import head_steps, join_gloo, spawn_ranks
+from helpers.ranks import head_steps, join_gloo, spawn_ranks
 
 NUM_CLASSES, DIM, SEED = 37, 12, 5  # 37 classes: 19 + 18 over two ranks
 RANK_ROWS = [slice(0, 5), slice(5, 8)]

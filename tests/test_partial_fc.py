@@ -23,7 +23,7 @@ from unicom.train.partial_fc import (
     init_prototypes,
 )
 
-from conftest import head_steps, join_gloo, spawn_ranks
+from helpers.ranks import head_steps, join_gloo, spawn_ranks
 
 NUM_CLASSES, DIM, SEED = 37, 12, 3  # 37 classes split 19 + 18 over two ranks
 RANK_ROWS = [slice(0, 5), slice(5, 8)]  # unequal local batches: 5 + 3

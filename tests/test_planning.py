@@ -11,7 +11,7 @@ from unicom.config import layered_config
 from unicom.errors import UnicomError
 from unicom.formats import batch_name, part_name
 
-from conftest import REPO
+from helpers import REPO
 
 HELDOUT = "results/demo/heldout.parquet"
 

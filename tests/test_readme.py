@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import existing_shards
-from conftest import REPO
+from helpers import REPO
 from readme import (
     README,
     all_blocks,

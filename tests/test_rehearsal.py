@@ -32,7 +32,8 @@ from unicom import formats
 from unicom.config import annotated_keys, layered_config
 from unicom.rehearsal import REHEARSAL_KEYS, changed_keys
 
-from conftest import REPO, loopback_http
+from helpers import REPO
+from helpers.processes import loopback_http
 from readme import check_result, readme_block, repository_copy, run_block
 
 pytestmark = pytest.mark.slow

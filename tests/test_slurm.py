@@ -35,9 +35,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from test_workflow import DEMO_CONFIG, write_config
 
-from conftest import REPO
+from helpers import REPO
+from helpers.workflow import DEMO_CONFIG, write_config
 from readme import check_result, readme_block, run_block
 
 pytestmark = pytest.mark.slow

@@ -24,7 +24,7 @@ from unicom.embed import locate, precomputed
 from unicom.errors import UnicomError
 from unicom.shards import image_bytes, sample_members, write_tar
 
-from conftest import REPO
+from helpers import REPO
 
 FIXTURE = REPO / "tests/fixtures/clip_retrieval"
 

@@ -24,7 +24,7 @@ from unicom import formats
 from unicom.formats import column_to_numpy
 
 import existing_shards
-from conftest import REPO
+from helpers import REPO
 
 pytestmark = pytest.mark.slow
 

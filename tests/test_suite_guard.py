@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from helpers import REPO
 
 
 def test_a_disk_too_small_stops_the_suite_before_any_test(tmp_path):

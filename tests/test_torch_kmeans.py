@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from test_kmeans import blobs as kmeans_blobs
-from test_kmeans import split_files, write_fused
 
 from unicom.cluster.assign import assign_file
 from unicom.cluster.torch_kmeans import (
@@ -25,7 +23,9 @@ from unicom.cluster.torch_kmeans import (
 )
 from unicom.vectors import l2_normalize, save_centroids
 
-from conftest import TORCHRUN_TWO_RANKS, join_gloo, spawn_ranks
+from helpers.ranks import TORCHRUN_TWO_RANKS, join_gloo, spawn_ranks
+from helpers.vectors import blobs as kmeans_blobs
+from helpers.vectors import split_files, write_fused
 
 K, DIM, N, NITER, SEED = 40, 32, 4000, 8, 3
 

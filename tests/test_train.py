@@ -1,4 +1,4 @@
-"""Trainer: world info, data plan, 2-rank torchrun training with kill/resume and SIGTERM, bad
+"""Trainer (unicom.train): data plan, 2-rank torchrun training with kill/resume and SIGTERM, bad
 input, export. The data are tiny real shards (32 px JPEGs) and the model timm's test_efficientnet.
 """
 
@@ -8,9 +8,7 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,29 +18,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
 from unicom.cli import run_cli
-from unicom.devices import local_gpu_index, rank_device
-from unicom.distributed import WorldInfo, first_hostname, port_from_job_id, world_info_from_env
 from unicom.errors import UnicomError
 from unicom.models import EmbeddingModel, build_model, load_trained_model, trained_transform
 from unicom.synthetic import write_synthetic_shard
-from unicom.train.augment import TrainTransform, crop_box
 from unicom.train.inputs import ShardInput, partition_shards, read_shard_labels
-from unicom.train.losses import ArcFaceLoss
 from unicom.train.optim import lr_factor
-from unicom.train.partial_fc import PartialFC
-from unicom.train.randaugment import OPERATIONS, random_erase
 from unicom.train.streams import StreamPlan, batches_before, epoch_shard_order, stream_samples
 from unicom.train.train import main, train_options
 
-from conftest import TORCHRUN_TWO_RANKS
+from helpers.ranks import TORCHRUN_TWO_RANKS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 8
 PER_SHARD = [30, 26, 34, 22]  # kept samples; each shard also holds 2 unlabelled ones
 UNLABELLED = 2
@@ -158,103 +148,6 @@ def reference(dataset, tmp_path_factory) -> Path:
     return out_dir
 
 
-# --- world info ---------------------------------------------------------------------------------
-
-
-def test_world_info_from_torchrun_env():
-    env = {
-        "RANK": "3",
-        "WORLD_SIZE": "8",
-        "LOCAL_RANK": "1",
-        "LOCAL_WORLD_SIZE": "2",
-        "MASTER_ADDR": "node7",
-        "MASTER_PORT": "29411",
-        "SLURM_PROCID": "0",  # torchrun inside a SLURM job: torchrun's variables win
-        "SLURM_NTASKS": "1",
-    }
-    info = world_info_from_env(env)
-    assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (3, 8, 1, 2)
-    assert (info.master_addr, info.master_port, info.launcher) == ("node7", 29411, "torchrun")
-
-
-def test_world_info_from_slurm_env():
-    env = {
-        "SLURM_PROCID": "5",
-        "SLURM_NTASKS": "8",
-        "SLURM_LOCALID": "1",
-        "SLURM_NTASKS_PER_NODE": "4(x2)",
-        "SLURM_JOB_NODELIST": "gpu[007-008]",
-        "SLURM_JOB_ID": "4242",
-    }
-    info = world_info_from_env(env, first_host=first_hostname)
-    assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (5, 8, 1, 4)
-    assert info.master_addr == "gpu007" and info.launcher == "slurm"
-    assert info.master_port == port_from_job_id("4242") == 20000 + 4242
-    # Every rank of the job derives the same port; MASTER_ADDR/PORT set by hand win.
-    assert world_info_from_env({**env, "SLURM_PROCID": "0"}, first_hostname).master_port == (
-        info.master_port
-    )
-    manual = world_info_from_env({**env, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"})
-    assert (manual.master_addr, manual.master_port) == ("10.0.0.1", 1234)
-
-
-def test_world_info_single_process_and_bad_rank():
-    info = world_info_from_env({})
-    assert (info.rank, info.world_size, info.distributed) == (0, 1, False)
-    with pytest.raises(UnicomError, match="rank 4 is not in"):
-        world_info_from_env({"RANK": "4", "WORLD_SIZE": "2"})
-
-
-@pytest.mark.parametrize(
-    "local_rank, visible, index",
-    [
-        (0, 4, 0),
-        (3, 4, 3),  # torchrun, or srun without GPU binding: every rank sees the node's GPUs
-        (0, 1, 0),
-        (3, 1, 0),  # srun --ntasks-per-gpu / --gpu-bind: each rank sees only its own GPU
-        (5, 4, 1),
-    ],
-)
-def test_local_gpu_index(local_rank, visible, index):
-    assert local_gpu_index(local_rank, visible) == index
-
-
-def test_local_gpu_index_needs_a_gpu():
-    with pytest.raises(UnicomError, match="no CUDA device is visible"):
-        local_gpu_index(0, 0)
-
-
-def test_auto_device_of_a_rank_bound_to_one_gpu(monkeypatch):
-    """Local rank 3 of a SLURM job whose task sees one GPU (CUDA_VISIBLE_DEVICES=<its GPU>)."""
-    chosen = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
-    info = WorldInfo(7, 8, 3, 4, "gpu007", 24242, "slurm")
-    assert rank_device("auto", info.local_rank) == torch.device("cuda:0")
-    assert rank_device("cuda", info.local_rank) == torch.device("cuda:0")
-    assert chosen == [torch.device("cuda:0")] * 2
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert rank_device("auto", info.local_rank) == torch.device("cpu")
-    with pytest.raises(UnicomError, match="no CUDA device is available"):
-        rank_device("cuda", info.local_rank)
-
-
-@pytest.mark.parametrize(
-    "nodelist, first",
-    [
-        ("node1", "node1"),
-        ("node[01-04,07]", "node01"),
-        ("gpu[003-005,9],cpu1", "gpu003"),
-        ("a1,b[2-3]", "a1"),
-        ("rack[2-3]-n[10-11]", "rack2-n10"),
-        ("host[5]", "host5"),
-    ],
-)
-def test_first_hostname_of_slurm_node_lists(nodelist, first):
-    assert first_hostname(nodelist) == first
-
-
 # --- data plan ----------------------------------------------------------------------------------
 
 
@@ -300,110 +193,11 @@ def test_a_block_mixes_its_shards(dataset):
     assert len(set(sources)) >= 3  # one block of all 4 shards, shuffled as one
 
 
-def test_crop_box_stays_inside_and_transform_is_seeded():
-    rng = np.random.default_rng(0)
-    for width, height in ((40, 30), (10, 200), (300, 7)):
-        for _ in range(50):
-            top, left, h, w = crop_box(width, height, (0.08, 1.0), (0.75, 4 / 3), rng)
-            assert 0 <= top and 0 <= left and top + h <= height and left + w <= width
-            assert h > 0 and w > 0
-    transform = TrainTransform(24, color_jitter=0.3)
-    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 50, 3), np.uint8))
-    first = transform(image, np.random.default_rng(5))
-    assert first.shape == (3, 24, 24) and first.dtype == torch.uint8
-    assert torch.equal(first, transform(image, np.random.default_rng(5)))
-    assert not torch.equal(first, transform(image, np.random.default_rng(6)))
-
-
-def test_rand_augment_and_erasing_are_seeded_per_sample():
-    """Fine-tuning's RandAugment (2 ops, magnitude 9) and random erasing: every operation runs,
-    the same generator gives the same tensor, erasing puts noise in one rectangle."""
-    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 50, 3), np.uint8))
-    for name, operation in OPERATIONS.items():
-        out = operation(image, 1.0, np.random.default_rng(0))
-        assert out.size == image.size and out.mode == "RGB", name
-    transform = TrainTransform(24, rand_augment_ops=2, random_erasing=1.0)
-    first = transform(image, np.random.default_rng(5))
-    assert first.shape == (3, 24, 24) and first.dtype == torch.uint8
-    assert torch.equal(first, transform(image, np.random.default_rng(5)))
-    assert not torch.equal(first, transform(image, np.random.default_rng(6)))
-    flat = torch.full((3, 24, 24), 7, dtype=torch.uint8)
-    erased = random_erase(flat, np.random.default_rng(2), 1.0)
-    changed = (erased != flat).any(dim=0)
-    rows, cols = changed.nonzero(as_tuple=True)
-    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
-    assert 0.02 * 576 * 0.8 <= changed.sum() <= box <= 576 / 3 + 24
-    assert torch.equal(random_erase(flat, np.random.default_rng(2), 0.0), flat)
-
-
 def test_schedule_warms_up_then_decays_to_the_floor():
     factors = [lr_factor(s, 100, 10, 0.1) for s in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[9:], factors[10:], strict=False))
     assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
-
-
-def test_options_come_from_the_schema():
-    properties = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())["properties"]
-    spec = properties["train"]["properties"]
-    options = train_options({"steps": 3})
-    assert options["steps"] == 3 and options["model"] == spec["model"]["default"]
-    assert options["augment"]["hflip"] == spec["augment"]["properties"]["hflip"]["default"]
-    # Job resources never reach the trainer: changing them cannot rerun or refuse a resume.
-    assert not {"threads", "gpus", "mem_mb", "runtime"} & set(options)
-    assert all(s.get("description") for s in spec.values())
-    with pytest.raises(UnicomError, match="config key train.batchsize: unknown key"):
-        train_options({"batchsize": 3})
-    with pytest.raises(UnicomError, match="config key train.batch_size: 1 is less than"):
-        train_options({"batch_size": 1})
-
-
-# --- DDP gradient: summed, not averaged ---------------------------------------------------------
-
-
-# Each rank: a Linear "backbone" under DDP with the summing hook, then PartialFC; unequal local
-# batches. Run as a plain script so that the ranks import torch only.
-DDP_RANK_SCRIPT = """
-import datetime, sys, torch, torch.distributed as dist
-from unicom.distributed import sum_allreduce_hook
-from unicom.train.losses import ArcFaceLoss
-from unicom.train.partial_fc import PartialFC
-rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-torch.set_num_threads(1)
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                        timeout=datetime.timedelta(seconds=60))
-torch.manual_seed(0)
-model = torch.nn.Linear(6, 4)
-ddp = torch.nn.parallel.DistributedDataParallel(model)
-ddp.register_comm_hook(None, sum_allreduce_hook)
-head = PartialFC(ArcFaceLoss(), 5, 4, sample_rate=1.0, feature_rate=1.0, seed=1)
-inputs = torch.randn(6, 6, generator=torch.Generator().manual_seed(2))
-labels = torch.tensor([0, 1, 2, 3, 4, 0])
-rows = slice(0, 4) if rank == 0 else slice(4, 6)
-head(ddp(inputs[rows]), labels[rows]).backward()
-torch.save(model.weight.grad, f"{out}/rank{rank}.pt")
-dist.destroy_process_group()
-"""
-
-
-def test_ddp_hook_gives_the_full_batch_gradient(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    ranks = [
-        subprocess.Popen([sys.executable, "-c", DDP_RANK_SCRIPT, str(rank), port, str(tmp_path)])
-        for rank in range(2)
-    ]
-    assert [rank.wait(timeout=RUN_TIMEOUT) for rank in ranks] == [0, 0]
-    torch.manual_seed(0)
-    model = torch.nn.Linear(6, 4)
-    head = PartialFC(ArcFaceLoss(), 5, 4, sample_rate=1.0, feature_rate=1.0, seed=1)
-    inputs = torch.randn(6, 6, generator=torch.Generator().manual_seed(2))
-    head(model(inputs), torch.tensor([0, 1, 2, 3, 4, 0])).backward()
-    for rank in range(2):
-        grad = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        # DDP's own averaging would give half of it.
-        torch.testing.assert_close(grad, model.weight.grad, rtol=1e-5, atol=1e-6)
 
 
 # --- 2 ranks under torchrun ---------------------------------------------------------------------

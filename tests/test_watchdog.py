@@ -11,7 +11,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from unicom.errors import UnicomError
@@ -19,13 +18,13 @@ from unicom.watchdog import (
     ENV_VAR,
     Scheduler,
     is_running,
-    process_start,
     shell_export,
     this_process,
     watch,
 )
 
-from conftest import REPO
+from helpers import REPO
+from helpers.processes import gone, scheduler_env
 
 # A stage as the workflow runs one: `python -m`-like, through run_cli. Its main starts a
 # worker process the way img2dataset does (a spawned multiprocessing process) and waits; with
@@ -75,19 +74,6 @@ def start_stage(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.P
         assert time.monotonic() < deadline, "the stage did not start"
         time.sleep(0.1)
     return stage
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def scheduler_env(process: subprocess.Popen) -> dict[str, str]:
-    """UNICOM_SCHEDULER naming ``process``, as the Snakefile's prefix would in it."""
-    me = this_process()
-    return {ENV_VAR: str(Scheduler(me.host, me.namespace, process.pid, process_start(process.pid)))}
 
 
 @pytest.mark.parametrize("handles_sigterm", [False, True], ids=["default", "handles-sigterm"])

@@ -6,7 +6,8 @@ import pytest
 from unicom import planning, wiring
 from unicom.config import layered_config
 
-from conftest import REPO, install_fashion_mnist
+from helpers import REPO
+from helpers.images import install_fashion_mnist
 
 HELDOUT = "results/demo/heldout.parquet"
 URLS = "results/demo/urls.parquet"

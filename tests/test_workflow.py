@@ -3,112 +3,52 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import os
 import re
 import shutil
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from PIL import Image
 
 from unicom.config import layered_config
 from unicom.formats import column_to_numpy
 
-from conftest import REPO, install_fashion_mnist
+from helpers import REPO
+from helpers.configs import deep_merge, leaves, schema_defaults
+from helpers.images import install_fashion_mnist
+from helpers.workflow import (
+    DEMO_CONFIG,
+    LAION_CONFIG,
+    SMALL_CONFIG,
+    job_counts,
+    laion_url_list,
+    planned_jobs,
+    snakemake,
+    snakemake_with,
+    write_config,
+)
+from readme import check_result, readme_block, repository_copy, run_block
 
 pytestmark = pytest.mark.slow
+# The folders tests/configs/small.yaml names for a run by hand (committed; written by
+# tests/fixtures/make_small_pool.py): a test gives its own.
+BY_HAND = yaml.safe_load(SMALL_CONFIG.read_text())["demo"]
+SMALL_IMAGES, SMALL_SYSTEM = REPO / BY_HAND["image_dir"], REPO / BY_HAND["system_root"]
 
-TEST_CONFIG = {
-    "output_dir": "results",
-    "demo": {"heldout_fraction": 0.25, "seed": 0},
-    "download": {"shard_size": 12, "image_size": 64, "threads": 4, "timeout": 5},
-    "embed": {"demo": {"image_size": 64}, "batch_size": 16, "num_workers": 0, "threads": 1},
-    "fuse": {"mode": "concat"},
-    # the demo's hygiene is off here (tests/test_hygiene_workflow.py runs it), so the rerun
-    # tests below keep their exact job lists
-    "dedup": {"urls": False, "content": False, "near": False},
-    "kmeans": {"k": 4, "niter": 10, "threads": 1},
-    "assign": {"min_cluster_size": 2, "diagnostics": {"grid_clusters": 2, "grid_images": 3}},
-    "train": {
-        "steps": 4,
-        "batch_size": 8,
-        "image_size": 64,
-        "checkpoint_every": 2,
-        "log_every": 1,
-        "shuffle_shards": 3,
-        "sample_rate": 1.0,
-        "dim": 32,
-    },
-    # fashion-mnist stays "auto" (the demo's): the small one installed under demo.system_root
-    "evaluate": {
-        "dims": ["full", 16],
-        "batch_size": 16,
-        "num_workers": 0,
-        "threads": 1,
-    },
-}
-# The test configs are the demo's with small changes: both files are given, in that order.
-DEMO_CONFIG = REPO / "config/config.yaml"
-LAION_CONFIG = REPO / "config/laion400m.yaml"
 # Jobs of the clustering stage, planned whenever the fused files or kmeans.* change.
 CLUSTER_JOBS = {"kmeans": 1, "assign": 3, "cluster_report": 1, "cluster_diagnostics": 1}
 # ... and what follows them: training, the trained model's evaluation, the table and plots.
 DOWNSTREAM_JOBS = {"train": 1, "evaluate": 2, "evaluate_summary": 1, "report_plots": 1}
 # Any change of the config rewrites results/config.yaml (and so reruns the target rule).
 CONFIG_JOBS = {"effective_config": 1, "all": 1}
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """The pipeline with the demo config and the test's config.yaml on top of it."""
-    return snakemake_with(workdir, [DEMO_CONFIG, workdir / "config.yaml"], *args, check=check)
-
-
-def snakemake_command(workdir: Path, configfiles: list[Path], *args: str) -> list[str]:
-    return [
-        sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-        "--cores", "2", *args, "--configfile", *map(str, configfiles),
-    ]  # fmt: skip
-
-
-def snakemake_with(
-    workdir: Path, configfiles: list[Path], *args: str, check: bool = True
-) -> subprocess.CompletedProcess:
-    cmd = snakemake_command(workdir, configfiles, *args)
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(f"snakemake failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-    return result
-
-
-def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
-    """Rule -> job count of a dry run (empty when nothing is to be done)."""
-    return job_counts(snakemake(workdir, "-n", *args))
-
-
-def job_counts(result: subprocess.CompletedProcess) -> dict[str, int]:
-    """Rule -> job count of a run's "Job stats" (empty when nothing was to be done)."""
-    text = result.stdout + result.stderr
-    if "Nothing to be done" in text:
-        return {}
-    table = text.split("Job stats:", 1)[1]
-    return {m[0]: int(m[1]) for m in re.findall(r"^(\w+)\s+(\d+)$", table, re.M) if m[0] != "total"}
-
-
-def write_config(workdir: Path, image_dir: Path, **overrides) -> None:
-    config = json.loads(json.dumps(TEST_CONFIG))
-    config["demo"]["image_dir"] = str(image_dir)
-    # Installed Debian packages are looked for here: a small Fashion-MNIST (the fixture).
-    config["demo"]["system_root"] = str(workdir / "system")
-    for section, values in overrides.items():
-        config.setdefault(section, {}).update(values)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
 
 
 @pytest.fixture(scope="module")
@@ -546,33 +486,50 @@ def test_an_output_dir_that_is_a_file_fails_with_one_line_before_any_job(
     assert result.stdout == ""  # no job planned, none started
 
 
-# --------------------------------------------------------------------------- real configs
+# ----------------------------------------------------------------- the small config by hand
 
 
-def laion_url_list(path: Path, urls: list[str]) -> Path:
-    """A URL list in LAION's column layout."""
-    rows = len(urls)
-    pq.write_table(
-        pa.table(
-            {
-                "SAMPLE_ID": list(range(rows)),
-                "URL": urls,
-                "TEXT": [f"caption {i}" for i in range(rows)],
-                "LICENSE": ["?"] * rows,
-                "NSFW": ["UNLIKELY"] * rows,
-                "similarity": [0.3] * rows,
-            }
-        ),
-        path,
+def test_the_small_config_plans_by_hand_what_the_tests_run(tmp_path, small_image_folder):
+    """docs/development.md's command, as written, from the root of a copy of the repository (a
+    fresh clone: nothing a test made) plans the DAG the tests' config plans in a test's folder."""
+    block = readme_block("small-config")
+    by_hand = run_block(block, repository_copy(tmp_path / "clone"), fixtures={})
+    assert check_result(block, by_hand) == []
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    install_fashion_mnist(workdir / "system")
+    write_config(workdir, small_image_folder)
+    assert job_counts(by_hand) == planned_jobs(workdir)
+
+
+def test_the_committed_small_pool_is_the_one_the_tests_make(small_image_folder, tmp_path):
+    """tests/fixtures/make_small_pool.py wrote what the config names for a run by hand: the
+    same pixels as the ``small_image_folder`` fixture, the same Fashion-MNIST as the tests."""
+    committed = sorted(p.relative_to(SMALL_IMAGES) for p in SMALL_IMAGES.rglob("*"))
+    assert committed == sorted(
+        p.relative_to(small_image_folder) for p in small_image_folder.rglob("*")
     )
-    return path
+    for name in committed:
+        if name.suffix == ".png":
+            pixels = [
+                np.asarray(Image.open(root / name)) for root in (SMALL_IMAGES, small_image_folder)
+            ]
+            assert np.array_equal(*pixels), name
+    installed = install_fashion_mnist(tmp_path / "system")
+    fixture = SMALL_SYSTEM / installed.relative_to(tmp_path / "system")
+    assert sorted(p.name for p in fixture.iterdir()) == sorted(p.name for p in installed.iterdir())
+    for path in installed.iterdir():
+        assert gzip.decompress((fixture / path.name).read_bytes()) == gzip.decompress(
+            path.read_bytes()
+        )
+
+
+# --------------------------------------------------------------------------- real configs
 
 
 def test_the_laion_config_sees_no_demo_value(tmp_path):
     """`--configfile config/laion400m.yaml` = the schema's defaults + that file (+ --config),
     computed here independently and compared key by key with what the Snakefile used."""
-    from test_config import deep_merge, leaves, schema_defaults
-
     urls = ["https://example.org/a.jpg", "https://example.org/b.jpg"]
     url_list = laion_url_list(tmp_path / "urls.parquet", urls)
     # k-means' k within the list's rows, or the Snakefile stops before any job

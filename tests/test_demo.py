@@ -38,7 +38,7 @@ from unicom.demo.svg import (
 )
 from unicom.errors import UnicomError
 
-from conftest import REPO
+from helpers import REPO
 
 
 def svg_text(title: str, tags: list[str], tail: str = "<rect width='1' height='1'/></svg>") -> str:
@@ -563,8 +563,6 @@ def test_the_real_openclipart_split_keeps_copies_and_variants_on_one_side():
     drawing's black-and-white/colour variant on both sides of the held-out split."""
     from unicom.demo.debian import fetch_sources
     from unicom.demo.pool import build_pool, variant_group
-
-    from conftest import REPO
 
     try:
         sources = fetch_sources(REPO / "resources", Path("/"), allow_download=True)

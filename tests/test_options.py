@@ -17,12 +17,14 @@ from typing import Any
 
 import jsonschema
 import pytest
+import yaml
 
 from unicom.config import PLANNING, SCHEDULER, section_options, subschema
 from unicom.errors import UnicomError
 from unicom.options import flag_value, render
+from unicom.train.train import train_options
 
-from conftest import REPO
+from helpers import REPO
 
 # command -> (module with main, the arguments the stage requires, what its options are: a
 # section name, or option key -> schema path)
@@ -306,3 +308,21 @@ def stage_option_modules() -> set[str]:
 
 def test_every_stage_with_options_is_checked_here():
     assert stage_option_modules() == {module for module, _, _ in STAGES.values()}
+
+
+# --- the trainer's options ---------------------------------------------------------------------
+
+
+def test_options_come_from_the_schema():
+    properties = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())["properties"]
+    spec = properties["train"]["properties"]
+    options = train_options({"steps": 3})
+    assert options["steps"] == 3 and options["model"] == spec["model"]["default"]
+    assert options["augment"]["hflip"] == spec["augment"]["properties"]["hflip"]["default"]
+    # Job resources never reach the trainer: changing them cannot rerun or refuse a resume.
+    assert not {"threads", "gpus", "mem_mb", "runtime"} & set(options)
+    assert all(s.get("description") for s in spec.values())
+    with pytest.raises(UnicomError, match="config key train.batchsize: unknown key"):
+        train_options({"batchsize": 3})
+    with pytest.raises(UnicomError, match="config key train.batch_size: 1 is less than"):
+        train_options({"batch_size": 1})

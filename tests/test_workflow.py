@@ -502,6 +502,14 @@ def test_the_small_config_plans_by_hand_what_the_tests_run(tmp_path, small_image
     assert job_counts(by_hand) == planned_jobs(workdir)
 
 
+def test_the_small_config_is_complete_on_its_own():
+    """tests/configs/small.yaml sets every key the demo's config/config.yaml sets, so a user
+    runs it alone (`--configfile tests/configs/small.yaml`) and gets what the tests run
+    layered over the demo's file: a key added to the demo's file must be added there too."""
+    alone, layered = layered_config([SMALL_CONFIG]), layered_config([DEMO_CONFIG, SMALL_CONFIG])
+    assert [key for key, value in leaves(layered).items() if leaves(alone).get(key) != value] == []
+
+
 def test_the_committed_small_pool_is_the_one_the_tests_make(small_image_folder, tmp_path):
     """tests/fixtures/make_small_pool.py wrote what the config names for a run by hand: the
     same pixels as the ``small_image_folder`` fixture, the same Fashion-MNIST as the tests."""

@@ -2,7 +2,9 @@
 
 A test's config is tests/configs/small.yaml with the test's own folders (the image folder, the
 system root, output_dir ``results`` under its working directory) and changes, layered over the
-demo's config/config.yaml as a user would layer a config: both files given, in that order.
+demo's config/config.yaml as a user would layer a config: both files given, in that order (the
+small config sets every key the demo's does, so the demo's file changes nothing; it is given so
+that a test sees a key the demo's file gains before the small config has it).
 """
 
 from __future__ import annotations

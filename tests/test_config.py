@@ -153,3 +153,22 @@ def test_the_schema_ships_inside_the_package(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         packaged = yaml.safe_load(archive.read("unicom/schema.yaml"))
     assert packaged == load_schema()
+
+
+def test_the_slurm_profile_gives_each_gpu_job_the_cores_the_laion_config_uses():
+    """With cpus_per_gpu set, the SLURM plugin asks for that many cores per GPU and not for
+    the rule's threads: a job whose threads exceed them runs oversubscribed (the profile gave
+    training 8 cores a rank for a rank and its 8 loader workers, and assign 4 for 8 threads)."""
+    profile = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())["set-resources"]
+    config = layered_config([REPO / "config/laion400m.yaml"])
+    short = {}
+    for rule, resources in profile.items():
+        if "cpus_per_gpu" not in resources:
+            continue
+        section = config[rule]
+        # threads are per node; a multi-node section's GPUs per node are its ranks per node
+        gpus_per_node = section.get("nproc_per_node") if section.get("nodes", 1) > 1 else None
+        cores = resources["cpus_per_gpu"] * (gpus_per_node or section["gpus"])
+        if cores < section["threads"]:
+            short[rule] = (cores, section["threads"])
+    assert short == {}

@@ -190,11 +190,21 @@ def downloaded(server, tmp_path_factory):
         command += ["--out-dir", str(out_dir), "--options-json", json.dumps(OPTIONS)]
         # One job per part here (shards_per_job 1): the job summary is named after the part.
         command += ["--summary", str(out_dir / f"{part}.summary.json")]
-        procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        procs.append(
+            subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=scratch_env(root)
+            )
+        )
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 0, stderr.decode()[-3000:]
     return out_dir, expected
+
+
+def scratch_env(root: Path) -> dict[str, str]:
+    """The environment with its own temporary folder, to see what the jobs leave there."""
+    (root / "tmp").mkdir(exist_ok=True)
+    return {**os.environ, "TMPDIR": str(root / "tmp")}
 
 
 def read_tar(path: Path) -> dict[str, bytes]:
@@ -304,6 +314,9 @@ def test_no_leftovers(downloaded):
     out_dir, expected = downloaded
     wanted = {f"{p}{s}" for p in expected for s in (".tar", ".parquet", ".summary.json")}
     assert {p.name for p in out_dir.iterdir()} == wanted  # no .work, no temp files
+    # nor in $TMPDIR: img2dataset's processes import wandb, which makes two folders there
+    # that they never remove (thousands on a LAION run's nodes)
+    assert sorted(p.name for p in (out_dir.parent / "tmp").iterdir()) == []
 
 
 def test_a_download_ends_with_its_scheduler_and_takes_img2dataset_along(server, tmp_path):

@@ -251,11 +251,15 @@ def prepare_work_dir(work_dir: Path, allowed: pa.Table) -> Path:
     return url_list
 
 
-def run_img2dataset(arguments: Mapping[str, Any]) -> None:
-    """Call img2dataset in this process (it spawns its own workers and logger process)."""
+def run_img2dataset(arguments: Mapping[str, Any], scratch: Path) -> None:
+    """Call img2dataset in this process (it spawns workers and a logger process) with TMPDIR
+    ``scratch``: they import wandb, whose temporary folders they never remove."""
     # albumentations (imported by img2dataset) otherwise checks PyPI for updates on import.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("WANDB_MODE", "disabled")
+    scratch.mkdir(parents=True, exist_ok=True)
+    previous_tmpdir = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(scratch)
     import img2dataset  # slow import, only needed here
 
     previous_sigint = signal.getsignal(signal.SIGINT)
@@ -265,6 +269,10 @@ def run_img2dataset(arguments: Mapping[str, Any]) -> None:
             img2dataset.download(**arguments)
     finally:
         signal.signal(signal.SIGINT, previous_sigint)
+        if previous_tmpdir is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = previous_tmpdir
 
 
 def finished_shard(folder: Path) -> str:
@@ -318,7 +326,8 @@ def download_part(part_path: str | Path, out_dir: str | Path, options: Mapping[s
             url_list = prepare_work_dir(work_dir, allowed)
             i2d_dir = work_dir / "img2dataset"
             run_img2dataset(
-                img2dataset_arguments(options, str(url_list), str(i2d_dir), input_rows, extra_cols)
+                img2dataset_arguments(options, str(url_list), str(i2d_dir), input_rows, extra_cols),
+                work_dir / "tmp",
             )
             shard = finished_shard(i2d_dir)
             fetched, key_map = fetched_rows(part, pq.read_table(i2d_dir / f"{shard}.parquet"))

@@ -47,6 +47,19 @@ def add_each_part_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a stage that embeds images with a frozen model (evaluate, linear_probe):
+    which model (unicom.embedders.load_embedder), how to build the base one, and the cores."""
+    parser.add_argument("--model", required=True, help="'base' or a unicom.train export folder")
+    parser.add_argument(
+        "--embed-options-json",
+        required=True,
+        metavar="JSON",
+        help="the embed config section, for --model base (keys: python -m unicom.embed.embed -h)",
+    )
+    parser.add_argument("--threads", type=int, help="torch CPU threads (the job's cores)")
+
+
 def expand_parts(paths: Sequence[str], parts_dir: str | None) -> list[str]:
     """``paths`` with each one holding ``{part}`` repeated for every part in manifest order
     (``{batch}``: for every job batch of parts).

@@ -16,7 +16,7 @@ import torch
 
 from unicom import benchmarks, formats
 from unicom.benchmarks import sets
-from unicom.cli import parse_options_json, run_cli, setup_logging
+from unicom.cli import add_model_arguments, parse_options_json, run_cli, setup_logging
 from unicom.devices import resolve_device
 from unicom.embedders import ImageEmbedder, embed_items, load_embedder
 from unicom.errors import UnicomError
@@ -50,17 +50,10 @@ def evaluate(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m unicom.evaluate.evaluate", description=__doc__)
-    parser.add_argument("--model", required=True, help="'base' or a unicom.train export folder")
+    add_model_arguments(parser)
     parser.add_argument("--dataset", required=True, choices=sorted(benchmarks.BENCHMARKS))
     parser.add_argument("--dataset-path", help="the benchmark's folder (or file)")
     parser.add_argument("--out", required=True, help="metrics JSON to write")
-    parser.add_argument(
-        "--embed-options-json",
-        required=True,
-        metavar="JSON",
-        help="the embed config section, for --model base (keys: python -m unicom.embed.embed -h)",
-    )
-    parser.add_argument("--threads", type=int, help="torch CPU threads (the job's cores)")
     parser.add_argument(
         "--protocol", default=formats.ZERO_SHOT, help="what the summary calls the result"
     )

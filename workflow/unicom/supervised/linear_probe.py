@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from unicom import formats
-from unicom.cli import parse_options_json, run_cli, setup_logging
+from unicom.cli import add_model_arguments, parse_options_json, run_cli, setup_logging
 from unicom.errors import UnicomError
 from unicom.io import write_json
 from unicom.options import StageOptions
@@ -194,18 +194,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m unicom.supervised.linear_probe", description=__doc__
     )
-    parser.add_argument("--model", required=True, help="'base' or a unicom.train export folder")
+    add_model_arguments(parser)
     parser.add_argument("--dataset", required=True, help="benchmark name (unicom.benchmarks)")
     parser.add_argument("--train-path", required=True, help="where its train split is")
     parser.add_argument("--test-path", required=True, help="where its test split is")
     parser.add_argument("--out", required=True, help="result JSON")
-    parser.add_argument(
-        "--embed-options-json",
-        required=True,
-        metavar="JSON",
-        help="the embed config section, for --model base (keys: python -m unicom.embed.embed -h)",
-    )
-    parser.add_argument("--threads", type=int, help="torch CPU threads (the job's cores)")
     parser.add_argument(
         "--image-folder",
         action="store_true",

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from unicom.cli import parse_options_json, run_cli, setup_logging
-from unicom.embedders import ImageEmbedder, base_embedder, embed_items, trained_embedder
+from unicom.embedders import embed_items, load_embedder
 from unicom.errors import UnicomError
 from unicom.images import to_rgb
 from unicom.io import write_png
@@ -105,12 +105,10 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     device = torch.device(args.device)
-    if args.model == "base":
-        if not args.embed_options_json:
-            raise UnicomError("--model base needs --embed-options-json (the embed config section)")
-        embedder: ImageEmbedder = base_embedder(parse_options_json(args.embed_options_json), device)
-    else:
-        embedder = trained_embedder(args.model, device)
+    if args.model == "base" and not args.embed_options_json:
+        raise UnicomError("--model base needs --embed-options-json (the embed config section)")
+    embed_options = parse_options_json(args.embed_options_json) if args.embed_options_json else None
+    embedder = load_embedder(args.model, embed_options, device)
     try:
         query_image = to_rgb(Image.open(args.query))  # transparency onto white, as in training
     except OSError as err:

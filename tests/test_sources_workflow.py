@@ -25,6 +25,7 @@ from unicom.formats import column_to_numpy
 
 import existing_shards
 from helpers import REPO
+from helpers.workflow import job_counts, snakemake_command
 
 pytestmark = pytest.mark.slow
 
@@ -84,22 +85,9 @@ def snakemake(
     workdir: Path, config: dict, *args: str, configfiles=()
 ) -> subprocess.CompletedProcess:
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    files = [*map(str, configfiles), str(workdir / "config.yaml")]
-    cmd = [
-        sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-        "--cores", "2", *args, "--configfile", *files,
-    ]  # fmt: skip
+    cmd = snakemake_command(workdir, [*configfiles, workdir / "config.yaml"], *args)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-
-
-def job_counts(result: subprocess.CompletedProcess) -> dict[str, int]:
-    """Rule -> job count of a run or dry run (empty when nothing was to be done)."""
-    text = result.stdout + result.stderr
-    if "Nothing to be done" in text:
-        return {}
-    table = text.split("Job stats:", 1)[1]
-    return {m[0]: int(m[1]) for m in re.findall(r"^(\w+)\s+(\d+)$", table, re.M) if m[0] != "total"}
 
 
 def succeeded(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
